@@ -1,0 +1,153 @@
+"""The `mm1` command: thin argument parsing that hands plain values to library functions.
+
+Library code never sees `argparse.Namespace`; each handler below resolves a `Config` (recipe,
+then an optional saved config, then dotted overrides, validated before any compute) and calls one
+function. Heavy imports happen inside handlers so that `mm1 --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mm1.config import Config, ConfigError, apply_overrides, load, to_dict
+
+
+def _config_args(p: argparse.ArgumentParser, *, default_recipe: str = "tiny") -> None:
+    p.add_argument("--recipe", default=default_recipe, help=f"recipe name (default: {default_recipe})")
+    p.add_argument("--config", help="a saved config.json to start from instead of the recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. model.connector.kind=attention_pool train.steps=200")
+
+
+def resolve_config(recipe: str, config_path: str | None, overrides: list[str]) -> Config:
+    from mm1.recipes import get_recipe
+
+    cfg = load(config_path) if config_path else get_recipe(recipe)
+    return apply_overrides(cfg, overrides)
+
+
+def _cmd_config_show(a: argparse.Namespace) -> int:
+    from mm1.model.mllm import count_parameters
+
+    cfg = resolve_config(a.recipe, a.config, a.overrides)
+    total, active = count_parameters(cfg.model)
+    print(json.dumps(to_dict(cfg), indent=2))
+    print(f"parameters: total {total:,} ({total / 1e9:.3f}B), active per token {active:,} ({active / 1e9:.3f}B)")
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from mm1.config import Stage
+    from mm1.train.trainer import train
+
+    overrides = list(a.overrides)
+    if a.stage:
+        overrides.append(f"train.stage={a.stage}")
+    cfg = resolve_config(a.recipe, a.config, overrides)
+    if a.resume and a.init_from:
+        raise ConfigError("--resume and --init-from exclude each other: resume continues DIR's own run")
+    if cfg.train.stage == Stage.SFT and not (a.init_from or a.resume):
+        print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
+    train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
+    return 0
+
+
+def _cmd_data_synth(a: argparse.Namespace) -> int:
+    from mm1.data.synth.writer import write_world
+
+    cfg = resolve_config(a.recipe, a.config, a.overrides)
+    write_world(Path(a.out), seed=a.seed, sizes=cfg.data.synth, progress=True)
+    return 0
+
+
+def _cmd_data_tokenizer(a: argparse.Namespace) -> int:
+    from mm1.data.tokenizer import train_tokenizer_on_world
+
+    cfg = resolve_config(a.recipe, a.config, a.overrides)
+    path = train_tokenizer_on_world(Path(a.root or cfg.data.root), vocab_size=cfg.model.decoder.vocab_size,
+                                    out=Path(a.out) if a.out else None)
+    print(f"tokenizer written to {path}")
+    return 0
+
+
+def _cmd_data_batch(a: argparse.Namespace) -> int:
+    from mm1.data.loader import describe_batch
+
+    cfg = resolve_config(a.recipe, a.config, a.overrides)
+    print(describe_batch(cfg, step=a.step, rank=a.rank, world_size=a.world_size,
+                         out=Path(a.out) if a.out else None))
+    return 0
+
+
+def _cmd_quickstart(a: argparse.Namespace) -> int:
+    from mm1.quickstart import run_quickstart
+
+    run_quickstart(out=Path(a.out), overrides=a.overrides, seed=a.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm1", description="MM1-style multimodal LLMs: data, train, eval, serve.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("quickstart", help="the whole recipe on the built-in synthetic world, in minutes",
+                       description="synthesise → tokenizer → pre-train → SFT → few-shot eval → report")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for the tiny recipe")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("train", help="pre-train or fine-tune (SFT) a model; torchrun-ready")
+    _config_args(p)
+    p.add_argument("--stage", choices=["pretrain", "sft"], help="shorthand for train.stage=...")
+    p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init-from", help="checkpoint directory whose model weights start this run (e.g. SFT)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="inspect configs and recipes")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = csub.add_parser("show", help="print the resolved config and its parameter counts")
+    _config_args(q)
+    q.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("data", help="synthesise data, train a tokenizer, inspect batches")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = dsub.add_parser("synth", help="write the embedded synthetic world in the real data formats")
+    _config_args(q)
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_data_synth)
+    q = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the synthetic world")
+    _config_args(q)
+    q.add_argument("--root", help="world directory (default: data.root)")
+    q.add_argument("--out", help="tokenizer.json path (default: ROOT/tokenizer.json)")
+    q.set_defaults(func=_cmd_data_tokenizer)
+    q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")
+    _config_args(q)
+    q.add_argument("--step", type=int, required=True)
+    q.add_argument("--rank", type=int, default=0)
+    q.add_argument("--world-size", type=int, default=1)
+    q.add_argument("--out", help="also save the batch tensors to this .pt file")
+    q.set_defaults(func=_cmd_data_batch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mm1: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mm1: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

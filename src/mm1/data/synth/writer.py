@@ -1,0 +1,201 @@
+"""`mm1 data synth`: write the synthetic world in the same formats as real data.
+
+Layout of a world directory (every part documented in docs/data-formats.md):
+
+    captions/00000.tar ...           image-caption pairs, WebDataset (img2dataset layout)
+    interleaved/docs.parquet         OBELICS-style documents; images in interleaved/images/
+    text/docs.jsonl                  text-only documents
+    sft/conversations.json           LLaVA-format conversations; images in sft/images/
+    tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
+    world.json                       seed, sizes and counts
+
+Each part draws from its own random stream (seeded by the world seed and the part's name), so the
+world is a pure function of the seed, and no evaluation scene is also a training scene.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mm1.config import SynthConfig
+from mm1.data.formats.interleaved import write_obelics
+from mm1.data.formats.llava import write_llava
+from mm1.data.formats.text import write_jsonl
+from mm1.data.formats.webdataset import write_shards
+from mm1.data.synth import language as lang
+from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
+
+VERSION = 1
+
+
+def _rng(seed: int, part: str) -> random.Random:
+    return random.Random(f"mm1-world-{seed}-{part}")
+
+
+class SceneSource:
+    """Draws scenes and remembers training ones, so evaluation scenes can exclude them."""
+
+    def __init__(self) -> None:
+        self.train_signatures: set[tuple] = set()
+        self.held_out_signatures: set[tuple] = set()
+
+    def train(self, rng: random.Random) -> Scene:
+        while True:
+            scene = sample_scene(rng)
+            if scene.signature() not in self.held_out_signatures:
+                self.train_signatures.add(scene.signature())
+                return scene
+
+    def held_out(self, rng: random.Random, **kw) -> Scene:
+        while True:
+            scene = sample_scene(rng, **kw)
+            if scene.signature() not in self.train_signatures:
+                self.held_out_signatures.add(scene.signature())
+                return scene
+
+
+def _save(scene: Scene, path: Path, size: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(render(scene, size)))
+    return path.name
+
+
+def write_captions(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+    def records():
+        for i in range(n):
+            scene = scenes.train(rng)
+            dense = rng.random() < 0.5  # MM1 mixes alt-text and VeCap-style synthetic captions
+            text = lang.dense_caption(scene) if dense else lang.short_caption(scene, rng)
+            bar.update()
+            yield f"{i:08d}", png_bytes(render(scene, size)), "png", text, {"style": "dense" if dense else "short"}
+
+    write_shards(records(), root / "captions", per_shard=2000)
+
+
+def _interleaved_doc(scenes: list[Scene], rng: random.Random, names: list[str]) -> tuple[list, list]:
+    texts: list[str | None] = []
+    images: list[str | None] = []
+
+    def text(t: str) -> None:
+        texts.append(t)
+        images.append(None)
+
+    def image(k: int) -> None:
+        texts.append(None)
+        images.append(f"images/{names[k]}")
+
+    style = rng.random()
+    if style < 0.35:  # a gallery page with captions
+        text(rng.choice(["My picture collection.", "Some shapes I drew today.", "Gallery of shapes."]))
+        for k, s in enumerate(scenes):
+            image(k)
+            text(f"Output: {lang.short_caption(s, rng)}." if rng.random() < 0.5 else lang.dense_caption(s))
+    elif style < 0.7:  # a quiz page: the few-shot VQA format appears in the wild
+        text(rng.choice(["Quiz time!", "Test your eyes.", "Answer the questions about each picture."]))
+        for k, s in enumerate(scenes):
+            image(k)
+            for q, a, _ in rng.sample(lang.questions(s, rng), k=rng.randint(1, 2)):
+                text(f"Question: {q} Short answer: {a}")
+    elif style < 0.9:  # a story that refers back to earlier images
+        for k, s in enumerate(scenes):
+            image(k)
+            if k == 0:
+                text(f"The first picture shows {lang.short_caption(s, rng)}.")
+            else:
+                prev = scenes[k - 1]
+                more = "more" if len(s.shapes) > len(prev.shapes) else "fewer" if len(s.shapes) < len(
+                    prev.shapes) else "as many"
+                text(f"Compared with the previous picture, this one has {more} shapes"
+                     f"{'' if more == 'as many' else ' than it'}: {lang.short_caption(s, rng)}.")
+    else:  # loosely related: images beside unrelated world text
+        for k in range(len(scenes)):
+            image(k)
+            text(lang.text_document(rng))
+    return texts, images
+
+
+def write_interleaved(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+    docs = []
+    for i in range(n):
+        doc_scenes = [scenes.train(rng) for _ in range(rng.randint(2, 4))]
+        names = [_save(s, root / "interleaved" / "images" / f"{i:07d}_{k}.png", size)
+                 for k, s in enumerate(doc_scenes)]
+        docs.append(_interleaved_doc(doc_scenes, rng, names))
+        bar.update()
+    write_obelics(docs, root / "interleaved" / "docs.parquet")
+
+
+def write_sft(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+    records = []
+    for i in range(n):
+        if rng.random() < 0.15:  # two images, one comparison question
+            a, b = scenes.train(rng), scenes.train(rng)
+            names = [_save(s, root / "sft" / "images" / f"{i:07d}_{k}.png", size) for k, s in enumerate((a, b))]
+            na, nb = len(a.shapes), len(b.shapes)
+            answer = "The first picture." if na > nb else "The second picture." if nb > na else "Neither, they have the same number."
+            conv = [{"from": "human", "value": "<image>\n<image>\nWhich picture has more shapes?"},
+                    {"from": "gpt", "value": answer}]
+        else:
+            scene = scenes.train(rng)
+            names = [_save(scene, root / "sft" / "images" / f"{i:07d}.png", size)]
+            conv = []
+            for t, (q, a) in enumerate(lang.conversation(scene, rng)):
+                conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
+        records.append({"id": f"synth-{i:07d}", "image": names if len(names) > 1 else names[0],
+                        "conversations": conv})
+        bar.update()
+    write_llava(records, root / "sft" / "conversations.json")
+
+
+def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[dict]:
+    if kind == "caption":
+        return [{"image": f"images/{name}", "captions": lang.reference_captions(scene, rng)}]
+    if kind == "vqa":
+        q, a, qtype = rng.choice(lang.questions(scene, rng))
+        return [{"image": f"images/{name}", "question": q, "answers": [a], "type": qtype}]
+    wq = lang.word_question(scene)
+    return [{"image": f"images/{name}", "question": wq[0], "answers": [wq[1]], "type": "word"}] if wq else []
+
+
+def write_tasks(root: Path, n_test: int, size: int, scenes: SceneSource, seed: int, bar) -> None:
+    """Evaluation tasks; `train` splits (for few-shot demonstrations) draw training scenes."""
+    for task, kind in (("synth_caption", "caption"), ("synth_vqa", "vqa"), ("synth_words", "word")):
+        for split, count in (("train", 2 * n_test), ("test", n_test)):
+            rng = _rng(seed, f"task-{task}-{split}")
+            rows: list[dict] = []
+            i = 0
+            while len(rows) < count:
+                word_prob = 1.0 if kind == "word" else 0.35
+                scene = scenes.train(rng) if split == "train" else scenes.held_out(rng, word_prob=word_prob)
+                if split == "train" and kind == "word" and not scene.word:
+                    continue
+                name = f"{split}_{i:06d}.png"
+                new = _task_rows(kind, scene, name, rng)
+                if new:
+                    _save(scene, root / "tasks" / task / "images" / name, size)
+                    rows += new
+                    i += 1
+            path = root / "tasks" / task / f"{split}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            bar.update(count)
+
+
+def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = False) -> Path:
+    """Write the whole world under `root` (deterministic in `seed`); returns `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    scenes = SceneSource()
+    total = sizes.captions + sizes.interleaved + sizes.sft + 9 * sizes.eval_scenes
+    with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
+        write_captions(root, sizes.captions, sizes.image_size, scenes, _rng(seed, "captions"), bar)
+        write_interleaved(root, sizes.interleaved, sizes.image_size, scenes, _rng(seed, "interleaved"), bar)
+        text_rng = _rng(seed, "text")
+        write_jsonl([lang.text_document(text_rng) for _ in range(sizes.text)], root / "text" / "docs.jsonl")
+        write_sft(root, sizes.sft, sizes.image_size, scenes, _rng(seed, "sft"), bar)
+        write_tasks(root, sizes.eval_scenes, sizes.image_size, scenes, seed, bar)
+    meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
+    (root / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return root

@@ -1,0 +1,170 @@
+"""The MM1 language model: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+
+It takes input *embeddings* rather than token ids, so the MLLM can place image tokens among the
+text tokens before the first layer. Attention goes through `F.scaled_dot_product_attention` with
+either plain causal masking or a boolean mask (document-causal for packed sequences, padding-aware
+for batched decoding). Every `moe.every`-th layer may swap its FFN for a mixture of experts.
+Nothing here is distributed: `mm1.train.parallel` wraps these modules from the outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import DecoderConfig, MoEConfig
+from mm1.model.moe import MoEFFN, MoEStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, theta: float, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, 1, T, head_dim] for the given (per-row) positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim))
+    angles_BTh = positions_BT.float()[..., None] * inv_freq
+    angles_BTd = torch.cat([angles_BTh, angles_BTh], dim=-1)
+    return angles_BTd.cos()[:, None], angles_BTd.sin()[:, None]
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # The "rotate half" convention of HF Llama, so imported weights need no permutation.
+    half = x_BHTd.shape[-1] // 2
+    rotated = torch.cat([-x_BHTd[..., half:], x_BHTd[..., :half]], dim=-1)
+    return (x_BHTd * cos + rotated * sin).to(x_BHTd.dtype)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values for every layer: [layers, B, kv_heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0  # slots filled so far (shared by all rows; padding is masked, not skipped)
+
+    @classmethod
+    def empty(cls, cfg: DecoderConfig, batch: int, max_len: int, *, device, dtype) -> KVCache:
+        shape = (cfg.depth, batch, cfg.kv_heads, max_len, cfg.width // cfg.heads)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        qkv_bias = cfg.qkv_bias
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
+        self.head_dim = cfg.width // cfg.heads
+        self.q = nn.Linear(cfg.width, cfg.heads * self.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q(x_BTD).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        causal = mask is None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, *, moe: MoEConfig | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.ffn: nn.Module = (
+            MoEFFN(cfg.width, cfg.ffn_hidden, moe) if moe is not None else SwiGLU(cfg.width, cfg.ffn_hidden)
+        )
+
+    def forward(self, x, rope, mask, cache=None, layer=0, stats: list | None = None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoEFFN):
+            out, st = self.ffn(h)
+            if stats is not None:
+                stats.append(st)
+        else:
+            out = self.ffn(h)
+        return x + out
+
+
+@dataclass
+class DecoderOutput:
+    hidden_BTD: torch.Tensor
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+def is_moe_layer(index: int, moe: MoEConfig) -> bool:
+    """MM1 replaces the FFN of every k-th layer (the k-th, 2k-th, ... counting from 1)."""
+    return moe.num_experts > 0 and (index + 1) % moe.every == 0
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, moe: MoEConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        moe = moe or MoEConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, moe=moe if is_moe_layer(i, moe) else None)
+            for i in range(cfg.depth)
+        )
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        positions_BT: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> DecoderOutput:
+        """`mask` is boolean [B, 1, T, S] (True = may attend) or None for plain causal attention."""
+        rope = rope_tables(self.cfg.width // self.cfg.heads, self.cfg.rope_theta, positions_BT)
+        stats: list[MoEStats] = []
+        for i, layer in enumerate(self.layers):
+            x_BTD = layer(x_BTD, rope, mask, cache, i, stats)
+        if cache is not None:
+            cache.length += x_BTD.shape[1]
+        return DecoderOutput(self.norm(x_BTD), stats)

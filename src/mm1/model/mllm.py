@@ -1,0 +1,150 @@
+"""The MM1 multimodal LLM: image encoder → connector → image tokens scattered into the decoder input.
+
+A text sequence holds `num_tokens` `<image>` placeholder ids for each image (nanoVLM style); the
+connector's outputs replace the placeholder embeddings in order, so any number of images can sit
+anywhere in a packed sequence. The loss is summed over predicted tokens and returned with their
+count, so the trainer can normalise over a whole accumulated batch rather than per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import ModelConfig
+from mm1.model.connector import build_connector
+from mm1.model.decoder import Decoder, KVCache
+from mm1.model.moe import MoEFFN, MoEStats
+from mm1.model.vision import VisionEncoder
+
+IGNORE = -100  # label of positions that carry no loss (images, prompts, padding)
+
+
+@dataclass
+class MLLMOutput:
+    loss: torch.Tensor | None = None  # mean over predicted tokens of this call
+    loss_sum: torch.Tensor | None = None
+    num_predicted: int = 0
+    logits_BTV: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load-balance + z-loss, already weighted
+    moe_stats: list[MoEStats] = field(default_factory=list)
+    source_loss_sum_S: torch.Tensor | None = None  # per data source, when `source_BT` is given
+    source_count_S: torch.Tensor | None = None
+
+
+def document_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T]: a token sees earlier tokens of its own document only."""
+    T = doc_ids_BT.shape[1]
+    same_doc = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+class MLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.connector = build_connector(
+            cfg.connector, vision_width=cfg.vision.width, width=cfg.decoder.width,
+            num_patches=(cfg.vision.image_size // cfg.vision.patch_size) ** 2,
+        )
+        self.decoder = Decoder(cfg.decoder, cfg.moe)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Small initial weights (std 0.02, as in GPT-2): with larger ones little is learned in minutes.
+        std = self.cfg.decoder.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, MoEFFN):
+            for w in (module.w_gate, module.w_up, module.w_down):
+                nn.init.normal_(w, std=std)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.cfg.connector.num_tokens
+
+    def encode_images(self, images_NCHW: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] → [N, num_image_tokens, D]."""
+        return self.connector(self.vision(images_NCHW))
+
+    def embed(self, tokens_BT: torch.Tensor, images_NCHW: torch.Tensor | None) -> torch.Tensor:
+        x_BTD = self.decoder.embed(tokens_BT)
+        slots = tokens_BT == self.cfg.image_token_id
+        n_slots = int(slots.sum())
+        n_images = 0 if images_NCHW is None else images_NCHW.shape[0]
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"the batch has {n_slots} <image> slots but {n_images} images × "
+                f"{self.num_image_tokens} tokens = {n_images * self.num_image_tokens}"
+            )
+        if n_images:
+            img_ND = self.encode_images(images_NCHW).reshape(-1, x_BTD.shape[-1]).to(x_BTD.dtype)
+            x_BTD = x_BTD.masked_scatter(slots[..., None], img_ND)
+        return x_BTD
+
+    def forward(
+        self,
+        *,
+        tokens_BT: torch.Tensor,
+        images_NCHW: torch.Tensor | None = None,
+        labels_BT: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+        doc_ids_BT: torch.Tensor | None = None,
+        source_BT: torch.Tensor | None = None,
+        num_sources: int = 3,
+        return_logits: bool = False,
+    ) -> MLLMOutput:
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        mask = document_causal_mask(doc_ids_BT) if doc_ids_BT is not None else None
+        dec = self.decoder(self.embed(tokens_BT, images_NCHW), positions_BT, mask)
+        out = MLLMOutput(moe_stats=dec.moe_stats)
+        if dec.moe_stats:
+            out.aux_loss = torch.stack([s.aux_loss for s in dec.moe_stats]).sum()
+        if labels_BT is None or return_logits:
+            out.logits_BTV = self.decoder.lm_head(dec.hidden_BTD).float()
+        if labels_BT is not None:
+            self._add_loss(out, dec.hidden_BTD, labels_BT, source_BT, num_sources)
+        return out
+
+    def _add_loss(self, out: MLLMOutput, h_BTD, labels_BT, source_BT, num_sources: int) -> None:
+        # Labels are already shifted by the packer: labels_BT[t] is the token that follows t.
+        keep = labels_BT != IGNORE
+        h_ND, y_N = h_BTD[keep], labels_BT[keep]
+        logits_NV = self.decoder.lm_head(h_ND).float()
+        losses_N = F.cross_entropy(logits_NV, y_N, reduction="none")
+        out.loss_sum = losses_N.sum()
+        out.num_predicted = int(y_N.numel())
+        out.loss = out.loss_sum / max(1, out.num_predicted)
+        if source_BT is not None:
+            src_N = source_BT[keep]
+            zeros = torch.zeros(num_sources, device=losses_N.device)
+            out.source_loss_sum_S = zeros.index_add(0, src_N, losses_N.detach())
+            out.source_count_S = zeros.index_add(0, src_N, torch.ones_like(losses_N))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = next(self.parameters())
+        return KVCache.empty(self.cfg.decoder, batch, max_len, device=p.device, dtype=p.dtype)
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts, built on the meta device: no memory is used."""
+    with torch.device("meta"):
+        model = MLLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, MoEFFN):
+            per_expert = sum(w[0].numel() for w in (module.w_gate, module.w_up, module.w_down))
+            inactive += per_expert * (module.cfg.num_experts - module.cfg.top_k)
+    return total, total - inactive

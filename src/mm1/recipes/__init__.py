@@ -1,0 +1,31 @@
+"""Recipes: named functions that return a complete, validated `Config`.
+
+`get_recipe("mm1_3b")` is what `--recipe mm1_3b` resolves to. A recipe is plain Python so that a
+researcher can read every choice in one place and write a new one by copying a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mm1.config import Config, ConfigError, validate
+from mm1.recipes.paper import ablation, mm1_3b, mm1_3b_moe, mm1_7b, mm1_7b_moe, mm1_30b
+from mm1.recipes.tiny import tiny
+
+RECIPES: dict[str, Callable[[], Config]] = {
+    "tiny": tiny,
+    "ablation": ablation,
+    "mm1_3b": mm1_3b,
+    "mm1_7b": mm1_7b,
+    "mm1_30b": mm1_30b,
+    "mm1_3b_moe": mm1_3b_moe,
+    "mm1_7b_moe": mm1_7b_moe,
+}
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}'; choose from {', '.join(RECIPES)}")
+    cfg = RECIPES[name]()
+    cfg.recipe = name
+    return validate(cfg)
