@@ -186,6 +186,7 @@ class DataConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    sub_image_grid: int = 0  # SFT only: an overview plus grid×grid crops per image (MM1 §4); 0 = off
     num_workers: int = 2
     seed: int = 0
 
@@ -419,6 +420,7 @@ def _validate_data(d: DataConfig) -> None:
     _require(d.packing.seq_len >= 16, "data.packing.seq_len", f"must be >= 16, got {d.packing.seq_len}")
     _require(d.packing.max_images >= 1, "data.packing.max_images", "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0 <= d.sub_image_grid <= 4, "data.sub_image_grid", "must lie in 0..4")
 
 
 def _validate_train(t: TrainConfig) -> None:

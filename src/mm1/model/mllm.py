@@ -100,7 +100,7 @@ class MLLM(nn.Module):
         positions_BT: torch.Tensor | None = None,
         doc_ids_BT: torch.Tensor | None = None,
         source_BT: torch.Tensor | None = None,
-        num_sources: int = 3,
+        num_sources: int = 4,
         return_logits: bool = False,
     ) -> MLLMOutput:
         B, T = tokens_BT.shape

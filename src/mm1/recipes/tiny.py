@@ -38,7 +38,7 @@ def tiny() -> Config:
     )
     data = DataConfig(
         root="runs/data/world",
-        packing=PackingConfig(seq_len=384, max_images=6),
+        packing=PackingConfig(seq_len=384, max_images=12),
         synth=SynthConfig(captions=12000, interleaved=2500, text=2500, sft=6000, eval_scenes=200,
                           image_size=128),
         num_workers=2,

@@ -81,7 +81,7 @@ def _interleaved_doc(scenes: list[Scene], rng: random.Random, names: list[str]) 
     images: list[str | None] = []
 
     def text(t: str) -> None:
-        texts.append(t)
+        texts.append(t + "\n")  # paragraphs end in a newline, as on a web page
         images.append(None)
 
     def image(k: int) -> None:
