@@ -1,0 +1,149 @@
+"""Checkpoints that survive a kill at any moment and reload at any world size.
+
+Layout of a run directory's checkpoints:
+
+    checkpoints/step_00000100/        one checkpoint, written as step_00000100.tmp/ then renamed
+        dcp/                          model + optimizer via torch.distributed.checkpoint (sharded)
+        meta.json                     step, data-stream state, learning-rate state
+        rng_rank00000.pt              each rank's RNG states
+    checkpoints/latest                name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint exists only once its directory has been renamed from `.tmp`, so a kill during a save
+leaves the previous one intact; leftover `.tmp` directories are removed on the next start.
+Retention keeps the last `keep_last` plus, as Pythia does, log-spaced steps (1, 2, 4, 8, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from mm1.config import CheckpointConfig
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / "checkpoints" / f"step_{step:08d}"
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    pointer = root / "checkpoints" / "latest"
+    if pointer.exists():
+        path = root / "checkpoints" / pointer.read_text().strip()
+        if (path / "meta.json").exists():
+            return path
+    done = sorted(p for p in (root / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")
+                  and (p / "meta.json").exists()) if (root / "checkpoints").exists() else []
+    return done[-1] if done else None
+
+
+def clean_partial(root: Path) -> None:
+    if _rank() == 0 and (root / "checkpoints").exists():
+        for p in (root / "checkpoints").glob("*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
+         policy: CheckpointConfig) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, then apply retention."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    torch.save(rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / "checkpoints" / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "checkpoints" / "latest")
+        _retain(root, policy)
+    _barrier()
+    return final
+
+
+def _retain(root: Path, policy: CheckpointConfig) -> None:
+    done = sorted(p for p in (root / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    keep = set(done[-policy.keep_last:])
+    if policy.keep_log_spaced:
+        keep |= {p for p in done if _is_power_of_two(int(p.name.split("_")[1]))}
+    for p in done:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def load_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+         strict: bool = True) -> dict:
+    """Restore model (and optimizer, RNG) from a checkpoint written at any world size."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        rng = path / f"rng_rank{_rank():05d}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False))
+    return load_meta(path)
+
+
+def load_model_weights(path: Path, model: nn.Module) -> dict:
+    """Model weights only (e.g. SFT starting from a pre-training checkpoint); strict about names."""
+    return load(path, model, None, strict=True)

@@ -1,0 +1,264 @@
+"""One trainer for MM1 pre-training and SFT, from 2 CPU cores to many GPUs.
+
+The loop: a step batch of `train.batch_size` sequences (split over ranks and micro-batches), loss
+summed over predicted tokens and divided by their count over the *whole* step (all micro-batches,
+all ranks), MoE aux losses added, gradients clipped, AdamW (or Adafactor) with the paper's LR rule,
+warm-up and cosine decay. Checkpoints are atomic and resume exactly: the data stream is a pure
+function of the step, and model, optimizer and RNG states are restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mm1.config import Config, ConfigError, OnNonFinite, Precision, save, to_dict
+from mm1.data.loader import Batch, DataStream, load_tokenizer, make_loader
+from mm1.data.packing import IGNORE
+from mm1.data.sample import Source
+from mm1.data.stats import DataStats
+from mm1.model.mllm import MLLM, count_parameters
+from mm1.train import checkpoint as ckpt
+from mm1.train.metrics import RunLogger, default_peak_flops
+from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
+from mm1.train.parallel import DistInfo, all_reduce_sum, init_distributed, parallelize
+
+SOURCE_NAMES = [s.name.lower() for s in Source]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int  # real (non-padding) tokens in the step, all ranks
+    predicted: int
+    source_loss: dict[str, float]
+    aux: dict[str, float]
+    skipped: bool = False
+
+
+class _Interrupt:
+    """Turns SIGINT/SIGTERM into a flag so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C exits at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
+    dec = cfg.model.decoder
+    if dec.vocab_size < vocab:
+        raise ConfigError(f"model.decoder.vocab_size: {dec.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+    cfg.model.image_token_id = image_id
+
+
+def autocast(cfg: Config, device: torch.device):
+    bf16 = cfg.train.precision == Precision.BF16 or (cfg.train.precision == Precision.AUTO and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def flops_per_token(cfg: Config, active_params: int) -> float:
+    """≈6·N (matmuls, forward + backward) + attention's 12·L·d·T over a packed sequence."""
+    d = cfg.model.decoder
+    return 6 * active_params + 12 * d.depth * d.width * cfg.data.packing.seq_len
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: Path, *, resume: bool = False, init_from: str | None = None) -> None:
+        self.cfg, self.out = cfg, out
+        self.info: DistInfo = init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.tok = load_tokenizer(cfg)
+        resolve_model_config(cfg, len(self.tok), self.tok.image_id)
+        self.total_params, self.active_params = count_parameters(cfg.model)
+        self.lr, self.weight_decay = resolve_lr(cfg.train.optimizer, self.total_params)
+        if self.info.is_main:
+            save(cfg, out / "config.json")
+        self.model = MLLM(cfg.model).to(self.info.device)
+        if init_from:
+            ckpt.load_model_weights(Path(init_from), self.model)
+        self.model = parallelize(self.model, cfg.train, self.info)
+        groups = param_groups(self.model, lr=self.lr, weight_decay=self.weight_decay,
+                              components=cfg.train.components)
+        self.optimizer = build_optimizer(groups, cfg.train.optimizer, self.lr)
+        self.start_step = 0
+        ckpt.clean_partial(out)
+        if resume:
+            last = ckpt.latest(out)
+            if last is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+            meta = ckpt.load(last, self.model, self.optimizer)
+            self.start_step = meta["step"]
+        self.stats = DataStats()
+        self.stream = DataStream(cfg, self.tok, stats=self.stats)
+        self.per_rank = cfg.train.batch_size // self.info.world_size
+        micro = cfg.train.micro_batch_size or self.per_rank
+        if self.per_rank % micro:
+            raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {self.per_rank}")
+        self.accum = self.per_rank // micro
+        self.peak_flops = cfg.train.logging.peak_flops or default_peak_flops(
+            torch.cuda.get_device_name() if self.info.device.type == "cuda" else "cpu", torch.get_num_threads())
+
+    # ------------------------------------------------------------------ one step
+    def _set_lr(self, step: int) -> float:
+        lr = lr_at(step, peak=self.lr, total_steps=self.cfg.train.steps, schedule=self.cfg.train.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        return lr
+
+    def train_step(self, batch: Batch) -> StepResult:
+        device = self.info.device
+        predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64))
+        total_pred = max(1.0, float(predicted.item()))
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        src_sum = torch.zeros(len(Source), device=device)
+        src_cnt = torch.zeros(len(Source), device=device)
+        aux_acc: dict[str, float] = {}
+        for micro in batch.split(self.accum):
+            micro = micro.to(device)
+            with autocast(self.cfg, device):
+                out = self.model(**micro.model_inputs(), num_sources=len(Source))
+            # Normalise by the step's predicted tokens over all ranks; DDP/FSDP average gradients over
+            # ranks, so multiply by the world size to get the sum-then-divide of one big batch.
+            loss = out.loss_sum * (self.info.world_size / total_pred)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss / self.accum
+                self._collect_moe(out, aux_acc)
+            loss.backward()
+            loss_sum += out.loss_sum.detach().double()
+            src_sum += out.source_loss_sum_S
+            src_cnt += out.source_count_S
+        clip = self.cfg.train.optimizer.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        reduced = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), src_sum, src_cnt]).cpu())
+        loss_val = float(reduced[0]) / total_pred
+        tokens = int(all_reduce_sum(torch.tensor([int((batch.doc_ids_BT >= 0).sum())]))[0])
+        S = len(Source)
+        source_loss = {SOURCE_NAMES[i]: float(reduced[1 + i] / reduced[1 + S + i])
+                       for i in range(S) if reduced[1 + S + i] > 0}
+        result = StepResult(loss_val, grad_norm, tokens, int(total_pred), source_loss,
+                            {k: v / self.accum for k, v in aux_acc.items()})
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.train.on_non_finite == OnNonFinite.STOP:
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at step {batch.step} "
+                    f"(loss={loss_val}, grad_norm={grad_norm}); the last good checkpoint is kept. "
+                    "Lower train.optimizer.lr or set train.on_non_finite=skip.")
+            result.skipped = True
+            return result
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    @staticmethod
+    def _collect_moe(out, acc: dict[str, float]) -> None:
+        n = len(out.moe_stats)
+        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + sum(float(s.load_balance_loss) for s in out.moe_stats) / n
+        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + sum(float(s.z_loss) for s in out.moe_stats) / n
+        share = torch.stack([s.expert_share_E for s in out.moe_stats]).mean(0)
+        for e, v in enumerate(share.tolist()):
+            acc[f"expert_share.{e}"] = acc.get(f"expert_share.{e}", 0.0) + v
+
+    # ------------------------------------------------------------------ the loop
+    def _meta(self, step: int) -> dict:
+        return {"data_state": {"next_step": step, "seed": self.cfg.data.seed}, "lr_peak": self.lr,
+                "recipe": self.cfg.recipe, "stage": self.cfg.train.stage.value}
+
+    def save(self, step: int) -> Path:
+        return ckpt.save(self.out, step, self.model, self.optimizer, self._meta(step), self.cfg.train.checkpoint)
+
+    def _should_save(self, step: int) -> bool:
+        c = self.cfg.train.checkpoint
+        return step % c.every == 0 or (c.keep_log_spaced and step & (step - 1) == 0 and step < c.every)
+
+    def run(self) -> dict:
+        cfg, info = self.cfg, self.info
+        steps = cfg.train.steps
+        logger = RunLogger(self.out, cfg.train.logging, total_steps=steps, start_step=self.start_step,
+                           enabled=info.is_main, run_config=to_dict(cfg), desc=f"{cfg.train.stage.value}")
+        loader = make_loader(self.stream, start=self.start_step, stop=steps, rank=info.rank,
+                             world_size=info.world_size, num_workers=cfg.data.num_workers)
+        skipped: dict[str, int] = {}
+        last = {"step": self.start_step}
+        window_t, window_tokens = time.perf_counter(), 0
+        step = self.start_step
+        self.model.train()
+        try:
+            with _Interrupt() as stop:
+                for batch in loader:
+                    step = batch.step
+                    lr = self._set_lr(step)
+                    try:
+                        res = self.train_step(batch)
+                    except torch.OutOfMemoryError:
+                        raise RuntimeError(
+                            f"out of memory at step {step} with {self.per_rank} sequences per rank in "
+                            f"{self.accum} micro-batches of {cfg.data.packing.seq_len} tokens; lower "
+                            "train.micro_batch_size or data.packing.seq_len") from None
+                    for k, v in batch.skipped.items():
+                        skipped[k] = skipped.get(k, 0) + v
+                    window_tokens += res.tokens
+                    step += 1
+                    logger.step()
+                    if step % cfg.train.logging.every == 0 or step == steps:
+                        now = time.perf_counter()
+                        tps = window_tokens / max(1e-9, now - window_t)
+                        last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                                "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, self.active_params) / self.peak_flops,
+                                **{f"loss.{k}": v for k, v in res.source_loss.items()}, **res.aux,
+                                "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
+                        logger.log(last)
+                        window_t, window_tokens = now, 0
+                    if self._should_save(step) or step == steps:
+                        self.save(step)
+                    if stop.requested:
+                        path = self.save(step)
+                        logger.write(f"interrupted: saved {path}; continue with --resume")
+                        break
+        finally:
+            logger.close()
+            if info.is_main:
+                stats = self.stats.to_dict() | {"skipped_in_batches": skipped}
+                (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        return last
+
+
+def train(cfg: Config, *, out: Path, resume: bool = False, init_from: str | None = None) -> dict:
+    """Train per `cfg` into `out`; returns the last logged metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, out, resume=resume, init_from=init_from).run()
+
+
+def unwrap_model(model: nn.Module) -> MLLM:
+    return model.module if hasattr(model, "module") else model
