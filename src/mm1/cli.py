@@ -49,6 +49,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     cfg = resolve_config(a.recipe, a.config, overrides)
     if a.resume and a.init_from:
         raise ConfigError("--resume and --init-from exclude each other: resume continues DIR's own run")
+    if cfg.train.stage == Stage.CLIP:
+        from mm1.train.clip import train_clip
+
+        print(f"vision encoder written to {train_clip(cfg, Path(a.out))}")
+        return 0
     if cfg.train.stage == Stage.SFT and not (a.init_from or a.resume):
         print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
     train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
@@ -82,6 +87,28 @@ def _cmd_data_batch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from mm1.config import EvalConfig, apply_override
+    from mm1.eval.harness import evaluate, results_table, write_results
+    from mm1.eval.tasks import get_task
+    from mm1.serve.loading import load_model
+
+    model, tok, cfg = load_model(a.checkpoint)
+    ev = EvalConfig(tasks=a.tasks, shots=a.shots)
+    for o in a.overrides:
+        apply_override(cfg, o if o.startswith("eval.") else f"eval.{o}")
+    ev = cfg.eval if a.overrides else ev
+    ev.tasks, ev.shots = a.tasks, a.shots
+    world = Path(a.world or cfg.data.root)
+    tasks = [get_task(t.strip(), world=world) for t in ev.tasks.split(",") if t.strip()]
+    shots = [int(s) for s in ev.shots.split(",")]
+    results = evaluate(model, tok, tasks, shots, ev)
+    write_results(results, Path(a.out))
+    print(results_table(results))
+    print(f"results written to {Path(a.out) / 'results.json'}")
+    return 0
+
+
 def _cmd_quickstart(a: argparse.Namespace) -> int:
     from mm1.quickstart import run_quickstart
 
@@ -102,11 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pre-train or fine-tune (SFT) a model; torchrun-ready")
     _config_args(p)
-    p.add_argument("--stage", choices=["pretrain", "sft"], help="shorthand for train.stage=...")
+    p.add_argument("--stage", choices=["clip", "pretrain", "sft"],
+                   help="shorthand for train.stage=... (clip pre-trains the image encoder alone)")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--init-from", help="checkpoint directory whose model weights start this run (e.g. SFT)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="few-shot evaluation (CIDEr, VQA accuracy, perplexity) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
+    p.add_argument("--tasks", default="synth_caption,synth_vqa,synth_words",
+                   help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, custom:FILE.jsonl, ppl:FILE")
+    p.add_argument("--shots", default="0,4,8")
+    p.add_argument("--out", required=True)
+    p.add_argument("--world", help="synthetic world directory (default: the run's data.root)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval settings, e.g. eval.limit=100")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("config", help="inspect configs and recipes")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

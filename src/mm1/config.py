@@ -42,6 +42,9 @@ class Activation(str, enum.Enum):
 
 
 class Stage(str, enum.Enum):
+    """CLIP pre-trains the image encoder alone; PRETRAIN and SFT train the whole MLLM."""
+
+    CLIP = "clip"
     PRETRAIN = "pretrain"
     SFT = "sft"
 
@@ -141,6 +144,7 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     image_token_id: int = 2  # the tokenizer's `<image>` placeholder (mm1.data.tokenizer.IMAGE)
+    vision_init: str = ""  # a vision.safetensors from `mm1 train --stage clip` to start the encoder from
 
 
 # ----------------------------------------------------------------------------- data
@@ -273,6 +277,7 @@ class EvalConfig:
     limit: int = 200  # queries per task; 0 means all
     batch_size: int = 16
     seed: int = 0
+    ppl_tokens: int = 0  # perplexity tasks: score only the first N tokens (0 = all)
 
 
 @dataclass(kw_only=True)

@@ -38,10 +38,10 @@ class VisionAttention(nn.Module):
         self.v = nn.Linear(width, width)
         self.o = nn.Linear(width, width)
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x_BND.shape
         q, k, v = (p(x_BND).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -56,8 +56,8 @@ class VisionBlock(nn.Module):
         self.act = activation(cfg.activation)
         self.fc2 = nn.Linear(hidden, cfg.width)
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        x_BND = x_BND + self.attn(self.norm1(x_BND))
+    def forward(self, x_BND: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x_BND = x_BND + self.attn(self.norm1(x_BND), mask)
         return x_BND + self.fc2(self.act(self.fc1(self.norm2(x_BND))))
 
 

@@ -80,6 +80,17 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
     cfg.model.image_token_id = image_id
 
 
+def load_vision(model: MLLM, path: Path) -> None:
+    """Start the image encoder from CLIP pre-training (strict: every tensor must match)."""
+    from safetensors.torch import load_file
+
+    from mm1.model.weights import load_strict
+
+    if not path.exists():
+        raise ConfigError(f"model.vision_init: {path} does not exist (train it with `mm1 train --stage clip`)")
+    load_strict(model.vision, load_file(str(path)), what=f"vision encoder from {path}")
+
+
 def autocast(cfg: Config, device: torch.device):
     bf16 = cfg.train.precision == Precision.BF16 or (cfg.train.precision == Precision.AUTO and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -102,7 +113,10 @@ class Trainer:
         self.lr, self.weight_decay = resolve_lr(cfg.train.optimizer, self.total_params)
         if self.info.is_main:
             save(cfg, out / "config.json")
+            self.tok.save(out / "tokenizer.json")  # the run is self-contained for eval and chat
         self.model = MLLM(cfg.model).to(self.info.device)
+        if cfg.model.vision_init and not resume and not init_from:
+            load_vision(self.model, Path(cfg.model.vision_init))
         if init_from:
             ckpt.load_model_weights(Path(init_from), self.model)
         self.model = parallelize(self.model, cfg.train, self.info)

@@ -20,7 +20,8 @@ class CaptionedImage:
     key: str
 
 
-def read_coco_captions(annotations: Path, image_dir: Path) -> list[CaptionedImage]:
+def read_coco_captions(annotations: Path, image_dir: Path, *, only_present: bool = True) -> list[CaptionedImage]:
+    """Images with their captions; `only_present` keeps images whose file is in `image_dir`."""
     try:
         data = json.loads(annotations.read_text())
         files = {img["id"]: img["file_name"] for img in data["images"]}
@@ -29,7 +30,9 @@ def read_coco_captions(annotations: Path, image_dir: Path) -> list[CaptionedImag
             caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise RecordError(f"{annotations}: not a COCO captions file ({type(err).__name__}: {err})") from None
-    return [CaptionedImage(str(image_dir / files[i]), tuple(c), str(i)) for i, c in sorted(caps.items()) if i in files]
+    present = {p.name for p in image_dir.iterdir()} if only_present and image_dir.exists() else None
+    return [CaptionedImage(str(image_dir / files[i]), tuple(c), str(i)) for i, c in sorted(caps.items())
+            if i in files and (present is None or files[i] in present)]
 
 
 def read_caption_jsonl(path: Path, base: Path | None = None) -> list[CaptionedImage]:

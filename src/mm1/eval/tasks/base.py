@@ -1,0 +1,34 @@
+"""What a task is: a metric, a train split for demonstrations and a test split of queries."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Metric(str, enum.Enum):
+    CIDER = "cider"
+    VQA_ACCURACY = "vqa_accuracy"
+    PERPLEXITY = "perplexity"
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    image: str
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    image: str
+    question: str
+    answers: tuple[str, ...]
+
+
+@dataclass
+class Task:
+    name: str
+    metric: Metric
+    train: list = field(default_factory=list)  # demonstrations are drawn from here, never the query
+    test: list = field(default_factory=list)
+    text_path: str = ""  # perplexity tasks only

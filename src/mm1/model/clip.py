@@ -1,0 +1,65 @@
+"""A small CLIP for pre-training the image encoder with a contrastive loss, as MM1's encoders are.
+
+MM1 starts from a ViT trained with a CLIP loss (DFN-5B + VeCap). With no pretrained encoder on
+hand (none ships offline), `mm1 train --stage clip` trains our ViT contrastively on the caption
+data first; the MLLM then starts its vision tower from it (`model.vision_init`). The text side is a
+small pre-norm transformer over caption tokens, mean-pooled; the loss is the symmetric InfoNCE of
+Radford et al. (2021) with a learned temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import VisionConfig
+from mm1.model.vision import VisionBlock, VisionEncoder
+
+
+@dataclass
+class CLIPOutput:
+    loss: torch.Tensor
+    accuracy: float  # share of images whose own caption scores highest in the batch
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, vocab: int, width: int, depth: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        cfg = VisionConfig(width=width, depth=depth, heads=heads)
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids_BL) + self.pos[: ids_BL.shape[1]]
+        mask = valid_BL[:, None, None, :]  # keys: real tokens only
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        w = valid_BL[..., None].float()
+        return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+class CLIP(nn.Module):
+    def __init__(self, vision: VisionConfig, *, vocab: int, embed_dim: int = 128, text_width: int = 128,
+                 text_depth: int = 2, text_heads: int = 4, max_len: int = 64) -> None:
+        super().__init__()
+        self.vision = VisionEncoder(vision)
+        self.text = TextEncoder(vocab, text_width, text_depth, text_heads, max_len)
+        self.vision_proj = nn.Linear(vision.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images_BCHW: torch.Tensor, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> CLIPOutput:
+        img = F.normalize(self.vision_proj(self.vision(images_BCHW).mean(1)), dim=-1)
+        txt = F.normalize(self.text_proj(self.text(ids_BL, valid_BL)), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
+        target = torch.arange(len(img), device=img.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        acc = float((logits.argmax(1) == target).float().mean())
+        return CLIPOutput(loss, acc)

@@ -1,0 +1,200 @@
+"""Weight import and export with explicit name maps: HF Llama/Qwen2/SmolLM decoders, CLIP and
+SigLIP vision towers in; our own safetensors + config.json out.
+
+Loading is strict, as nanoGPT's `from_pretrained` is: every tensor of the source must map to one of
+ours (or be on a short, named list of tensors we deliberately do not use), every one of ours must
+be filled, and shapes must agree — anything else raises `WeightsError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mm1.config import Activation, Config, DecoderConfig, ModelConfig, VisionConfig, from_dict, to_dict
+
+
+class WeightsError(ValueError):
+    """Missing, unexpected or mis-shaped tensors; the message names them."""
+
+
+# ----------------------------------------------------------------------------- name maps
+
+DECODER_MAP = [  # (HF pattern, ours)
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"layers.\1.attn.\2.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attn.o.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.ffn.\2.weight"),
+]
+DECODER_UNUSED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+
+VISION_MAP = [
+    (r"(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.\1"),
+    (r"(?:vision_model\.)?embeddings\.class_embedding", "cls"),
+    (r"(?:vision_model\.)?embeddings\.position_embedding\.weight", "pos_embed"),
+    (r"(?:vision_model\.)?pre_layrnorm\.(weight|bias)", r"norm_pre.\1"),
+    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.o.\2"),
+    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.\2.\3"),
+]
+SIGLIP_POST = (r"(?:vision_model\.)?post_layernorm\.(weight|bias)", r"norm_post.\1")
+# CLIP's post_layernorm only normalises the pooled CLS output; SigLIP's attention-pooling head
+# makes a single image embedding. MM1 uses patch features, so neither is loaded.
+VISION_UNUSED = [r"(?:vision_model\.)?post_layernorm\.(weight|bias)", r"(?:vision_model\.)?head\..*",
+                 r"(?:vision_model\.)?embeddings\.position_ids", r"text_model\..*", r"text_projection\..*",
+                 r"visual_projection\..*", r"logit_scale", r"logit_bias"]
+
+
+def map_names(source: dict[str, torch.Tensor], rules: list[tuple[str, str]], unused: list[str]
+              ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in source.items():
+        for pattern, target in rules:
+            if re.fullmatch(pattern, name):
+                out[re.sub(pattern, target, name)] = tensor
+                break
+        else:
+            if not any(re.fullmatch(p, name) for p in unused):
+                unexpected.append(name)
+    if unexpected:
+        raise WeightsError(f"unexpected tensors with no mapping: {', '.join(sorted(unexpected)[:10])}"
+                           + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    return out
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Copy `state` into `module`; raise naming missing, unexpected or mis-shaped tensors."""
+    own = module.state_dict()
+    tied = {k for k in own if k.endswith("lm_head.weight")} if getattr(
+        getattr(module, "cfg", None), "tie_embeddings", False) else set()
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: ours {tuple(own[k].shape)} vs {tuple(v.shape)}" for k, v in state.items()
+              if k in own and own[k].shape != v.shape]
+    problems = ([f"missing {', '.join(missing[:8])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:8])}"] if unexpected else []) + \
+               ([f"shape mismatch {'; '.join(shapes[:8])}"] if shapes else [])
+    if problems:
+        raise WeightsError(f"{what}: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def decoder_config_from_hf(hf: dict) -> DecoderConfig:
+    if hf.get("model_type") not in ("llama", "qwen2", "mistral"):
+        raise WeightsError(f"unsupported decoder model_type '{hf.get('model_type')}' (llama, qwen2, mistral)")
+    heads = hf["num_attention_heads"]
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=heads,
+        kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+    )
+
+
+def vision_config_from_hf(hf: dict) -> VisionConfig:
+    if "vision_config" in hf:
+        hf = hf["vision_config"] | {"model_type": hf.get("model_type", "")}
+    siglip = "siglip" in hf.get("model_type", "")
+    act = {"quick_gelu": Activation.QUICK_GELU, "gelu_pytorch_tanh": Activation.GELU_TANH}.get(
+        hf.get("hidden_act", "quick_gelu"), Activation.GELU)
+    return VisionConfig(
+        image_size=hf["image_size"], patch_size=hf["patch_size"], width=hf["hidden_size"],
+        depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+        mlp_ratio=hf["intermediate_size"] / hf["hidden_size"], activation=act, cls_token=not siglip,
+        pre_norm=not siglip, post_norm=siglip, norm_eps=hf.get("layer_norm_eps", 1e-5), patch_bias=siglip,
+    )
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_hf_decoder(decoder: nn.Module, folder: Path) -> None:
+    state = map_names(read_safetensors(folder), DECODER_MAP, DECODER_UNUSED)
+    if decoder.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    load_strict(decoder, state, what=f"decoder from {folder}")
+
+
+def import_hf_vision(vision: nn.Module, folder: Path, *, resize_to: int | None = None) -> None:
+    """CLIP or SigLIP tower → our ViT; position embeddings resized bicubically if resolutions differ."""
+    from mm1.model.vision import resize_pos_embed
+
+    rules = VISION_MAP + ([SIGLIP_POST] if vision.cfg.post_norm else [])
+    unused = [u for u in VISION_UNUSED if not (vision.cfg.post_norm and "post_layernorm" in u)]
+    state = map_names(read_safetensors(folder), rules, unused)
+    if "patch_embed.bias" in state and not vision.cfg.patch_bias:
+        raise WeightsError("source has a patch-embedding bias but the config says patch_bias=false")
+    grid = vision.grid if resize_to is None else resize_to // vision.cfg.patch_size
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, num_prefix=vision.num_prefix)
+    load_strict(vision, state, what=f"vision tower from {folder}")
+
+
+def load_hf_model(folder: Path, device: str | torch.device = "cpu"):
+    """A local HF decoder folder as an MLLM (random small vision side) for text-only evaluation."""
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.model.mllm import MLLM
+
+    hf = json.loads((folder / "config.json").read_text())
+    dec = decoder_config_from_hf(hf)
+    tok = Tokenizer.from_file(folder / "tokenizer.json")
+    cfg = Config(recipe=f"hf:{folder.name}")
+    cfg.model = ModelConfig(vision=VisionConfig(image_size=56, patch_size=14, width=64, depth=1, heads=2),
+                            decoder=dec)
+    cfg.model.connector.num_tokens = 4
+    cfg.model.image_token_id = tok.image_id if tok.image_id < dec.vocab_size else 0
+    model = MLLM(cfg.model)
+    import_hf_decoder(model.decoder, folder)
+    return model.to(device).eval(), tok, cfg
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(model: nn.Module, cfg: Config, folder: Path) -> Path:
+    """Our model as `model.safetensors` + `mm1_config.json` (tied weights stored once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.model.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "mm1_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return folder
+
+
+def import_exported(folder: Path):
+    from mm1.model.mllm import MLLM
+
+    cfg = from_dict(Config, json.loads((folder / "mm1_config.json").read_text()))
+    model = MLLM(cfg.model)
+    state = load_file(str(folder / "model.safetensors"))
+    load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
+                                if cfg.model.decoder.tie_embeddings else {}), what=str(folder))
+    return model, cfg

@@ -1,0 +1,133 @@
+"""The inference engine, apart from the model: KV-cache decoding of batches of multimodal prompts.
+
+Prompts of different lengths are left-padded into one batch; padding is masked out of attention
+and positions start at 0 on each row, so every row decodes exactly as it would alone. One prefill
+pass fills the pre-allocated KV cache, then each step feeds one token per row. Greedy decoding
+(what MM1's evaluation uses) or sampling with temperature and top-p; a row stops at the end
+token or at any stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from mm1.data.images import to_tensor
+from mm1.data.tokenizer import Tokenizer
+from mm1.model.mllm import MLLM
+
+Part = str | Image.Image  # a prompt is a list of text pieces and images, in order
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    images: list[torch.Tensor]
+
+
+class Engine:
+    def __init__(self, model: MLLM, tok: Tokenizer) -> None:
+        self.model = model.eval()
+        self.tok = tok
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.image_size = model.cfg.vision.image_size
+        self.stop_ids = {tok.eos_id, tok.end_id}
+
+    def encode(self, prompt: list[Part]) -> Encoded:
+        ids: list[int] = []
+        images: list[torch.Tensor] = []
+        for part in prompt:
+            if isinstance(part, str):
+                ids += self.tok.encode(part)
+            else:
+                images.append(to_tensor(part, self.image_size))
+                ids += [self.tok.image_id] * self.model.num_image_tokens
+        return Encoded(ids, images)
+
+    def _prefill_inputs(self, encoded: list[Encoded]):
+        B, T = len(encoded), max(len(e.ids) for e in encoded)
+        tokens = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for i, e in enumerate(encoded):
+            tokens[i, T - len(e.ids):] = torch.tensor(e.ids)
+            valid[i, T - len(e.ids):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        # Padding attends only to itself, so no row of the mask is empty.
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
+        images = [im for e in encoded for im in e.images]
+        return tokens, valid, positions, mask[:, None], (torch.stack(images) if images else None)
+
+    def _pick(self, logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
+        if cfg.temperature <= 0:
+            return logits_BV.argmax(-1)
+        probs = torch.softmax(logits_BV.float() / cfg.temperature, dim=-1)
+        if cfg.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[list[int]]:
+        encoded = [self.encode(p) for p in prompts]
+        tokens, valid, positions, mask, images = self._prefill_inputs(encoded)
+        dev = self.device
+        B, T = tokens.shape
+        cache = self.model.new_cache(B, T + cfg.max_new_tokens)
+        embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype))
+        hidden = self.model.decoder(embeds, positions.to(dev), mask.to(dev), cache).hidden_BTD
+        logits = self.model.decoder.lm_head(hidden[:, -1]).float()
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        key_valid = torch.cat([valid, torch.ones(B, cfg.max_new_tokens, dtype=torch.bool)], 1).to(dev)
+        next_pos = positions[:, -1].to(dev) + 1
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        texts = [""] * B
+        for _ in range(cfg.max_new_tokens):
+            nxt = self._pick(logits.cpu(), cfg, gen)
+            for i in range(B):
+                if done[i]:
+                    continue
+                t = int(nxt[i])
+                if t in self.stop_ids:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if cfg.stop:
+                    texts[i] = self.tok.decode(out[i])
+                    if any(s in texts[i] for s in cfg.stop):
+                        done[i] = True
+            if bool(done.all()):
+                break
+            step_mask = key_valid[:, None, None, : cache.length + 1]
+            x = self.model.decoder.embed(nxt.to(dev)[:, None])
+            hidden = self.model.decoder(x, next_pos[:, None], step_mask, cache).hidden_BTD
+            logits = self.model.decoder.lm_head(hidden[:, -1]).float()
+            next_pos = next_pos + 1
+        return out
+
+    def generate(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[str]:
+        cfg = cfg or GenerationConfig()
+        texts = [self.tok.decode(ids) for ids in self.generate_ids(prompts, cfg)]
+        return [_cut(t, cfg.stop) for t in texts]
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    for s in stops:
+        if s in text:
+            text = text[: text.index(s)]
+    return text.strip()

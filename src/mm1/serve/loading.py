@@ -1,0 +1,45 @@
+"""Loading a trained model for inference from a run directory, a checkpoint, or an HF folder.
+
+Accepted paths: a run directory (`config.json`, `tokenizer.json`, `checkpoints/latest`), one
+checkpoint inside it (`.../checkpoints/step_00000600`), or a local Hugging Face model folder
+(`config.json` with a `model_type`, safetensors weights), imported by `mm1.model.weights`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mm1.config import Config, load
+from mm1.data.tokenizer import Tokenizer
+from mm1.model.mllm import MLLM
+from mm1.train import checkpoint as ckpt
+
+
+def _run_dir(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run or checkpoint path."""
+    if (path / "meta.json").exists():
+        return path.parent.parent, path
+    last = ckpt.latest(path)
+    if last is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step_*)")
+    return path, last
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLLM, Tokenizer, Config]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    cfg_file = path / "config.json"
+    if cfg_file.exists() and "model_type" in json.loads(cfg_file.read_text()):
+        from mm1.model.weights import load_hf_model
+
+        return load_hf_model(path, device=device)
+    run, ck = _run_dir(path)
+    cfg = load(run / "config.json")
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    model = MLLM(cfg.model)
+    ckpt.load_model_weights(ck, model)
+    return model.to(device).eval(), tok, cfg

