@@ -186,7 +186,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.on_non_finite == OnNonFinite.STOP:
                 raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at step {batch.step} "
+                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at step {batch.step + 1} "
                     f"(loss={loss_val}, grad_norm={grad_norm}); the last good checkpoint is kept. "
                     "Lower train.optimizer.lr or set train.on_non_finite=skip.")
             result.skipped = True
@@ -198,8 +198,10 @@ class Trainer:
     @staticmethod
     def _collect_moe(out, acc: dict[str, float]) -> None:
         n = len(out.moe_stats)
-        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + sum(float(s.load_balance_loss) for s in out.moe_stats) / n
-        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + sum(float(s.z_loss) for s in out.moe_stats) / n
+        lb = sum(s.load_balance_loss.item() for s in out.moe_stats) / n
+        z = sum(s.z_loss.item() for s in out.moe_stats) / n
+        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + lb
+        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + z
         share = torch.stack([s.expert_share_E for s in out.moe_stats]).mean(0)
         for e, v in enumerate(share.tolist()):
             acc[f"expert_share.{e}"] = acc.get(f"expert_share.{e}", 0.0) + v
