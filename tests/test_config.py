@@ -58,13 +58,13 @@ def test_bad_overrides_fail_with_one_clear_line(override, message):
 
 
 def test_all_zero_mixture_is_rejected():
-    with pytest.raises(ConfigError, match="data.mixture: all mixture weights are zero"):
+    with pytest.raises(ConfigError, match=r"data.mixture: all mixture weights are zero"):
         apply_overrides(get_recipe("tiny"), ["data.mixture.caption=0", "data.mixture.interleaved=0",
                                               "data.mixture.text=0"])
 
 
 def test_moe_top_k_must_not_exceed_experts():
-    with pytest.raises(ConfigError, match="model.moe.top_k: must be between 1 and num_experts=1"):
+    with pytest.raises(ConfigError, match=r"model.moe.top_k: must be between 1 and num_experts=1"):
         apply_overrides(get_recipe("tiny"), ["model.moe.num_experts=1"])
 
 
@@ -72,7 +72,8 @@ def test_cli_reports_bad_override_in_one_line_and_nonzero_exit(capsys, tmp_path)
     code = main(["train", "--recipe", "tiny", "model.connector.num_tokens=10", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "mm1: error: model.connector.num_tokens: 10 is not a square number (the connector pools to a √N×√N grid)"
+    assert err == ("mm1: error: model.connector.num_tokens: 10 is not a square number "
+                   "(the connector pools to a √N×√N grid)")
     assert not (tmp_path / "x").exists()  # validated before any work
 
 
@@ -84,7 +85,7 @@ def test_cli_subprocess_exit_code(tmp_path):
 
 
 def test_unknown_recipe():
-    with pytest.raises(ConfigError, match="unknown recipe 'huge'"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'huge'"):
         get_recipe("huge")
 
 
@@ -99,7 +100,7 @@ def test_save_load_roundtrip(tmp_path):
 def test_from_dict_rejects_unknown_keys():
     data = to_dict(get_recipe("tiny"))
     data["model"]["decoder"]["widht"] = 3
-    with pytest.raises(ConfigError, match="unknown config key 'model.decoder.widht'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.decoder.widht'"):
         from_dict(Config, data)
 
 

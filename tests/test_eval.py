@@ -43,8 +43,9 @@ def test_cider_on_coco_captions(shared):
     assert cider_d(cands, refs)[0] == pytest.approx(theirs, rel=1e-9)
 
 
-@pytest.mark.parametrize(("raw", "norm"), [("Two", "2"), ("the Red.", "red"), ("yes!", "yes"), ("a dog", "dog"),
-                                           ("dont", "don't"), ("top-left", "top left"), ("top -left", "top left"), ("3.5", "3.5")])
+@pytest.mark.parametrize(("raw", "norm"), [("Two", "2"), ("the Red.", "red"), ("yes!", "yes"),
+                                           ("a dog", "dog"), ("dont", "don't"), ("top-left", "top left"),
+                                           ("top -left", "top left"), ("3.5", "3.5")])
 def test_vqa_normalisation(raw, norm):
     assert normalize_answer(raw) == norm
 
@@ -87,15 +88,14 @@ def test_custom_task_file_and_errors(tmp_path):
     assert task.metric == Metric.VQA_ACCURACY and task.test[0].answers == ("x", "y")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"picture": "a.png"}\n')
-    with pytest.raises(Exception, match="bad.jsonl:line1: a task row needs 'image'"):
+    with pytest.raises(Exception, match=r"bad.jsonl:line1: a task row needs 'image'"):
         get_task(f"custom:{bad}")
-    with pytest.raises(ValueError, match="unknown task 'nope'"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'"):
         get_task("nope")
 
 
 def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
     from conftest import tiny_config
-
     from mm1.config import EvalConfig
     from mm1.data.loader import load_tokenizer
     from mm1.model.mllm import MLLM

@@ -79,7 +79,7 @@ def test_obelics_parquet_roundtrip_and_url_slots(tmp_path):
 
 def test_obelics_malformed_row(tmp_path):
     path = interleaved.write_obelics([(["a", "b"], [None, "x.png"])], tmp_path / "d.parquet")
-    with pytest.raises(RecordError, match="position 1 must hold exactly one of text or image"):
+    with pytest.raises(RecordError, match=r"position 1 must hold exactly one of text or image"):
         interleaved.load_obelics(interleaved.index_obelics(path)[0])
 
 

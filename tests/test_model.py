@@ -74,7 +74,7 @@ def test_images_are_scattered_into_placeholders_in_order():
     enc = model.encode_images(images)
     torch.testing.assert_close(x[0, 1:1 + n], enc[0])
     torch.testing.assert_close(x[0, 2 + n:2 + 2 * n], enc[1])
-    with pytest.raises(ValueError, match="has 32 <image> slots but 1 images"):
+    with pytest.raises(ValueError, match=r"has 32 <image> slots but 1 images"):
         model.embed(tokens, images[:1])
 
 
@@ -115,7 +115,8 @@ def test_moe_grouped_dispatch_equals_per_token_reference():
     assert stats.expert_share_E.sum() == pytest.approx(1.0)
     probs = moe.router(x.reshape(-1, 16)).float().softmax(-1)
     f = torch.bincount(probs.topk(2, -1).indices.reshape(-1), minlength=4).float() / (18 * 2)
-    assert float(stats.load_balance_loss.detach()) == pytest.approx(float(4 * (f * probs.mean(0)).sum().detach()), rel=1e-5)
+    expected_lb = float(4 * (f * probs.mean(0)).sum().detach())
+    assert float(stats.load_balance_loss.detach()) == pytest.approx(expected_lb, rel=1e-5)
     z = torch.logsumexp(moe.router(x.reshape(-1, 16)).float(), -1).square().mean().detach()
     assert float(stats.aux_loss) == pytest.approx(0.01 * float(stats.load_balance_loss) + 0.001 * float(z), rel=1e-5)
 

@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from mm1.data.loader import DataStream, load_tokenizer, make_loader
 from mm1.data.mixture import Mixture
 from mm1.data.packing import IGNORE, best_fit, build_sequence, split_chunks, tokenize
@@ -161,7 +161,6 @@ def test_held_out_scenes_never_repeat_training_scenes():
 
 def test_world_is_deterministic_in_the_seed(tmp_path):
     from conftest import SMALL_WORLD
-
     from mm1.config import SynthConfig
     from mm1.data.synth.writer import write_world
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from mm1.config import save
 from mm1.train import checkpoint as ckpt
 from mm1.train.trainer import NonFiniteError, Trainer, train

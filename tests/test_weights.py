@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import VisionConfig
 from mm1.model.decoder import Decoder
 from mm1.model.vision import VisionEncoder
 from mm1.model.weights import (
@@ -38,7 +37,8 @@ def test_decoder_logits_match_transformers(tmp_path, family):
     if family == "qwen2":
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=family == "llama_tied"))
+        tied = family == "llama_tied"
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=tied))
     hf.eval().save_pretrained(tmp_path)
     dec = Decoder(decoder_config_from_hf(json.loads((tmp_path / "config.json").read_text())))
     import_hf_decoder(dec, tmp_path)
@@ -97,7 +97,7 @@ def test_strict_loading_names_the_problem(tmp_path):
     state["model.extra.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "model.safetensors"))
     cfg.depth = 1
-    with pytest.raises(WeightsError, match="unexpected tensors with no mapping: model.extra.weight"):
+    with pytest.raises(WeightsError, match=r"unexpected tensors with no mapping: model.extra.weight"):
         import_hf_decoder(Decoder(cfg), tmp_path)
 
 
@@ -108,7 +108,7 @@ def test_export_roundtrip(tmp_path):
     cfg = get_recipe("tiny")
     model = MLLM(cfg.model)
     export(model, cfg, tmp_path)
-    again, cfg2 = import_exported(tmp_path)
+    again, _ = import_exported(tmp_path)
     for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 

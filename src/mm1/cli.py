@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from mm1.config import Config, ConfigError, apply_overrides, load, to_dict
+from mm1.config import Config, ConfigError, apply_override, apply_overrides, load, to_dict
 
 
 def _config_args(p: argparse.ArgumentParser, *, default_recipe: str = "tiny") -> None:
@@ -88,25 +88,65 @@ def _cmd_data_batch(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from mm1.config import EvalConfig, apply_override
+    from mm1.config import validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
     from mm1.serve.loading import load_model
 
     model, tok, cfg = load_model(a.checkpoint)
-    ev = EvalConfig(tasks=a.tasks, shots=a.shots)
     for o in a.overrides:
         apply_override(cfg, o if o.startswith("eval.") else f"eval.{o}")
-    ev = cfg.eval if a.overrides else ev
-    ev.tasks, ev.shots = a.tasks, a.shots
+    cfg.eval.tasks, cfg.eval.shots = a.tasks, a.shots
+    validate(cfg)
     world = Path(a.world or cfg.data.root)
-    tasks = [get_task(t.strip(), world=world) for t in ev.tasks.split(",") if t.strip()]
-    shots = [int(s) for s in ev.shots.split(",")]
-    results = evaluate(model, tok, tasks, shots, ev)
+    tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
+    results = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
+                       sub_image_grid=cfg.data.sub_image_grid if cfg.train.stage.value == "sft" else 0)
     write_results(results, Path(a.out))
     print(results_table(results))
     print(f"results written to {Path(a.out) / 'results.json'}")
     return 0
+
+
+def _engine(checkpoint: str, a: argparse.Namespace):
+    from mm1.serve.engine import Engine, GenerationConfig
+    from mm1.serve.loading import load_model
+
+    model, tok, cfg = load_model(checkpoint)
+    grid = cfg.data.sub_image_grid if cfg.train.stage.value == "sft" else 0
+    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                           seed=a.seed)
+    return Engine(model, tok, sub_image_grid=grid), gen
+
+
+def _cmd_chat(a: argparse.Namespace) -> int:
+    from mm1.serve.chat import chat_loop
+
+    engine, gen = _engine(a.checkpoint, a)
+    chat_loop(engine, gen, first_images=a.image, write=lambda s: print(s, flush=True))
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from mm1.data.images import ImageError
+    from mm1.serve.chat import generate_once
+
+    engine, gen = _engine(a.checkpoint, a)
+    try:
+        print(generate_once(engine, prompt=a.prompt, images=a.image, gen=gen, raw=a.raw))
+    except ImageError as err:
+        print(f"mm1: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
+    p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> int:
@@ -139,12 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="few-shot evaluation (CIDEr, VQA accuracy, perplexity) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
     p.add_argument("--tasks", default="synth_caption,synth_vqa,synth_words",
-                   help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, custom:FILE.jsonl, ppl:FILE")
+                   help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, "
+                        "custom:FILE.jsonl, ppl:FILE")
     p.add_argument("--shots", default="0,4,8")
     p.add_argument("--out", required=True)
     p.add_argument("--world", help="synthetic world directory (default: the run's data.root)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval settings, e.g. eval.limit=100")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("chat", help="interactive chat with a model, images attached by path")
+    _sampling_args(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("generate", help="one answer to a prompt (and images), for scripts")
+    _sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template: images then the prompt as is")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("config", help="inspect configs and recipes")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -1,30 +1,32 @@
 """`mm1 quickstart`: the whole MM1 recipe on the embedded synthetic world, in minutes on 2 CPU cores.
 
-synthesise the world → train the tokenizer → pre-train the tiny recipe on the 45:45:10 mixture →
-SFT on conversations → few-shot evaluation (0/4/8 shots) after each stage → `report.md`,
+synthesise the world → train the tokenizer → CLIP-pre-train the image encoder → pre-train the tiny
+MLLM on the 45:45:10 mixture → SFT on conversations → few-shot evaluation (0/4/8 shots) after each
+stage → `report.md`,
 `results.json` and PNG plots in the output folder. Each finished stage is reused when the command
 is run again with the same settings, so an interrupted quickstart picks up where it stopped.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
-from mm1.config import Config, Stage, apply_overrides, to_dict
+from mm1.config import Config, apply_overrides, to_dict
 from mm1.data.synth.writer import write_world
 from mm1.data.tokenizer import train_tokenizer_on_world
 from mm1.eval.harness import evaluate, write_results
 from mm1.eval.tasks import get_task
 from mm1.recipes import get_recipe
+from mm1.recipes.tiny import tiny_clip, tiny_sft
 from mm1.report import read_metrics, write_report
 from mm1.serve.loading import load_model
 from mm1.train import checkpoint as ckpt
+from mm1.train.clip import train_clip
 from mm1.train.trainer import train
 
-SFT_STEPS = 150
+STEPS = 6
 
 
 def _world(cfg: Config, root: Path, seed: int) -> Path:
@@ -44,27 +46,33 @@ def _finished(run: Path, steps: int) -> bool:
     return last is not None and ckpt.load_meta(last)["step"] >= steps
 
 
-def sft_config(cfg: Config) -> Config:
-    """The tiny recipe's SFT stage: conversations, a shorter warm-up, a few hundred steps."""
-    sft = copy.deepcopy(cfg)
-    sft.train.stage = Stage.SFT
-    sft.train.steps = SFT_STEPS
-    sft.train.schedule.warmup_steps = 15
-    return sft
+def _clip(cfg: Config, out: Path) -> Path:
+    weights = out / "vision.safetensors"
+    if not weights.exists():
+        train_clip(cfg, out)
+    return weights
 
 
-def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0) -> dict:
+def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overrides: tuple[str, ...] = (),
+                   sft_overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides` apply to every stage; `clip_overrides` / `sft_overrides` to one stage only."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     cfg = apply_overrides(get_recipe("tiny"), [f"data.root={out / 'world'}", *overrides])
-    print(f"[1/5] synthetic world → {cfg.data.root}")
+    print(f"[1/{STEPS}] synthetic world → {cfg.data.root}")
     world = _world(cfg, Path(cfg.data.root), seed)
     timings["world + tokenizer"] = time.perf_counter() - t0
 
-    runs = {"pretrain": (cfg, out / "pretrain", None), "sft": (sft_config(cfg), out / "sft", out / "pretrain")}
-    for i, (stage, (stage_cfg, run_dir, init)) in enumerate(runs.items(), start=2):
+    t = time.perf_counter()
+    print(f"[2/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
+    cfg.model.vision_init = str(_clip(apply_overrides(tiny_clip(cfg), list(clip_overrides)), out / "clip"))
+    timings["clip"] = time.perf_counter() - t
+
+    sft = apply_overrides(tiny_sft(cfg), list(sft_overrides))
+    runs = {"pretrain": (cfg, out / "pretrain", None), "sft": (sft, out / "sft", out / "pretrain")}
+    for i, (stage, (stage_cfg, run_dir, init)) in enumerate(runs.items(), start=3):
         t = time.perf_counter()
-        print(f"[{i}/5] {stage}: {stage_cfg.train.steps} steps → {run_dir}")
+        print(f"[{i}/{STEPS}] {stage}: {stage_cfg.train.steps} steps → {run_dir}")
         if not _finished(run_dir, stage_cfg.train.steps):
             resume = ckpt.latest(run_dir) is not None
             train(stage_cfg, out=run_dir, resume=resume,
@@ -72,7 +80,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0) -> dict:
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print("[4/5] few-shot evaluation on held-out scenes")
+    print(f"[5/{STEPS}] few-shot evaluation on held-out scenes")
     tasks = [get_task(name, world=world) for name in cfg.eval.tasks.split(",")]
     shots = [int(s) for s in cfg.eval.shots.split(",")]
     results = {}
@@ -82,7 +90,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0) -> dict:
         write_results(results[stage], out / f"eval_{stage}")
     timings["evaluation"] = time.perf_counter() - t
 
-    print("[5/5] report")
+    print(f"[6/{STEPS}] report")
     final = results["sft"] | {"stages": results}
     (out / "results.json").write_text(json.dumps(final, indent=2) + "\n")
     timings["total"] = time.perf_counter() - t0

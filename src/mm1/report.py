@@ -13,9 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from mm1.eval.harness import results_table  # noqa: E402
+from mm1.eval.harness import results_table
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -89,15 +89,16 @@ class DataStream:
                    [getattr(data.mixture, n) for n in self.names])
         self.mixture = Mixture([len(self.sources[n]) for n in self.names], weights, seed=data.seed)
         self._index()
-        self._blocks: OrderedDict[int, list[list[tuple[int, int, int]]]] = OrderedDict()
+        self._blocks: OrderedDict[int, tuple[list[list[tuple[int, int, int]]], Counter]] = OrderedDict()
 
     # ------------------------------------------------------------------ index
-    def _tokenize(self, s: int, rec: int) -> tuple[Tokenized, list[Chunk]]:
+    def _tokenize(self, s: int, rec: int) -> tuple[Tokenized, list[Chunk], int]:
+        """(tokens, chunks, images dropped because one image alone exceeds a sequence)."""
         sample = self.sources[self.names[s]].load(rec)
         views = 1 + self.grid**2 if self.grid else 1
         t = tokenize(sample, self.tok, image_tokens=self.block_tokens // views, views_per_image=views)
-        chunks, _ = split_chunks(t, seq_len=self.seq_len, max_images=self.max_images, block=self.block_tokens)
-        return t, chunks
+        chunks, dropped = split_chunks(t, seq_len=self.seq_len, max_images=self.max_images, block=self.block_tokens)
+        return t, chunks, dropped
 
     def _index(self) -> None:
         """Chunk lengths and image counts of every record (text only: no image is decoded)."""
@@ -109,10 +110,14 @@ class DataStream:
             lens, imgs = [], []
             for rec in range(len(self.sources[name])):
                 try:
-                    _, chunks = self._tokenize(s, rec)
+                    _, chunks, dropped = self._tokenize(s, rec)
                 except RecordError as err:
                     self.stats.skip(name, str(err).split(": ", 1)[0], str(err).split(": ", 1)[-1])
-                    chunks = []
+                    chunks, dropped = [], 0
+                if dropped:
+                    self.stats.count(f"{name}/images dropped: larger than a sequence", dropped)
+                if len(chunks) > 1:
+                    self.stats.count(f"{name}/samples split at text to fit seq_len")
                 lens.append([c.length for c in chunks])
                 imgs.append([c.num_images for c in chunks])
             self.chunk_len.append(lens)
@@ -123,6 +128,10 @@ class DataStream:
     # ------------------------------------------------------------------ plan
     def plan_block(self, b: int) -> list[list[tuple[int, int, int]]]:
         """The (source, record, chunk) parts of each of block b's sequences."""
+        return self._plan(b)[0]
+
+    def _plan(self, b: int) -> tuple[list[list[tuple[int, int, int]]], Counter]:
+        """Block b's plan and, per source, the chunks that fitted in none of its sequences."""
         if b in self._blocks:
             return self._blocks[b]
         items: list[tuple[int, int, int]] = []
@@ -130,13 +139,14 @@ class DataStream:
             items += [(s, rec, c) for c in range(len(self.chunk_len[s][rec]))]
         lengths = np.asarray([self.chunk_len[s][r][c] for s, r, c in items], dtype=np.int64)
         images = np.asarray([self.chunk_img[s][r][c] for s, r, c in items], dtype=np.int64)
-        bins, _left = best_fit(lengths, images, bins=self.seqs_per_block, seq_len=self.seq_len,
-                               max_images=self.max_images)
+        bins, left = best_fit(lengths, images, bins=self.seqs_per_block, seq_len=self.seq_len,
+                              max_images=self.max_images)
         plan = [[items[i] for i in content] for content in bins]
-        self._blocks[b] = plan
+        left_over = Counter(f"{self.names[items[i][0]]}/left over by packing" for i in left)
+        self._blocks[b] = (plan, left_over)
         if len(self._blocks) > 4:
             self._blocks.popitem(last=False)
-        return plan
+        return plan, left_over
 
     def block_report(self, b: int) -> dict[str, float]:
         """Packing efficiency and leftovers of one block (for benchmarks and tests)."""
@@ -157,10 +167,13 @@ class DataStream:
 
     def sequence(self, g: int, skipped: Counter | None = None) -> tuple[PackedSequence, list[torch.Tensor]]:
         parts, tensors = [], []
-        for s, rec, ci in self.plan_block(g // self.seqs_per_block)[g % self.seqs_per_block]:
+        plan, left_over = self._plan(g // self.seqs_per_block)
+        if skipped is not None and g % self.seqs_per_block == 0:  # a block's leftovers, counted once
+            skipped.update(left_over)
+        for s, rec, ci in plan[g % self.seqs_per_block]:
             name = self.names[s]
             try:
-                t, chunks = self._tokenize(s, rec)
+                t, chunks, _ = self._tokenize(s, rec)
                 imgs = self._image_tensors(t, chunks[ci])
             except (ImageError, RecordError, OSError) as err:
                 self.stats.skip(name, self._where(s, rec), str(err))

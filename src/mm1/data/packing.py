@@ -80,7 +80,7 @@ def split_chunks(t: Tokenized, *, seq_len: int, max_images: int, block: int) -> 
     pos = 0
     while pos < L:
         if k < len(bounds) and bounds[k][0] == pos:
-            a, b = bounds[k]
+            b = bounds[k][1]
             if block > seq_len:  # this image can never fit: leave it out of every chunk
                 if pos > start:
                     chunks.append(Chunk(start, pos, img, n_img))

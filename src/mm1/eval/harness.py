@@ -98,8 +98,8 @@ def results_table(results: dict) -> str:
 
 
 def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig,
-             progress: bool = True) -> dict:
-    engine = Engine(model, tok)
+             progress: bool = True, sub_image_grid: int = 0) -> dict:
+    engine = Engine(model, tok, sub_image_grid=sub_image_grid)
     results: dict = {"tasks": {}}
     for task in tasks:
         base = float(len(tok)) if task.metric == Metric.PERPLEXITY else baseline(task)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from mm1.config import (
     Config,
     ConnectorConfig,
+    DataConfig,
     DecoderConfig,
     ModelConfig,
     MoEConfig,
     PackingConfig,
-    DataConfig,
     TrainConfig,
     VisionConfig,
 )

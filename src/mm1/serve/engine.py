@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from mm1.data.images import to_tensor
+from mm1.data.images import sub_images, to_tensor
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
 
@@ -37,8 +37,9 @@ class Encoded:
 
 
 class Engine:
-    def __init__(self, model: MLLM, tok: Tokenizer) -> None:
+    def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0) -> None:
         self.model = model.eval()
+        self.grid = sub_image_grid  # models fine-tuned with sub-image decomposition see images the same way
         self.tok = tok
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -52,8 +53,9 @@ class Engine:
             if isinstance(part, str):
                 ids += self.tok.encode(part)
             else:
-                images.append(to_tensor(part, self.image_size))
-                ids += [self.tok.image_id] * self.model.num_image_tokens
+                views = sub_images(part, self.image_size, self.grid) if self.grid else [part]
+                images += [to_tensor(v, self.image_size) for v in views]
+                ids += [self.tok.image_id] * self.model.num_image_tokens * len(views)
         return Encoded(ids, images)
 
     def _prefill_inputs(self, encoded: list[Encoded]):

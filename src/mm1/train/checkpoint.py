@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,9 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    with warnings.catch_warnings():  # single-process DCP warns that it assumes one process: it may
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
     torch.save(rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -134,7 +137,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

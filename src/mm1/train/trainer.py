@@ -9,6 +9,7 @@ function of the step, and model, optimizer and RNG states are restored bit for b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -57,10 +58,8 @@ class _Interrupt:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler, Ctrl-C as usual
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -250,8 +249,9 @@ class Trainer:
                     if step % cfg.train.logging.every == 0 or step == steps:
                         now = time.perf_counter()
                         tps = window_tokens / max(1e-9, now - window_t)
+                        mfu = tps * flops_per_token(cfg, self.active_params) / self.peak_flops
                         last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                                "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, self.active_params) / self.peak_flops,
+                                "tokens_per_s": tps, "mfu": mfu,
                                 **{f"loss.{k}": v for k, v in res.source_loss.items()}, **res.aux,
                                 "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
                         logger.log(last)

@@ -10,6 +10,7 @@ exactly-reproducible stream needs) without unpacking the shard.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -41,22 +42,18 @@ def write_shards(
     """Write (key, image bytes, image extension, caption, metadata) records into numbered shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    tar: tarfile.TarFile | None = None
-    for i, (key, image, ext, caption, meta) in enumerate(records):
-        if i % per_shard == 0:
-            if tar is not None:
-                tar.close()
-            paths.append(out_dir / f"{len(paths):05d}.tar")
-            tar = tarfile.open(paths[-1], "w")
-        files = {ext: image, "txt": caption.encode()}
-        if meta is not None:
-            files["json"] = json.dumps(meta).encode()
-        for suffix, payload in files.items():
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    if tar is not None:
-        tar.close()
+    it = iter(records)
+    while shard := list(itertools.islice(it, per_shard)):
+        paths.append(out_dir / f"{len(paths):05d}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for key, image, ext, caption, meta in shard:
+                files = {ext: image, "txt": caption.encode()}
+                if meta is not None:
+                    files["json"] = json.dumps(meta).encode()
+                for suffix, payload in files.items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
     return paths
 
 

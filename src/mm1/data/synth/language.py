@@ -45,10 +45,7 @@ def short_caption(scene: Scene, rng: random.Random) -> str:
     if n > 3 and style < 0.3:
         return f"{NUMBER_WORDS[n]} colorful shapes on a {scene.background} background"
     parts = [_phrase(s, size=rng.random() < 0.4) for s in shapes]
-    if style < 0.6:
-        text = _join(parts)
-    else:
-        text = f"{_join(parts)} on a {scene.background} background"
+    text = _join(parts) if style < 0.6 else f"{_join(parts)} on a {scene.background} background"
     if scene.word and rng.random() < 0.5:
         text += f' with the word "{scene.word}"'
     return text

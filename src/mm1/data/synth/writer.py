@@ -136,7 +136,8 @@ def write_sft(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Ra
             a, b = scenes.train(rng), scenes.train(rng)
             names = [_save(s, root / "sft" / "images" / f"{i:07d}_{k}.png", size) for k, s in enumerate((a, b))]
             na, nb = len(a.shapes), len(b.shapes)
-            answer = "The first picture." if na > nb else "The second picture." if nb > na else "Neither, they have the same number."
+            answer = ("The first picture." if na > nb else "The second picture." if nb > na
+                      else "Neither, they have the same number.")
             conv = [{"from": "human", "value": "<image>\n<image>\nWhich picture has more shapes?"},
                     {"from": "gpt", "value": answer}]
         else:

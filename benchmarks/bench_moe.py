@@ -1,0 +1,81 @@
+"""MoE layer cost: mm1's grouped dispatch vs a dense FFN of equal active FLOPs, and vs HF Mixtral.
+
+    python benchmarks/bench_moe.py
+
+8 experts, top-2, width 256, expert hidden 512, 4096 tokens; forward + backward, fp32, 2 threads.
+The dense reference is a SwiGLU with hidden 2 × 512 (the same FLOPs per token as two experts);
+the loop reference is transformers' `MixtralSparseMoeBlock` with the same weights. Medians over
+interleaved repeats, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mm1.config import MoEConfig
+from mm1.model.decoder import SwiGLU
+from mm1.model.moe import MoEFFN
+
+D, H, E, K, N = 256, 512, 8, 2, 4096
+
+
+def timed(fn, x) -> float:
+    t = time.perf_counter()
+    out = fn(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return time.perf_counter() - t
+
+
+def mixtral_block(moe: MoEFFN):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=K)
+    block = MixtralSparseMoeBlock(cfg)
+    state = block.state_dict()
+    with torch.no_grad():  # copy our weights in, whatever layout this transformers version uses
+        for name, tensor in state.items():
+            if "gate_up_proj" in name:
+                tensor.copy_(torch.cat([moe.w_gate, moe.w_up], dim=2).transpose(1, 2)
+                             if tensor.shape[1] == 2 * H else torch.cat([moe.w_gate, moe.w_up], dim=2))
+            elif "down_proj" in name and tensor.ndim == 3:
+                tensor.copy_(moe.w_down.transpose(1, 2) if tensor.shape[1] == D else moe.w_down)
+            elif name.endswith("gate.weight") and tensor.shape == moe.router.weight.shape:
+                tensor.copy_(moe.router.weight)
+    return block
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    moe = MoEFFN(D, H, MoEConfig(num_experts=E, top_k=K))
+    dense = SwiGLU(D, K * H)
+    hf = mixtral_block(moe)
+    x = torch.randn(1, N, D, requires_grad=True)
+    fns = {"mm1_moe": moe, "dense_equal_active": dense, "hf_mixtral": hf}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        timed(fn, x)
+    for _ in range(a.repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, x))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:20s} {v:8.2f} ms (forward + backward, {N} tokens)")
+    print(f"mm1 MoE / dense: {med['mm1_moe'] / med['dense_equal_active']:.2f}x   "
+          f"HF Mixtral / mm1 MoE: {med['hf_mixtral'] / med['mm1_moe']:.2f}x")
+    print(json.dumps({"bench": "moe", **{f"{k}_ms": v for k, v in med.items()},
+                      "moe_over_dense": med["mm1_moe"] / med["dense_equal_active"],
+                      "hf_loop_over_moe": med["hf_mixtral"] / med["mm1_moe"]}))
+
+
+if __name__ == "__main__":
+    main()

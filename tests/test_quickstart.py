@@ -1,0 +1,35 @@
+"""The main job end to end, shrunk: every stage runs and the report, results and plots are written."""
+
+from __future__ import annotations
+
+import json
+
+from mm1.quickstart import run_quickstart
+
+SMALL = ["data.synth.captions=300", "data.synth.interleaved=60", "data.synth.text=60", "data.synth.sft=80",
+         "data.synth.eval_scenes=10", "data.synth.image_size=64", "train.steps=4", "train.batch_size=4",
+         "data.packing.seq_len=128", "data.packing.max_images=4", "data.num_workers=0", "eval.limit=4",
+         "eval.shots=0,1", "eval.max_new_tokens=4", "train.logging.progress=false", "train.logging.every=1",
+         "train.logging.tensorboard=false"]
+
+
+def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
+    out = tmp_path / "qs"
+    final = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
+                           sft_overrides=("train.steps=3",))
+    for name in ("report.md", "results.json", "loss_per_source.png", "scores_vs_shots.png", "clip/vision.safetensors",
+                 "pretrain/config.json", "sft/metrics.jsonl", "eval_sft/results.json"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(final))
+    vqa = saved["tasks"]["synth_vqa"]
+    assert vqa["metric"] == "vqa_accuracy" and set(vqa["scores"]) == {"0", "1"} and "baseline" in vqa
+    assert set(saved["stages"]) == {"pretrain", "sft"}
+    report = (out / "report.md").read_text()
+    assert "| synth_caption | cider |" in report and "loss_per_source.png" in report
+    sft_cfg = json.loads((out / "sft" / "config.json").read_text())
+    assert sft_cfg["train"]["stage"] == "sft" and sft_cfg["model"]["vision_init"].endswith("vision.safetensors")
+    # a second run reuses every finished stage
+    again = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
+                           sft_overrides=("train.steps=3",))
+    assert again["stages"]["sft"] == final["stages"]["sft"]

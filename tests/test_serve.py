@@ -1,0 +1,73 @@
+"""Chat and generate: history, images attached by path and by command, clear messages for bad images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mm1.cli import main
+from mm1.config import apply_overrides
+from mm1.data.tokenizer import train_bpe
+from mm1.model.mllm import MLLM
+from mm1.recipes import get_recipe
+from mm1.serve.chat import Conversation, chat_loop, generate_once
+from mm1.serve.engine import Engine, GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    torch.manual_seed(0)
+    tok = train_bpe(["what colour is the circle? red circle blue square"] * 20, vocab_size=200)
+    cfg = apply_overrides(get_recipe("tiny"), ["model.decoder.vocab_size=256", "model.decoder.depth=1"])
+    cfg.model.image_token_id = tok.image_id
+    return Engine(MLLM(cfg.model).eval(), tok)
+
+
+def test_chat_keeps_history_and_attaches_images(engine, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(img)
+    inputs = iter([f"/image {img}", "what colour?", "/image missing.png", "and now?", "/bogus", "/quit"])
+    out: list[str] = []
+    conv = chat_loop(engine, GenerationConfig(max_new_tokens=4), read=lambda _: next(inputs), write=out.append)
+    assert len(conv.turns) == 2
+    assert len(conv.turns[0][0]) == 1 and conv.turns[1][0] == []  # the image went with the first message
+    assert any(line.startswith("cannot attach image: missing.png") for line in out)
+    assert any("unknown command /bogus" in line for line in out)
+    prompt = conv.prompt([], "third")
+    assert sum(isinstance(p, Image.Image) for p in prompt) == 1
+    assert next(p for p in prompt if isinstance(p, str)) == "<|user|>"
+
+
+def test_chat_ends_on_eof(engine):
+    def eof(_):
+        raise EOFError
+
+    assert chat_loop(engine, GenerationConfig(max_new_tokens=2), read=eof, write=lambda s: None).turns == []
+
+
+def test_conversation_prompt_uses_the_chat_template():
+    conv = Conversation([([], "hi", "hello")])
+    assert conv.prompt([], "again") == ["<|user|>", "hi<|end|><|assistant|>", "hello<|end|>", "<|user|>",
+                                        "again<|end|><|assistant|>"]
+
+
+def test_generate_once_raw_and_templated(engine, tmp_path):
+    img = tmp_path / "b.png"
+    Image.new("RGB", (30, 10)).save(img)
+    gen = GenerationConfig(max_new_tokens=3)
+    assert isinstance(generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=True), str)
+    assert isinstance(generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=False), str)
+
+
+def test_generate_cli_reports_unreadable_image(tmp_path, capsys, monkeypatch, engine):
+    import mm1.cli as cli
+
+    monkeypatch.setattr(cli, "_engine", lambda checkpoint, a: (engine, GenerationConfig(max_new_tokens=2)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    code = main(["generate", "--checkpoint", "x", "--image", str(bad), "--prompt", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"mm1: error: {bad}: cannot decode image") and "\n" not in err
+    code = main(["generate", "--checkpoint", "x", "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
+    assert code == 2 and "cannot read image" in capsys.readouterr().err
