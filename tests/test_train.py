@@ -178,3 +178,18 @@ def test_torchrun_two_processes_match_one(world, tmp_path, kind):
         ref = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2")
         train(ref, out=tmp_path / "ref")
         assert losses(tmp_path / "two")[5] == pytest.approx(losses(tmp_path / "ref")[5], rel=1e-4)
+
+
+def test_frozen_components_stay_fixed_and_lr_multipliers_apply(world, tmp_path):
+    cfg = tiny_config(world, *SMALL, "train.steps=2", "train.components.vision_frozen=true",
+                      "train.components.connector_lr_mult=0.5", "train.optimizer.kind=adafactor")
+    trainer = Trainer(cfg, tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    for n, p in trainer.model.named_parameters():
+        changed = not torch.equal(before[n], p)
+        assert changed != n.startswith("vision."), n  # vision frozen, everything else trained
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert not any(name.startswith("vision") for name in groups)
+    assert groups["connector.decay"]["lr_mult"] == 0.5 and groups["decoder.decay"]["lr_mult"] == 1.0
+    assert isinstance(trainer.optimizer, torch.optim.Adafactor)

@@ -88,7 +88,7 @@ def _cmd_data_batch(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from mm1.config import validate
+    from mm1.config import save, validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
     from mm1.serve.loading import load_model
@@ -103,6 +103,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     results = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
                        sub_image_grid=cfg.data.sub_image_grid if cfg.train.stage.value == "sft" else 0)
     write_results(results, Path(a.out))
+    save(cfg, Path(a.out) / "config.json")  # the checkpoint's config with the eval settings used
     print(results_table(results))
     print(f"results written to {Path(a.out) / 'results.json'}")
     return 0

@@ -84,7 +84,3 @@ def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Modu
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mm1.config import Config, ConfigError, OnNonFinite, Precision, save, to_dict
 from mm1.data.loader import Batch, DataStream, load_tokenizer, make_loader
@@ -43,6 +42,7 @@ class StepResult:
     loss: float
     grad_norm: float
     tokens: int  # real (non-padding) tokens in the step, all ranks
+    images: int  # images in the step, all ranks (views after sub-image decomposition)
     predicted: int
     source_loss: dict[str, float]
     aux: dict[str, float]
@@ -95,10 +95,21 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def flops_per_token(cfg: Config, active_params: int) -> float:
-    """≈6·N (matmuls, forward + backward) + attention's 12·L·d·T over a packed sequence."""
-    d = cfg.model.decoder
-    return 6 * active_params + 12 * d.depth * d.width * cfg.data.packing.seq_len
+def step_flops(cfg: Config, *, tokens: int, images: int) -> float:
+    """Training FLOPs of a step: 6 per parameter use (forward + backward) for the decoder's matmuls
+    on every token (experts: top-k only), the ViT's and connector's on every patch, and causal
+    attention's 6·L·d·T per token (T: the packed sequence length)."""
+    m, d = cfg.model, cfg.model.decoder
+    per_layer_attn = d.width * (2 * d.width + 2 * d.kv_heads * (d.width // d.heads))
+    ffn = 3 * d.width * d.ffn_hidden
+    moe_layers = d.depth // m.moe.every if m.moe.num_experts else 0
+    decoder = d.depth * per_layer_attn + (d.depth - moe_layers) * ffn + moe_layers * m.moe.top_k * ffn
+    decoder += d.vocab_size * d.width  # the output head
+    v = m.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    vit = v.depth * (4 * v.width**2 + 2 * v.width * int(v.width * v.mlp_ratio))
+    attention = 6 * d.depth * d.width * cfg.data.packing.seq_len
+    return tokens * (6 * decoder + attention) + images * patches * 6 * vit
 
 
 class Trainer:
@@ -175,11 +186,12 @@ class Trainer:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         reduced = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), src_sum, src_cnt]).cpu())
         loss_val = float(reduced[0]) / total_pred
-        tokens = int(all_reduce_sum(torch.tensor([int((batch.doc_ids_BT >= 0).sum())]))[0])
+        tokens, images = (int(x) for x in all_reduce_sum(torch.tensor(
+            [int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)])))
         S = len(Source)
         source_loss = {SOURCE_NAMES[i]: float(reduced[1 + i] / reduced[1 + S + i])
                        for i in range(S) if reduced[1 + S + i] > 0}
-        result = StepResult(loss_val, grad_norm, tokens, int(total_pred), source_loss,
+        result = StepResult(loss_val, grad_norm, tokens, images, int(total_pred), source_loss,
                             {k: v / self.accum for k, v in aux_acc.items()})
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -226,7 +238,7 @@ class Trainer:
                              world_size=info.world_size, num_workers=cfg.data.num_workers)
         skipped: dict[str, int] = {}
         last = {"step": self.start_step}
-        window_t, window_tokens = time.perf_counter(), 0
+        window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         step = self.start_step
         self.model.train()
         try:
@@ -244,18 +256,19 @@ class Trainer:
                     for k, v in batch.skipped.items():
                         skipped[k] = skipped.get(k, 0) + v
                     window_tokens += res.tokens
+                    window_flops += step_flops(cfg, tokens=res.tokens, images=res.images)
                     step += 1
                     logger.step()
                     if step % cfg.train.logging.every == 0 or step == steps:
                         now = time.perf_counter()
                         tps = window_tokens / max(1e-9, now - window_t)
-                        mfu = tps * flops_per_token(cfg, self.active_params) / self.peak_flops
+                        mfu = window_flops / max(1e-9, now - window_t) / self.peak_flops
                         last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                                 "tokens_per_s": tps, "mfu": mfu,
                                 **{f"loss.{k}": v for k, v in res.source_loss.items()}, **res.aux,
                                 "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
                         logger.log(last)
-                        window_t, window_tokens = now, 0
+                        window_t, window_tokens, window_flops = now, 0, 0.0
                     if self._should_save(step) or step == steps:
                         self.save(step)
                     if stop.requested:
@@ -274,7 +287,3 @@ def train(cfg: Config, *, out: Path, resume: bool = False, init_from: str | None
     """Train per `cfg` into `out`; returns the last logged metrics."""
     out.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, out, resume=resume, init_from=init_from).run()
-
-
-def unwrap_model(model: nn.Module) -> MLLM:
-    return model.module if hasattr(model, "module") else model
