@@ -118,7 +118,8 @@ def test_moe_grouped_dispatch_equals_per_token_reference():
     expected_lb = float(4 * (f * probs.mean(0)).sum().detach())
     assert float(stats.load_balance_loss.detach()) == pytest.approx(expected_lb, rel=1e-5)
     z = torch.logsumexp(moe.router(x.reshape(-1, 16)).float(), -1).square().mean().detach()
-    assert float(stats.aux_loss) == pytest.approx(0.01 * float(stats.load_balance_loss) + 0.001 * float(z), rel=1e-5)
+    lb = float(stats.load_balance_loss.detach())
+    assert float(stats.aux_loss.detach()) == pytest.approx(0.01 * lb + 0.001 * float(z), rel=1e-5)
 
 
 def test_upcycled_moe_equals_the_dense_ffn():

@@ -143,7 +143,7 @@ def test_corrupt_images_in_a_shard_are_skipped_and_counted(world, tmp_path):
             dst.addfile(info, io.BytesIO(data))
     cfg = tiny_config(world, f"data.caption_shards={shard}", "data.mixture.interleaved=0", "data.mixture.text=0")
     stream = DataStream(cfg, load_tokenizer(cfg))
-    skipped = sum(sum(stream.batch(s).skipped.values()) for s in range(8))
+    skipped = sum(n for s in range(8) for k, n in stream.batch(s).skipped.items() if "left over" not in k)
     assert skipped > 0
     assert stream.stats.skipped_by_source()["caption"] == skipped
     assert any(str(shard) in r or "cannot decode" in r for (_, r) in stream.stats.skipped)

@@ -102,7 +102,7 @@ def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], c
     engine = Engine(model, tok, sub_image_grid=sub_image_grid)
     results: dict = {"tasks": {}}
     for task in tasks:
-        base = float(len(tok)) if task.metric == Metric.PERPLEXITY else baseline(task)
+        base = float(model.cfg.decoder.vocab_size) if task.metric == Metric.PERPLEXITY else baseline(task)
         results["tasks"][task.name] = {"metric": task.metric.value, "baseline": base,
                                        "scores": evaluate_task(engine, task, shots, cfg, progress)}
     return results
