@@ -123,11 +123,11 @@ def _smollm_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(src.state_dict(), strict=True)
     fresh.save_pretrained(folder)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
@@ -143,7 +143,7 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     from mm1.model.weights import load_hf_model
 
     model, tok, _ = load_hf_model(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([tok.encode("The European lobster is a species of clawed lobster.")])
     with torch.no_grad():
         ours = model(tokens_BT=ids).logits_BTV
