@@ -41,10 +41,9 @@ def mixtral_block(moe: MoEFFN):
     with torch.no_grad():  # copy our weights in, whatever layout this transformers version uses
         for name, tensor in state.items():
             if "gate_up_proj" in name:
-                tensor.copy_(torch.cat([moe.w_gate, moe.w_up], dim=2).transpose(1, 2)
-                             if tensor.shape[1] == 2 * H else torch.cat([moe.w_gate, moe.w_up], dim=2))
+                tensor.copy_(moe.w_gate_up if tensor.shape[1] == 2 * H else moe.w_gate_up.transpose(1, 2))
             elif "down_proj" in name and tensor.ndim == 3:
-                tensor.copy_(moe.w_down.transpose(1, 2) if tensor.shape[1] == D else moe.w_down)
+                tensor.copy_(moe.w_down if tensor.shape[1] == D else moe.w_down.transpose(1, 2))
             elif name.endswith("gate.weight") and tensor.shape == moe.router.weight.shape:
                 tensor.copy_(moe.router.weight)
     return block

@@ -101,8 +101,9 @@ def _naive_moe(moe: MoEFFN, x_ND: torch.Tensor) -> torch.Tensor:
     for n in range(x_ND.shape[0]):
         for j in range(moe.cfg.top_k):
             e = int(idx[n, j])
-            h = F.silu(x_ND[n] @ moe.w_gate[e]) * (x_ND[n] @ moe.w_up[e])
-            out[n] += w[n, j] * (h @ moe.w_down[e])
+            gate, up = moe.w_gate_up[e, : moe.hidden], moe.w_gate_up[e, moe.hidden:]
+            h = F.silu(gate @ x_ND[n]) * (up @ x_ND[n])
+            out[n] += w[n, j] * (moe.w_down[e] @ h)
     return out
 
 

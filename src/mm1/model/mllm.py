@@ -65,7 +65,7 @@ class MLLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, MoEFFN):
-            for w in (module.w_gate, module.w_up, module.w_down):
+            for w in (module.w_gate_up, module.w_down):
                 nn.init.normal_(w, std=std)
 
     @property
@@ -145,6 +145,6 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     inactive = 0
     for module in model.modules():
         if isinstance(module, MoEFFN):
-            per_expert = sum(w[0].numel() for w in (module.w_gate, module.w_up, module.w_down))
+            per_expert = module.w_gate_up[0].numel() + module.w_down[0].numel()
             inactive += per_expert * (module.cfg.num_experts - module.cfg.top_k)
     return total, total - inactive

@@ -1,9 +1,9 @@
 """Mixture-of-experts FFN for the MM1-MoE decoders (Section 3.5): top-2 routing, grouped dispatch.
 
-The experts' weights live in three stacked tensors ([E, D, H], [E, D, H], [E, H, D]) so that a
-dense FFN upcycles by copying and so that tokens are processed grouped by expert: the (token,
-expert) assignments are sorted by expert once, each expert runs one matmul over its contiguous
-slice, and the results are scattered back weighted by the router. No loop over tokens, and no
+The experts' weights live in two stacked tensors in nn.Linear layout ([E, 2H, D] for gate and up
+stacked, and [E, D, H]; the layout of HF's Mixtral experts) so that a dense FFN upcycles by copying and so that tokens are processed grouped by
+expert: the (token, expert) assignments are sorted by expert once, each expert runs two matmuls
+over its contiguous slice, and the results are scattered back weighted by the router. No loop over tokens, and no
 expert computes tokens that were not routed to it.
 
 The auxiliary losses follow the paper: a load-balance loss (Switch Transformer form, coefficient
@@ -36,18 +36,17 @@ class MoEFFN(nn.Module):
         self.cfg = cfg
         E = cfg.num_experts
         self.router = nn.Linear(width, E, bias=False)
-        self.w_gate = nn.Parameter(torch.empty(E, width, hidden))
-        self.w_up = nn.Parameter(torch.empty(E, width, hidden))
-        self.w_down = nn.Parameter(torch.empty(E, hidden, width))
-        for w, fan_in in ((self.w_gate, width), (self.w_up, width), (self.w_down, hidden)):
+        self.hidden = hidden
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * hidden, width))
+        self.w_down = nn.Parameter(torch.empty(E, width, hidden))
+        for w, fan_in in ((self.w_gate_up, width), (self.w_down, hidden)):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     @torch.no_grad()
     def upcycle_from(self, gate_HD: torch.Tensor, up_HD: torch.Tensor, down_DH: torch.Tensor) -> None:
         """Start every expert as the given dense SwiGLU FFN (weights in nn.Linear layout)."""
-        self.w_gate.copy_(gate_HD.t().expand_as(self.w_gate))
-        self.w_up.copy_(up_HD.t().expand_as(self.w_up))
-        self.w_down.copy_(down_DH.t().expand_as(self.w_down))
+        self.w_gate_up.copy_(torch.cat([gate_HD, up_HD], dim=0).expand_as(self.w_gate_up))
+        self.w_down.copy_(down_DH.expand_as(self.w_down))
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = x_BTD.shape
@@ -64,15 +63,11 @@ class MoEFFN(nn.Module):
         order_A = expert_A.argsort(stable=True)
         token_A = order_A // K
         counts_E = torch.bincount(expert_A, minlength=E)
-        x_AD = x_ND[token_A]
-        y_AD = torch.empty_like(x_AD)
-        for e, (start, count) in enumerate(zip(counts_E.cumsum(0).tolist(), counts_E.tolist(), strict=True)):
-            if count == 0:
-                continue
-            rows = slice(start - count, start)
-            h = F.silu(x_AD[rows] @ self.w_gate[e]) * (x_AD[rows] @ self.w_up[e])
-            y_AD[rows] = h @ self.w_down[e]
-        y_AD = y_AD * weight_NK.reshape(-1)[order_A, None].to(y_AD.dtype)
+        outs = []
+        for e, x_CD in enumerate(x_ND[token_A].split(counts_E.tolist())):  # contiguous rows per expert
+            gate, up = F.linear(x_CD, self.w_gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.w_down[e]))
+        y_AD = torch.cat(outs) * weight_NK.reshape(-1)[order_A, None].to(x_ND.dtype)
         out_ND = torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
         share_E = counts_E.float() / (N * K)
