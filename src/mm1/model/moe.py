@@ -1,10 +1,11 @@
 """Mixture-of-experts FFN for the MM1-MoE decoders (Section 3.5): top-2 routing, grouped dispatch.
 
 The experts' weights live in two stacked tensors in nn.Linear layout ([E, 2H, D] for gate and up
-stacked, and [E, D, H]; the layout of HF's Mixtral experts) so that a dense FFN upcycles by copying and so that tokens are processed grouped by
-expert: the (token, expert) assignments are sorted by expert once, each expert runs two matmuls
-over its contiguous slice, and the results are scattered back weighted by the router. No loop over tokens, and no
-expert computes tokens that were not routed to it.
+stacked, [E, D, H] for down; the layout of HF's Mixtral experts) so that a dense FFN upcycles by
+copying, and tokens are processed grouped by expert: the (token, expert) assignments are sorted by
+expert once, each expert runs two matmuls over its contiguous slice, and the results are scattered
+back weighted by the router. No loop over tokens, and no expert computes tokens that were not
+routed to it.
 
 The auxiliary losses follow the paper: a load-balance loss (Switch Transformer form, coefficient
 0.01 by default) and a router z-loss (ST-MoE, coefficient 0.001); the trainer adds `aux_loss`.
