@@ -63,13 +63,19 @@ def run_theirs(model, engine: Engine, batch: int, image: Image.Image) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="mm1's engine without torch.compile")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     _, tok, ours, theirs = setup()
-    engine = Engine(ours, tok)
+    engine = Engine(ours, tok, compile=not a.no_compile)  # compile time is spent in the warm-up
     engine.stop_ids = set()  # force NEW tokens, like min_new_tokens on the HF side
     image = Image.new("RGB", (64, 64), (200, 30, 30))
+    eager = Engine(ours, tok)
+    eager.stop_ids = set()
+    prompt = [[image, "what colour is the circle?"]] * 2
+    gen = GenerationConfig(max_new_tokens=NEW)
+    assert engine.generate_ids(prompt, gen) == eager.generate_ids(prompt, gen), "compiled ≠ eager tokens"
     results = {}
     for batch in (1, 16):
         run_ours(engine, batch, image)

@@ -46,11 +46,16 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 @dataclass
 class KVCache:
-    """Pre-allocated keys and values for every layer: [layers, B, kv_heads, max_len, head_dim]."""
+    """Pre-allocated keys and values for every layer: [layers, B, kv_heads, max_len, head_dim].
+
+    A forward pass writes its T keys/values at the slots `pos` ([T], shared by all rows) and attends
+    over the whole cache, so every decoding step has the same shapes (no re-slicing, compilable);
+    the caller's mask hides slots not yet written and padding.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
-    length: int = 0  # slots filled so far (shared by all rows; padding is masked, not skipped)
+    pos: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, max_len: int, *, device, dtype) -> KVCache:
@@ -83,10 +88,11 @@ class Attention(nn.Module):
         v = self.v(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            if mask is None or cache.pos is None:
+                raise ValueError("decoding with a KV cache needs write positions and an attention mask")
+            cache.k[layer].index_copy_(2, cache.pos, k)
+            cache.v[layer].index_copy_(2, cache.pos, v)
+            k, v = cache.k[layer], cache.v[layer]
         causal = mask is None
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
@@ -160,11 +166,10 @@ class Decoder(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> DecoderOutput:
-        """`mask` is boolean [B, 1, T, S] (True = may attend) or None for plain causal attention."""
+        """`mask` is boolean [B, 1, T, S] (True = may attend; S = cache length with a cache) or None
+        for plain causal attention."""
         rope = rope_tables(self.cfg.width // self.cfg.heads, self.cfg.rope_theta, positions_BT)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
             x_BTD = layer(x_BTD, rope, mask, cache, i, stats)
-        if cache is not None:
-            cache.length += x_BTD.shape[1]
         return DecoderOutput(self.norm(x_BTD), stats)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from mm1.data.images import sub_images, to_tensor
 from mm1.data.tokenizer import Tokenizer
+from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
 
 Part = str | Image.Image  # a prompt is a list of text pieces and images, in order
@@ -37,7 +38,7 @@ class Encoded:
 
 
 class Engine:
-    def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0) -> None:
+    def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0, compile: bool = False) -> None:
         self.model = model.eval()
         self.grid = sub_image_grid  # models fine-tuned with sub-image decomposition see images the same way
         self.tok = tok
@@ -45,6 +46,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.image_size = model.cfg.vision.image_size
         self.stop_ids = {tok.eos_id, tok.end_id}
+        # torch.compile fuses the per-token step (worth it for long generations; compiles per shape)
+        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def encode(self, prompt: list[Part]) -> Encoded:
         ids: list[int] = []
@@ -58,17 +61,17 @@ class Engine:
                 ids += [self.tok.image_id] * self.model.num_image_tokens * len(views)
         return Encoded(ids, images)
 
-    def _prefill_inputs(self, encoded: list[Encoded]):
+    def _prefill_inputs(self, encoded: list[Encoded], max_len: int):
         B, T = len(encoded), max(len(e.ids) for e in encoded)
         tokens = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
+        valid = torch.zeros(B, max_len, dtype=torch.bool)  # per cache slot: holds a real token
         for i, e in enumerate(encoded):
             tokens[i, T - len(e.ids):] = torch.tensor(e.ids)
-            valid[i, T - len(e.ids):] = True
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+            valid[i, T - len(e.ids):T] = True
+        positions = (valid[:, :T].long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(T, max_len, dtype=torch.bool).tril()
         # Padding attends only to itself, so no row of the mask is empty.
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
+        mask = (causal & valid[:, None, :]) | torch.eye(T, max_len, dtype=torch.bool)
         images = [im for e in encoded for im in e.images]
         return tokens, valid, positions, mask[:, None], (torch.stack(images) if images else None)
 
@@ -83,44 +86,52 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
+    def _step(self, k: torch.Tensor, v: torch.Tensor, tokens_B1: torch.Tensor, pos_B1: torch.Tensor,
+              slot_1: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One decoding step with static shapes: write slot `slot_1`, return next-token logits."""
+        x = self.model.decoder.embed(tokens_B1)
+        hidden = self.model.decoder(x, pos_B1, mask, KVCache(k, v, slot_1)).hidden_BTD
+        return self.model.decoder.lm_head(hidden[:, -1]).float()
+
     @torch.inference_mode()
     def generate_ids(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[list[int]]:
         encoded = [self.encode(p) for p in prompts]
-        tokens, valid, positions, mask, images = self._prefill_inputs(encoded)
+        B, T = len(encoded), max(len(e.ids) for e in encoded)
+        # Round the cache up so that compiled steps see few distinct shapes.
+        max_len = -(-(T + cfg.max_new_tokens) // 64) * 64
+        tokens, valid, positions, mask, images = self._prefill_inputs(encoded, max_len)
         dev = self.device
-        B, T = tokens.shape
-        cache = self.model.new_cache(B, T + cfg.max_new_tokens)
+        cache = self.model.new_cache(B, max_len)
+        cache.pos = torch.arange(T, device=dev)
         embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype))
         hidden = self.model.decoder(embeds, positions.to(dev), mask.to(dev), cache).hidden_BTD
         logits = self.model.decoder.lm_head(hidden[:, -1]).float()
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        key_valid = torch.cat([valid, torch.ones(B, cfg.max_new_tokens, dtype=torch.bool)], 1).to(dev)
-        next_pos = positions[:, -1].to(dev) + 1
+        valid = valid.to(dev)
+        next_pos = positions[:, -1:].to(dev) + 1
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
-        texts = [""] * B
-        for _ in range(cfg.max_new_tokens):
+        for slot in range(T, T + cfg.max_new_tokens):
             nxt = self._pick(logits.cpu(), cfg, gen)
-            for i in range(B):
-                if done[i]:
-                    continue
-                t = int(nxt[i])
-                if t in self.stop_ids:
-                    done[i] = True
-                    continue
-                out[i].append(t)
-                if cfg.stop:
-                    texts[i] = self.tok.decode(out[i])
-                    if any(s in texts[i] for s in cfg.stop):
-                        done[i] = True
-            if bool(done.all()):
+            self._record(nxt, out, done, cfg)
+            if bool(done.all()) or slot == T + cfg.max_new_tokens - 1:
                 break
-            step_mask = key_valid[:, None, None, : cache.length + 1]
-            x = self.model.decoder.embed(nxt.to(dev)[:, None])
-            hidden = self.model.decoder(x, next_pos[:, None], step_mask, cache).hidden_BTD
-            logits = self.model.decoder.lm_head(hidden[:, -1]).float()
+            valid[:, slot] = True
+            logits = self.step(cache.k, cache.v, nxt.to(dev)[:, None], next_pos,
+                               torch.tensor([slot], device=dev), valid[:, None, None, :])
             next_pos = next_pos + 1
         return out
+
+    def _record(self, nxt: torch.Tensor, out: list[list[int]], done: torch.Tensor, cfg: GenerationConfig) -> None:
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in self.stop_ids:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if cfg.stop and any(s in self.tok.decode(out[i][-8:]) for s in cfg.stop):
+                done[i] = True
 
     def generate(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[str]:
         cfg = cfg or GenerationConfig()
