@@ -171,3 +171,16 @@ def test_world_is_deterministic_in_the_seed(tmp_path):
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_world_can_mix_in_real_text(tmp_path, shared):
+    from conftest import SMALL_WORLD
+    from mm1.config import SynthConfig
+    from mm1.data.formats.text import read_texts
+    from mm1.data.synth.writer import write_world
+
+    small = SynthConfig(**{**SMALL_WORLD.__dict__, "captions": 10, "interleaved": 4, "text": 5, "sft": 4,
+                           "eval_scenes": 3, "real_text": str(shared / "wikitext2_tokenized" / "valid.txt")})
+    root = write_world(tmp_path, seed=0, sizes=small)
+    docs = [t for _, t in read_texts(root / "text" / "docs.jsonl")]
+    assert len(docs) == 10 and any("Homarus" in d for d in docs)

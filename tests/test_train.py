@@ -193,3 +193,54 @@ def test_frozen_components_stay_fixed_and_lr_multipliers_apply(world, tmp_path):
     assert not any(name.startswith("vision") for name in groups)
     assert groups["connector.decay"]["lr_mult"] == 0.5 and groups["decoder.decay"]["lr_mult"] == 1.0
     assert isinstance(trainer.optimizer, torch.optim.Adafactor)
+
+
+def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
+    dense_cfg = tiny_config(world, *SMALL, "train.steps=2")
+    train(dense_cfg, out=tmp_path / "dense")
+    moe_cfg = tiny_config(world, *SMALL, "train.steps=2", "model.moe.num_experts=4", "model.moe.every=2",
+                          "train.stage=sft")
+    trainer = Trainer(moe_cfg, tmp_path / "moe", init_from=str(tmp_path / "dense"))
+    from mm1.serve.loading import load_model
+
+    dense, _, _ = load_model(tmp_path / "dense")
+    moe_ffn = trainer.model.decoder.layers[1].ffn
+    dense_ffn = dense.decoder.layers[1].ffn
+    assert type(moe_ffn).__name__ == "MoEFFN"
+    x = torch.randn(1, 5, moe_cfg.model.decoder.width)
+    torch.testing.assert_close(moe_ffn(x)[0], dense_ffn(x), atol=1e-5, rtol=1e-5)  # every expert = the FFN
+    torch.testing.assert_close(trainer.model.vision.pos_embed, dense.vision.pos_embed)
+    trainer.run()
+
+
+def test_activation_checkpointing_gives_the_same_loss(world, tmp_path):
+    plain = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path / "a")
+    ac = Trainer(tiny_config(world, *SMALL, "train.steps=2", "train.activation_checkpointing=true"), tmp_path / "b")
+    ac.model.load_state_dict(plain.model.state_dict())
+    batch = plain.stream.batch(0)
+    for t in (plain, ac):
+        t._set_lr(0)
+    a, b = plain.train_step(batch), ac.train_step(batch)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+
+
+def test_out_of_memory_names_batch_and_sequence_length(world, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path)
+
+    def oom(batch):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(trainer, "train_step", oom)
+    with pytest.raises(RuntimeError, match=r"out of memory at step 0 with 4 sequences per rank in 1 micro-batches "
+                                           r"of 128 tokens"):
+        trainer.run()
+
+
+def test_wandb_offline_logging_needs_no_network(world, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(world, *SMALL, "train.steps=2", "train.logging.wandb_project=mm1-test",
+                      "train.logging.wandb_mode=offline")
+    train(cfg, out=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].rglob("*.wandb"))

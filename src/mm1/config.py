@@ -175,6 +175,7 @@ class SynthConfig:
     sft: int = 8000
     eval_scenes: int = 300
     image_size: int = 256
+    real_text: str = ""  # optional text file (e.g. ../shared/data WikiText-2) mixed into the text-only documents
 
 
 @dataclass(kw_only=True)

@@ -137,6 +137,25 @@ class MLLM(nn.Module):
         return KVCache.empty(self.cfg.decoder, batch, max_len, device=p.device, dtype=p.dtype)
 
 
+@torch.no_grad()
+def upcycle_from_dense(moe_model: MLLM, dense: MLLM) -> None:
+    """Sparse upcycling: copy a dense model into an MoE one, every expert starting as its layer's FFN.
+
+    All non-FFN weights must match by name and shape; routers keep their fresh initialisation.
+    """
+    dense_state = dense.state_dict()
+    for name, tensor in moe_model.state_dict().items():
+        if ".ffn.w_" in name or ".ffn.router." in name:
+            continue
+        if name not in dense_state or dense_state[name].shape != tensor.shape:
+            raise ValueError(f"cannot upcycle: dense checkpoint has no tensor {name} of shape {tuple(tensor.shape)}")
+        tensor.copy_(dense_state[name])
+    for moe_layer, dense_layer in zip(moe_model.decoder.layers, dense.decoder.layers, strict=True):
+        if isinstance(moe_layer.ffn, MoEFFN):
+            f = dense_layer.ffn
+            moe_layer.ffn.upcycle_from(f.gate.weight, f.up.weight, f.down.weight)
+
+
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameter counts, built on the meta device: no memory is used."""
     with torch.device("meta"):

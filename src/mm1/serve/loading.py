@@ -18,16 +18,6 @@ from mm1.model.mllm import MLLM
 from mm1.train import checkpoint as ckpt
 
 
-def _run_dir(path: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run or checkpoint path."""
-    if (path / "meta.json").exists():
-        return path.parent.parent, path
-    last = ckpt.latest(path)
-    if last is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step_*)")
-    return path, last
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLLM, Tokenizer, Config]:
     path = Path(path)
     if not path.exists():
@@ -37,7 +27,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
         from mm1.model.weights import load_hf_model
 
         return load_hf_model(path, device=device)
-    run, ck = _run_dir(path)
+    run, ck = ckpt.resolve(path)
     cfg = load(run / "config.json")
     tok = Tokenizer.from_file(run / "tokenizer.json")
     model = MLLM(cfg.model)

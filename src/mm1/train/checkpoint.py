@@ -149,6 +149,16 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
     return load_meta(path)
 
 
+def resolve(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run directory or one of its checkpoints."""
+    if (path / "meta.json").exists():
+        return path.parent.parent, path
+    last = latest(path)
+    if last is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step_*)")
+    return path, last
+
+
 def load_model_weights(path: Path, model: nn.Module) -> dict:
     """Model weights only (e.g. SFT starting from a pre-training checkpoint); strict about names."""
     return load(path, model, None, strict=True)

@@ -24,7 +24,7 @@ from mm1.data.loader import Batch, DataStream, load_tokenizer, make_loader
 from mm1.data.packing import IGNORE
 from mm1.data.sample import Source
 from mm1.data.stats import DataStats
-from mm1.model.mllm import MLLM, count_parameters
+from mm1.model.mllm import MLLM, count_parameters, upcycle_from_dense
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
@@ -79,6 +79,20 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
     cfg.model.image_token_id = image_id
 
 
+def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
+    """Start from a checkpoint's weights (strict); a dense checkpoint into an MoE model is upcycled."""
+    from mm1.config import load
+
+    run, ck = ckpt.resolve(path)
+    source = load(run / "config.json")
+    if cfg.model.moe.num_experts and not source.model.moe.num_experts:
+        dense = MLLM(source.model)
+        ckpt.load_model_weights(ck, dense)
+        upcycle_from_dense(model, dense)
+    else:
+        ckpt.load_model_weights(ck, model)
+
+
 def load_vision(model: MLLM, path: Path) -> None:
     """Start the image encoder from CLIP pre-training (strict: every tensor must match)."""
     from safetensors.torch import load_file
@@ -128,7 +142,7 @@ class Trainer:
         if cfg.model.vision_init and not resume and not init_from:
             load_vision(self.model, Path(cfg.model.vision_init))
         if init_from:
-            ckpt.load_model_weights(Path(init_from), self.model)
+            init_weights(self.model, cfg, Path(init_from))
         self.model = parallelize(self.model, cfg.train, self.info)
         groups = param_groups(self.model, lr=self.lr, weight_decay=self.weight_decay,
                               components=cfg.train.components)

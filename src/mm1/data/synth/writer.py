@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mm1.config import SynthConfig
 from mm1.data.formats.interleaved import write_obelics
 from mm1.data.formats.llava import write_llava
-from mm1.data.formats.text import write_jsonl
+from mm1.data.formats.text import read_texts, write_jsonl
 from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import language as lang
 from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
@@ -194,7 +194,10 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
         write_captions(root, sizes.captions, sizes.image_size, scenes, _rng(seed, "captions"), bar)
         write_interleaved(root, sizes.interleaved, sizes.image_size, scenes, _rng(seed, "interleaved"), bar)
         text_rng = _rng(seed, "text")
-        write_jsonl([lang.text_document(text_rng) for _ in range(sizes.text)], root / "text" / "docs.jsonl")
+        docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
+        if sizes.real_text:  # real prose beside the world's own: as many documents again, at most
+            docs += [t for _, t in read_texts(Path(sizes.real_text))][: sizes.text]
+        write_jsonl(docs, root / "text" / "docs.jsonl")
         write_sft(root, sizes.sft, sizes.image_size, scenes, _rng(seed, "sft"), bar)
         write_tasks(root, sizes.eval_scenes, sizes.image_size, scenes, seed, bar)
     meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
