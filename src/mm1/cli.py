@@ -46,7 +46,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
     overrides = list(a.overrides)
     if a.stage:
         overrides.append(f"train.stage={a.stage}")
-    cfg = resolve_config(a.recipe, a.config, overrides)
+    config_path = a.config
+    if a.resume and not config_path and (Path(a.out) / "config.json").exists():
+        config_path = str(Path(a.out) / "config.json")  # resume the run as it was configured
+    cfg = resolve_config(a.recipe, config_path, overrides)
     if a.resume and a.init_from:
         raise ConfigError("--resume and --init-from exclude each other: resume continues DIR's own run")
     if cfg.train.stage == Stage.CLIP:
@@ -173,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["clip", "pretrain", "sft"],
                    help="shorthand for train.stage=... (clip pre-trains the image encoder alone)")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (with its saved config.json)")
     p.add_argument("--init-from", help="checkpoint directory whose model weights start this run (e.g. SFT)")
     p.set_defaults(func=_cmd_train)
 

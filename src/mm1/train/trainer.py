@@ -133,7 +133,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.tok = load_tokenizer(cfg)
         resolve_model_config(cfg, len(self.tok), self.tok.image_id)
-        self.total_params, self.active_params = count_parameters(cfg.model)
+        self.total_params, _ = count_parameters(cfg.model)  # the LR rule uses all parameters
         self.lr, self.weight_decay = resolve_lr(cfg.train.optimizer, self.total_params)
         if self.info.is_main:
             save(cfg, out / "config.json")
