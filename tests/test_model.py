@@ -179,3 +179,13 @@ def test_sampling_is_seeded_and_top_p_restricts():
     greedy = engine.generate_ids([["7 8"]], GenerationConfig(max_new_tokens=8))
     tiny_p = engine.generate_ids([["7 8"]], GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6))
     assert tiny_p == greedy
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager():
+    model = tiny_model()
+    eager, compiled = Engine(model, _Tok()), Engine(model, _Tok(), compile=True)
+    for e in (eager, compiled):
+        e.stop_ids = set()
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert compiled.generate_ids([["7 8 9"]], cfg) == eager.generate_ids([["7 8 9"]], cfg)

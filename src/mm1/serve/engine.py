@@ -46,8 +46,12 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.image_size = model.cfg.vision.image_size
         self.stop_ids = {tok.eos_id, tok.end_id}
-        # torch.compile fuses the per-token step (worth it for long generations; compiles per shape)
-        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
+        # torch.compile of the per-token step, used for single-stream decoding: measured on 2 CPU
+        # cores with the tiny model, a step takes 0.48 ms compiled (C++ wrapper: no Python launch
+        # overhead) vs 1.15 ms eager at batch 1, but 6.5 ms vs 2.7 ms at batch 16, where inductor's
+        # kernels lose to oneDNN's. It compiles once per cache length (rounded to 64 slots).
+        self.compiled_step = (torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True})
+                              if compile else None)
 
     def encode(self, prompt: list[Part]) -> Encoded:
         ids: list[int] = []
@@ -111,14 +115,15 @@ class Engine:
         next_pos = positions[:, -1:].to(dev) + 1
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
+        step = self.compiled_step if self.compiled_step is not None and B == 1 else self._step
         for slot in range(T, T + cfg.max_new_tokens):
             nxt = self._pick(logits.cpu(), cfg, gen)
             self._record(nxt, out, done, cfg)
             if bool(done.all()) or slot == T + cfg.max_new_tokens - 1:
                 break
             valid[:, slot] = True
-            logits = self.step(cache.k, cache.v, nxt.to(dev)[:, None], next_pos,
-                               torch.tensor([slot], device=dev), valid[:, None, None, :])
+            logits = step(cache.k, cache.v, nxt.to(dev)[:, None], next_pos, torch.tensor([slot], device=dev),
+                          valid[:, None, None, :])
             next_pos = next_pos + 1
         return out
 
