@@ -184,3 +184,29 @@ def test_world_can_mix_in_real_text(tmp_path, shared):
     root = write_world(tmp_path, seed=0, sizes=small)
     docs = [t for _, t in read_texts(root / "text" / "docs.jsonl")]
     assert len(docs) == 10 and any("Homarus" in d for d in docs)
+
+
+def test_sft_sub_image_decomposition(world):
+    cfg = tiny_config(world, "train.stage=sft", "data.sub_image_grid=2", "data.packing.seq_len=384",
+                      "data.packing.max_images=12")
+    stream = DataStream(cfg, load_tokenizer(cfg))
+    batch = stream.batch(0)
+    n_views = batch.images_NCHW.shape[0]
+    slots = int((batch.tokens_BT == load_tokenizer(cfg).image_id).sum())
+    assert n_views % 5 == 0 and slots == n_views * cfg.model.connector.num_tokens  # overview + 2×2 crops
+    assert (batch.source_BT[batch.doc_ids_BT >= 0] == 3).all()  # all SFT
+
+
+def test_engine_sees_images_as_the_sft_model_was_trained(world):
+    from PIL import Image
+
+    from mm1.model.mllm import MLLM
+    from mm1.serve.engine import Engine
+    from mm1.train.trainer import resolve_model_config
+
+    cfg = tiny_config(world)
+    tok = load_tokenizer(cfg)
+    resolve_model_config(cfg, len(tok), tok.image_id)
+    engine = Engine(MLLM(cfg.model), tok, sub_image_grid=2)
+    enc = engine.encode([Image.new("RGB", (100, 80)), "what?"])
+    assert len(enc.images) == 5 and enc.ids.count(tok.image_id) == 5 * cfg.model.connector.num_tokens
