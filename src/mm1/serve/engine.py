@@ -114,20 +114,21 @@ class Engine:
         valid = valid.to(dev)
         next_pos = positions[:, -1:].to(dev) + 1
         out: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
+        done = [False] * B
         step = self.compiled_step if self.compiled_step is not None and B == 1 else self._step
+        slots = torch.arange(max_len, device=dev)
         for slot in range(T, T + cfg.max_new_tokens):
             nxt = self._pick(logits.cpu(), cfg, gen)
             self._record(nxt, out, done, cfg)
-            if bool(done.all()) or slot == T + cfg.max_new_tokens - 1:
+            if all(done) or slot == T + cfg.max_new_tokens - 1:
                 break
             valid[:, slot] = True
-            logits = step(cache.k, cache.v, nxt.to(dev)[:, None], next_pos, torch.tensor([slot], device=dev),
+            logits = step(cache.k, cache.v, nxt.to(dev)[:, None], next_pos, slots[slot:slot + 1],
                           valid[:, None, None, :])
             next_pos = next_pos + 1
         return out
 
-    def _record(self, nxt: torch.Tensor, out: list[list[int]], done: torch.Tensor, cfg: GenerationConfig) -> None:
+    def _record(self, nxt: torch.Tensor, out: list[list[int]], done: list[bool], cfg: GenerationConfig) -> None:
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
                 continue
