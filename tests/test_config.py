@@ -111,3 +111,10 @@ def test_every_recipe_validates_and_config_show_prints_counts(capsys):
         cfg = json.loads(out[: out.rindex("}") + 1])
         assert cfg["recipe"] == name
         assert "parameters: total" in out and "active per token" in out
+
+
+def test_cli_reports_missing_paths_in_one_line(capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip() == f"mm1: error: checkpoint {tmp_path / 'nope'} does not exist"
+    assert main(["data", "batch", "--step", "0", f"data.root={tmp_path}"]) == 2
+    assert "no tokenizer at" in capsys.readouterr().err

@@ -237,7 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # bad settings or paths: one line, no traceback
+        print(f"mm1: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # malformed data files, images and weights: reported, not a traceback
+        from mm1.data.images import ImageError
+        from mm1.data.sample import RecordError
+        from mm1.model.weights import WeightsError
+
+        if not isinstance(err, ImageError | RecordError | WeightsError):
+            raise
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
