@@ -59,7 +59,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 0
     if cfg.train.stage == Stage.SFT and not (a.init_from or a.resume):
         print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
-    train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
+    from mm1.train.trainer import NonFiniteError
+
+    try:
+        train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
+    except NonFiniteError as err:  # the message says what happened and what to change
+        print(f"mm1: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
