@@ -100,7 +100,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from mm1.config import save, validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
-    from mm1.serve.loading import load_model
+    from mm1.serve.loading import inference_sub_image_grid, load_model
 
     model, tok, cfg = load_model(a.checkpoint)
     for o in a.overrides:
@@ -110,7 +110,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     world = Path(a.world or cfg.data.root)
     tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
     results = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
-                       sub_image_grid=cfg.data.sub_image_grid if cfg.train.stage.value == "sft" else 0)
+                       sub_image_grid=inference_sub_image_grid(cfg))
     write_results(results, Path(a.out))
     save(cfg, Path(a.out) / "config.json")  # the checkpoint's config with the eval settings used
     print(results_table(results))
@@ -120,10 +120,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 def _engine(checkpoint: str, a: argparse.Namespace):
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.serve.loading import load_model
+    from mm1.serve.loading import inference_sub_image_grid, load_model
 
     model, tok, cfg = load_model(checkpoint)
-    grid = cfg.data.sub_image_grid if cfg.train.stage.value == "sft" else 0
+    grid = inference_sub_image_grid(cfg)
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed)
     return Engine(model, tok, sub_image_grid=grid, compile=a.compile), gen

@@ -13,8 +13,11 @@ batch of B sequences. Nothing depends on what ran before, so:
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,24 +222,29 @@ class DataStream:
 
 
 class StepDataset(IterableDataset):
-    """Batches for steps start..stop-1 of one rank; worker k of n serves steps start+k, start+k+n, ..."""
+    """`make(step)` for steps start..stop-1; worker k of n serves steps start+k, start+k+n, ..."""
 
-    def __init__(self, stream: DataStream, *, start: int, stop: int, rank: int, world_size: int) -> None:
-        self.stream, self.start, self.stop, self.rank, self.world_size = stream, start, stop, rank, world_size
+    def __init__(self, make: Callable[[int], Any], *, start: int, stop: int) -> None:
+        self.make, self.start, self.stop = make, start, stop
 
     def __iter__(self):
         info = get_worker_info()
         k, n = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + k, self.stop, n):
-            yield self.stream.batch(step, self.rank, self.world_size)
+            yield self.make(step)
+
+
+def step_loader(make: Callable[[int], Any], *, start: int, stop: int, num_workers: int) -> DataLoader:
+    """A DataLoader whose workers take steps round-robin, so batches arrive in step order."""
+    kw = {"multiprocessing_context": "fork", "prefetch_factor": 4} if num_workers else {}
+    return DataLoader(StepDataset(make, start=start, stop=stop), batch_size=None, num_workers=num_workers, **kw)
 
 
 def make_loader(stream: DataStream, *, start: int, stop: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2) -> DataLoader:
-    """A DataLoader whose workers take steps round-robin, so batches arrive in step order."""
-    ds = StepDataset(stream, start=start, stop=stop, rank=rank, world_size=world_size)
-    kw = {"multiprocessing_context": "fork", "prefetch_factor": 4} if num_workers else {}
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+    """The training stream's batches of one rank, in step order."""
+    return step_loader(partial(stream.batch, rank=rank, world_size=world_size), start=start, stop=stop,
+                       num_workers=num_workers)
 
 
 def load_tokenizer(cfg: Config) -> Tokenizer:

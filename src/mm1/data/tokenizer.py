@@ -7,7 +7,7 @@ missing: `<image>` marks one image-token slot, and the chat template delimits SF
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -78,15 +78,10 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     return Tokenizer(hf)
 
 
-def world_texts(root: Path) -> Iterator[str]:
-    """All text of a world written by `mm1 data synth` (captions, documents, conversations)."""
-    from mm1.data.sources import iter_world_texts
-
-    yield from iter_world_texts(root)
-
-
 def train_tokenizer_on_world(root: Path, *, vocab_size: int, out: Path | None = None) -> Path:
-    tok = train_bpe(world_texts(root), vocab_size=vocab_size)
+    from mm1.data.sources import iter_world_texts  # sources reads LLaVA files, which use our tokens
+
+    tok = train_bpe(iter_world_texts(root), vocab_size=vocab_size)
     path = out or root / "tokenizer.json"
     tok.save(path)
     return path

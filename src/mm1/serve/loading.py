@@ -12,10 +12,15 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, load
+from mm1.config import Config, Stage, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
 from mm1.train import checkpoint as ckpt
+
+
+def inference_sub_image_grid(cfg: Config) -> int:
+    """Sub-image grid an engine must use: the SFT stage's, since the model was tuned on those views."""
+    return cfg.data.sub_image_grid if cfg.train.stage == Stage.SFT else 0
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLLM, Tokenizer, Config]:

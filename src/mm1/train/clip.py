@@ -13,27 +13,26 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm1.config import Config, Stage, save
 from mm1.data.images import ImageError, to_tensor
-from mm1.data.loader import load_tokenizer
+from mm1.data.loader import load_tokenizer, step_loader
 from mm1.data.mixture import Mixture
 from mm1.data.sample import ImageRef, RecordError, Text
 from mm1.data.sources import SourceData, open_sources
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.clip import CLIP
 from mm1.train.metrics import RunLogger
-from mm1.train.optim import build_optimizer, lr_at, resolve_lr
+from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
 
 MAX_TEXT = 64
 
 
-class CaptionBatches(IterableDataset):
-    def __init__(self, source: SourceData, tok: Tokenizer, *, batch: int, size: int, start: int, stop: int,
-                 seed: int) -> None:
+class CaptionBatches:
+    """Image-caption batches as a pure function of the step (`make`)."""
+
+    def __init__(self, source: SourceData, tok: Tokenizer, *, batch: int, size: int, seed: int) -> None:
         self.source, self.tok, self.batch, self.size = source, tok, batch, size
-        self.start, self.stop = start, stop
         self.mixture = Mixture([len(source)], [1.0], seed=seed)
 
     def make(self, step: int) -> dict:
@@ -55,12 +54,6 @@ class CaptionBatches(IterableDataset):
             valid[i, : len(x)] = True
         return {"step": step, "images": torch.stack(images), "ids": tokens, "valid": valid}
 
-    def __iter__(self):
-        info = get_worker_info()
-        k, n = (info.id, info.num_workers) if info else (0, 1)
-        for step in range(self.start + k, self.stop, n):
-            yield self.make(step)
-
 
 def train_clip(cfg: Config, out: Path) -> Path:
     """Train the CLIP image encoder per `cfg.train` (stage clip); returns the vision weights' path."""
@@ -72,15 +65,12 @@ def train_clip(cfg: Config, out: Path) -> Path:
     model = CLIP(cfg.model.vision, vocab=len(tok))
     n_params = sum(p.numel() for p in model.parameters())
     lr, wd = resolve_lr(cfg.train.optimizer, n_params)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = build_optimizer([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
-                          cfg.train.optimizer, lr)
+    groups = param_groups(model, lr=lr, weight_decay=wd, components=cfg.train.components)
+    opt = build_optimizer(groups, cfg.train.optimizer, lr)
     steps = cfg.train.steps
     data = CaptionBatches(caption, tok, batch=cfg.train.batch_size, size=cfg.model.vision.image_size,
-                          start=0, stop=steps, seed=cfg.data.seed)
-    kw = {"multiprocessing_context": "fork", "prefetch_factor": 4} if cfg.data.num_workers else {}
-    loader = DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers, **kw)
+                          seed=cfg.data.seed)
+    loader = step_loader(data.make, start=0, stop=steps, num_workers=cfg.data.num_workers)
     logger = RunLogger(out, cfg.train.logging, total_steps=steps, start_step=0, enabled=True, run_config={},
                        desc="clip")
     t0, seen = time.perf_counter(), 0
@@ -89,7 +79,7 @@ def train_clip(cfg: Config, out: Path) -> Path:
             step = batch["step"]
             cur = lr_at(step, peak=lr, total_steps=steps, schedule=cfg.train.schedule)
             for g in opt.param_groups:
-                g["lr"] = cur
+                g["lr"] = cur * g["lr_mult"]
             res = model(batch["images"], batch["ids"], batch["valid"])
             res.loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.optimizer.grad_clip or 1e9))
