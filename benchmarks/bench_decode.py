@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true",
-                    help="mm1's engine without torch.compile (which it uses at batch 1 only)")
+                    help="mm1's engine without torch.compile of its step, prefill and image encoder")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)

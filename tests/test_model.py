@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 from mm1.config import ConnectorConfig, ConnectorKind, MoEConfig, apply_overrides
@@ -188,4 +189,7 @@ def test_compiled_decoding_matches_eager():
     for e in (eager, compiled):
         e.stop_ids = set()
     cfg = GenerationConfig(max_new_tokens=10)
-    assert compiled.generate_ids([["7 8 9"]], cfg) == eager.generate_ids([["7 8 9"]], cfg)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    # batch 1, then a batch of mixed lengths with an image (the compiled image encoder and prefill)
+    for prompts in ([["7 8 9"]], [["7 8 9"], [image, "11 12"], ["13 14 15 16 17 18"]]):
+        assert compiled.generate_ids(prompts, cfg) == eager.generate_ids(prompts, cfg)

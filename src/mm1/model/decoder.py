@@ -46,21 +46,26 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 @dataclass
 class KVCache:
-    """Pre-allocated keys and values for every layer: [layers, B, kv_heads, max_len, head_dim].
+    """Pre-allocated keys and values, one [B, kv_heads, max_len, head_dim] tensor per layer.
 
     A forward pass writes its T keys/values at the slots `pos` ([T], shared by all rows) and attends
-    over the whole cache, so every decoding step has the same shapes (no re-slicing, compilable);
-    the caller's mask hides slots not yet written and padding.
+    over the first S slots, S being the mask's last dimension: decoding steps attend over the whole
+    cache, so every step has the same shapes (compilable); the caller's mask hides slots not yet
+    written and padding. One tensor per layer, not one stacked tensor, because torch.compile
+    updates a graph input in place but copies the whole of a tensor when a slice of it is updated.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     pos: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, max_len: int, *, device, dtype) -> KVCache:
-        shape = (cfg.depth, batch, cfg.kv_heads, max_len, cfg.width // cfg.heads)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (batch, cfg.kv_heads, max_len, cfg.width // cfg.heads)
+
+        def zeros() -> list[torch.Tensor]:
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
+        return cls(zeros(), zeros())
 
 
 class Attention(nn.Module):
@@ -92,7 +97,10 @@ class Attention(nn.Module):
                 raise ValueError("decoding with a KV cache needs write positions and an attention mask")
             cache.k[layer].index_copy_(2, cache.pos, k)
             cache.v[layer].index_copy_(2, cache.pos, v)
-            k, v = cache.k[layer], cache.v[layer]
+            # Attend over the first S slots, S from the mask: the whole cache when decoding (static
+            # shapes), only the prompt's own slots in the prefill pass.
+            S = mask.shape[-1]
+            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         causal = mask is None
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads

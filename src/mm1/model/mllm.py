@@ -8,6 +8,7 @@ count, so the trainer can normalise over a whole accumulated batch rather than p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,7 +77,10 @@ class MLLM(nn.Module):
         """[N, 3, H, W] → [N, num_image_tokens, D]."""
         return self.connector(self.vision(images_NCHW))
 
-    def embed(self, tokens_BT: torch.Tensor, images_NCHW: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, tokens_BT: torch.Tensor, images_NCHW: torch.Tensor | None, *,
+              encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings with the image tokens scattered into the <image> slots. `encode_images`
+        replaces `self.encode_images` (the inference engine passes a compiled one)."""
         x_BTD = self.decoder.embed(tokens_BT)
         slots = tokens_BT == self.cfg.image_token_id
         n_slots = int(slots.sum())
@@ -87,7 +91,7 @@ class MLLM(nn.Module):
                 f"{self.num_image_tokens} tokens = {n_images * self.num_image_tokens}"
             )
         if n_images:
-            img_ND = self.encode_images(images_NCHW).reshape(-1, x_BTD.shape[-1]).to(x_BTD.dtype)
+            img_ND = (encode_images or self.encode_images)(images_NCHW).reshape(-1, x_BTD.shape[-1]).to(x_BTD.dtype)
             x_BTD = x_BTD.masked_scatter(slots[..., None], img_ND)
         return x_BTD
 
