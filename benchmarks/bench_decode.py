@@ -1,8 +1,9 @@
 """Decoding throughput: mm1's KV-cache engine vs HF `generate` on a LLaVA of the same dimensions.
 
-    python benchmarks/bench_decode.py
+    python benchmarks/bench_decode.py [--dims reference]
 
-Both models: the bench_train.py dimensions (CLIP-layout ViT, Llama decoder, 64 image tokens), random
+Both models: the bench_train.py dimensions (CLIP-layout ViT, Llama decoder, 64 image tokens) or,
+with --dims reference, a ~34M-parameter LLaVA (224 px ViT, Llama 512 × 8, 196 image tokens); random
 weights, fp32, 2 threads. Each prompt is one image and a short question; 48 new tokens are forced
 (no early stop) with greedy decoding. Tokens/s at batch 1 and aggregate tokens/s at batch 16, end
 to end (prompt pass included; mm1 also pays for its tokenising and image preprocessing, HF does
@@ -29,11 +30,23 @@ from mm1.serve.engine import Engine, GenerationConfig
 NEW = 48
 
 
-def setup():
+# --dims reference: the issue's reference LLaVA (a 224 px / patch 16 ViT, 4 layers at width 256,
+# 196 image tokens, Llama 512 × 8 layers, vocabulary 8192; ~34M parameters on both sides).
+DIMS = {
+    "tiny": ["model.connector.num_tokens=64"],
+    "reference": ["model.vision.image_size=224", "model.vision.patch_size=16", "model.vision.width=256",
+                  "model.vision.depth=4", "model.vision.heads=4", "model.connector.num_tokens=196",
+                  "model.connector.hidden=256", "model.decoder.width=512", "model.decoder.depth=8",
+                  "model.decoder.heads=8", "model.decoder.kv_heads=8", "model.decoder.ffn_hidden=1408",
+                  "model.decoder.vocab_size=8192"],
+}
+
+
+def setup(dims: str = "tiny"):
     from bench_train import hf_llava
 
     tok = train_bpe(["what colour is the circle? a red circle and a blue square"] * 50, vocab_size=300)
-    cfg = apply_overrides(get_recipe("tiny"), ["model.connector.num_tokens=64"])
+    cfg = apply_overrides(get_recipe("tiny"), DIMS[dims])
     cfg.model.image_token_id = tok.image_id
     ours = MLLM(cfg.model).eval()
     theirs = hf_llava(cfg, tok.image_id).eval()
@@ -77,21 +90,24 @@ def measure(fn, batch: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dims", choices=sorted(DIMS), default="tiny",
+                    help="tiny: the bench_train.py dimensions; reference: the larger LLaVA of the model issue")
     ap.add_argument("--no-compile", action="store_true",
                     help="mm1's engine without torch.compile of its step, prefill and image encoder")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    _, tok, ours, theirs = setup()
+    cfg, tok, ours, theirs = setup(a.dims)
     engine = Engine(ours, tok, compile=not a.no_compile)  # compile time is spent in the warm-up
     engine.stop_ids = set()  # force NEW tokens, like min_new_tokens on the HF side
-    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    size = cfg.model.vision.image_size
+    image = Image.new("RGB", (size, size), (200, 30, 30))
     eager = Engine(ours, tok)
     eager.stop_ids = set()
     prompt = [[image, "what colour is the circle?"]]
     gen = GenerationConfig(max_new_tokens=NEW)
     assert engine.generate_ids(prompt, gen) == eager.generate_ids(prompt, gen), "compiled ≠ eager tokens"
-    report: dict[str, float | str] = {"bench": "decode"}
+    report: dict[str, float | str] = {"bench": "decode", "dims": a.dims}
     for batch in (1, 16):
         fns = {"mm1": lambda b, n: run_ours(engine, b, image, n),
                "hf": lambda b, n: run_theirs(theirs, engine, b, image, n)}
