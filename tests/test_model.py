@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 
 from mm1.config import ConnectorConfig, ConnectorKind, MoEConfig, apply_overrides
 from mm1.model.connector import build_connector

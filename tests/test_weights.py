@@ -152,3 +152,20 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     text = (shared / "wikitext2_tokenized" / "valid.txt").read_text()
     ppl = perplexity(model, tok, text, max_tokens=513, window=512)
     assert ppl == pytest.approx(15.7, abs=0.6)
+
+    # The engine on real weights: batched greedy decoding of prompts of different lengths gives
+    # HF `generate`'s tokens for each prompt alone, up to its end token.
+    from mm1.serve.engine import Engine, GenerationConfig
+
+    engine = Engine(model, tok)
+    eos = hf.generation_config.eos_token_id
+    engine.stop_ids = set(eos if isinstance(eos, list) else [eos])
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little"]
+    got = engine.generate_ids([[p] for p in prompts], GenerationConfig(max_new_tokens=16))
+    for prompt, ids in zip(prompts, got, strict=True):
+        x = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            want = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16,
+                               do_sample=False)[0, x.shape[1]:].tolist()
+        want = want[: next((i for i, t in enumerate(want) if t in engine.stop_ids), len(want))]
+        assert ids == want, prompt

@@ -143,7 +143,7 @@ class ModelConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
-    image_token_id: int = 2  # the tokenizer's `<image>` placeholder (mm1.data.tokenizer.IMAGE)
+    image_token_id: int = 2  # the tokenizer's `<image>` placeholder (mm1.data.tokenizer.IMAGE); -1: text only
     vision_init: str = ""  # a vision.safetensors from `mm1 train --stage clip` to start the encoder from
 
 
@@ -405,8 +405,8 @@ def _validate_model(m: ModelConfig) -> None:
                  f"{c.heads} heads do not divide the decoder width {d.width}")
     _require(side <= grid, "model.connector.num_tokens",
              f"{c.num_tokens} tokens exceed the {grid}×{grid} patch grid")
-    _require(0 <= m.image_token_id < d.vocab_size, "model.image_token_id",
-             f"{m.image_token_id} is outside the vocabulary of {d.vocab_size}")
+    _require(-1 <= m.image_token_id < d.vocab_size, "model.image_token_id",
+             f"{m.image_token_id} is outside the vocabulary of {d.vocab_size} (-1 for a text-only model)")
     _require(c.depth >= 0, "model.connector.depth", "must be >= 0")
     _require(c.mlp_depth >= 1, "model.connector.mlp_depth", "must be >= 1")
     _require(e.num_experts >= 0, "model.moe.num_experts", "must be >= 0")

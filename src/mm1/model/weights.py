@@ -169,7 +169,8 @@ def load_hf_model(folder: Path, device: str | torch.device = "cpu"):
     cfg.model = ModelConfig(vision=VisionConfig(image_size=56, patch_size=14, width=64, depth=1, heads=2),
                             decoder=dec)
     cfg.model.connector.num_tokens = 4
-    cfg.model.image_token_id = tok.image_id if tok.image_id < dec.vocab_size else 0
+    # An HF decoder's vocabulary lacks our `<image>`: no token of a prompt may stand for an image.
+    cfg.model.image_token_id = tok.image_id if tok.image_id < dec.vocab_size else -1
     model = MLLM(cfg.model)
     import_hf_decoder(model.decoder, folder)
     return model.to(device).eval(), tok, cfg

@@ -46,6 +46,9 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.image_size = model.cfg.vision.image_size
         self.stop_ids = {tok.eos_id, tok.end_id}
+        # Padding is masked out, so any id will do, but it must be one the embedding has: an HF
+        # decoder's vocabulary may lack the special tokens our tokenizer adds.
+        self.pad_id = tok.pad_id if tok.pad_id < model.cfg.decoder.vocab_size else 0
         # Opt-in torch.compile (C++ wrapper: no Python launch overhead per kernel) of the per-token step,
         # the image encoder and the prefill pass. The first call compiles for its shapes; a call with
         # other shapes recompiles once with dynamic shapes (torch's automatic dynamic), so a chat whose
@@ -75,7 +78,7 @@ class Engine:
 
     def _prefill_inputs(self, encoded: list[Encoded], T: int, max_len: int):
         B = len(encoded)
-        tokens = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
         valid = torch.zeros(B, max_len, dtype=torch.bool)  # per cache slot: holds a real token
         for i, e in enumerate(encoded):
             tokens[i, T - len(e.ids):] = torch.tensor(e.ids)
