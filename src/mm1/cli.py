@@ -158,8 +158,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the image encoder, prompt pass and decoding step (about 3x faster "
-                        "decoding after a warm-up of tens of seconds)")
+                   help="torch.compile the image encoder, prompt pass and decoding step: several times faster "
+                        "decoding after a warm-up (seconds to minutes, growing with the model)")
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> int:
