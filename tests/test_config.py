@@ -41,6 +41,9 @@ BAD = [
     ("train.schedule.final_lr_fraction=2", "train.schedule.final_lr_fraction: must lie in [0, 1]"),
     ("train.micro_batch_size=5", "train.micro_batch_size: 5 does not divide batch_size 16"),
     ("model.moe.num_experts=4", None),  # valid: top_k=2 of 4
+    ("model.image_token_id=-1", None),  # valid: a text-only model (an imported HF decoder)
+    ("model.image_token_id=-2", "model.image_token_id: -2 is outside the vocabulary of 2048 (-1 for a text-only"),
+    ("model.image_token_id=2048", "model.image_token_id: 2048 is outside the vocabulary of 2048"),
     ("train=3", "train: is a section; set one of its keys"),
     ("noequals", "override 'noequals' is not of the form key=value"),
 ]

@@ -170,6 +170,21 @@ def test_cached_decoding_matches_full_recomputation():
     assert engine.generate_ids([prompts[1]], GenerationConfig(max_new_tokens=12))[0] == got[1]
 
 
+def test_text_only_model_decodes_batches_when_the_pad_token_is_outside_its_vocabulary():
+    # An imported HF decoder: our tokenizer's special tokens lie beyond its vocabulary of 64 and it
+    # has no image token, so padding must use an id it has and must not be taken for image slots.
+    class HFTok(_Tok):
+        pad_id, image_id, end_id = 100, 101, 102
+
+    model = tiny_model("model.image_token_id=-1")
+    engine = Engine(model, HFTok())
+    engine.stop_ids = set()
+    prompts = [["7 8 9 10"], ["0 12"], ["13 14 15 16 17 18 19"]]
+    cfg = GenerationConfig(max_new_tokens=6)
+    got = engine.generate_ids(prompts, cfg)
+    assert got == [engine.generate_ids([p], cfg)[0] for p in prompts]
+
+
 def test_sampling_is_seeded_and_top_p_restricts():
     model = tiny_model()
     engine = Engine(model, _Tok())
