@@ -21,7 +21,8 @@ import time
 import torch
 
 from mm1.config import apply_overrides
-from mm1.data.loader import DataStream, load_tokenizer
+from mm1.data.prepare import prepare
+from mm1.data.stream import DataStream, load_tokenizer
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
 from mm1.train.trainer import resolve_model_config
@@ -97,6 +98,7 @@ def main() -> None:
     cfg = apply_overrides(get_recipe("tiny"), [f"data.root={a.world}", "model.connector.num_tokens=64",
                                                 "data.packing.max_images=5"])
     tok = load_tokenizer(cfg)
+    prepare(cfg, cfg.train.stage, tok, progress=False)  # this benchmark's packing (64 image tokens) once
     resolve_model_config(cfg, len(tok), tok.image_id)
     stream = DataStream(cfg, tok)
     ours = MLLM(cfg.model)

@@ -35,7 +35,13 @@ BAD = [
     ("model.decoder.kv_heads=4", "model.decoder.kv_heads: 4 key/value heads do not divide the 6 query heads"),
     ("model.connector.num_tokens=15", "model.connector.num_tokens: 15 is not a square number"),
     ("model.vision.image_size=60", "model.vision.image_size: 60 is not a multiple of the patch size 8"),
-    ("data.mixture.caption=-1", "data.mixture.caption: weight must be >= 0, got -1.0"),
+    ("data.mixture.caption=-1", "data.sources.caption.weight: weight must be >= 0, got -1.0"),
+    ("data.sources.vecap.weight=3", "data.sources.vecap.weight: 'vecap' is not a source here (caption, interleaved, "
+                                    "text); a new source starts with its kind, e.g. data.sources.vecap.kind=caption"),
+    ("data.sources.vecap.kind=video", "data.sources.vecap.kind: 'video' is not one of caption, interleaved, text, "
+                                      "conversation"),
+    ("data.sources.caption=3", "data.sources.caption: is a source; set one of its keys"),
+    ("data.packing.seq_len=70000", "data.packing.seq_len: must lie in 16..65535, got 70000"),
     ("train.steps=0", "train.steps: must be positive, got 0"),
     ("train.checkpoint.every=-3", "train.checkpoint.every: must be positive, got -3"),
     ("train.schedule.final_lr_fraction=2", "train.schedule.final_lr_fraction: must lie in [0, 1]"),
@@ -61,9 +67,24 @@ def test_bad_overrides_fail_with_one_clear_line(override, message):
 
 
 def test_all_zero_mixture_is_rejected():
-    with pytest.raises(ConfigError, match=r"data.mixture: all mixture weights are zero"):
+    with pytest.raises(ConfigError, match=r"data.sources: all source weights are zero"):
         apply_overrides(get_recipe("tiny"), ["data.mixture.caption=0", "data.mixture.interleaved=0",
                                               "data.mixture.text=0"])
+
+
+def test_sources_are_configuration_and_the_familiar_keys_still_work(tmp_path):
+    cfg = apply_overrides(get_recipe("tiny"), [
+        "data.mixture.text=5", "data.caption_shards=/data/cc12m/*.tar", "data.sft_json=/data/llava.json",
+        "data.sources.vecap.kind=caption", "data.sources.vecap.paths=/data/vecap/*.tar",
+        "data.sources.vecap.weight=7"])
+    assert cfg.data.sources["text"].weight == 5
+    assert cfg.data.sources["caption"].paths == "/data/cc12m/*.tar"
+    assert cfg.data.sft_sources["sft"].paths == "/data/llava.json"
+    assert cfg.data.sources["vecap"].kind.value == "caption" and cfg.data.sources["vecap"].weight == 7
+    save(cfg, tmp_path / "c.json")  # a new source survives the saved config
+    assert to_dict(load(tmp_path / "c.json")) == to_dict(cfg)
+    with pytest.raises(ConfigError, match=r"data.sources.vecap.paths: a source with a weight needs its files"):
+        apply_overrides(get_recipe("tiny"), ["data.sources.vecap.kind=caption"])
 
 
 def test_moe_top_k_must_not_exceed_experts():

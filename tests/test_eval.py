@@ -97,7 +97,7 @@ def test_custom_task_file_and_errors(tmp_path):
 def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
     from conftest import tiny_config
     from mm1.config import EvalConfig
-    from mm1.data.loader import load_tokenizer
+    from mm1.data.stream import load_tokenizer
     from mm1.model.mllm import MLLM
     from mm1.train.trainer import resolve_model_config
 

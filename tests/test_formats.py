@@ -1,4 +1,4 @@
-"""Real data formats: written and read back, bad records counted with shard and key, shared files read."""
+"""Real data formats: written and read back as typed records; bad records raise with where and why."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mm1.data.formats import coco, interleaved, llava, text, webdataset
-from mm1.data.images import ImageError
-from mm1.data.sample import ImageRef, RecordError, Source, Text
-from mm1.data.stats import DataStats
+from mm1.config import SourceKind
+from mm1.data.errors import ImageError, RecordError
+from mm1.data.formats import coco, interleaved, llava, open_reader, text, webdataset
+from mm1.data.records import CaptionRecord, DocumentRecord, ImageRef, Role, TextRecord
 
 
 def _png(colour=(255, 0, 0)) -> bytes:
@@ -22,16 +22,28 @@ def _png(colour=(255, 0, 0)) -> bytes:
     return buf.getvalue()
 
 
-def test_webdataset_roundtrip(tmp_path):
+def _read_all(reader):
+    """(records, errors) of every record of a reader."""
+    records, errors = [], []
+    for i in range(len(reader)):
+        try:
+            records.append(reader.read(i))
+        except RecordError as err:
+            errors.append(err)
+    return records, errors
+
+
+def test_webdataset_roundtrip_keeps_images_as_byte_ranges(tmp_path):
     recs = [(f"{i:04d}", _png(), "png", f"caption {i}", {"i": i}) for i in range(5)]
     paths = webdataset.write_shards(recs, tmp_path, per_shard=2)
     assert [p.name for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
-    samples = list(webdataset.iter_samples(paths))
-    assert [s.segments[1].text for s in samples] == [f"caption {i}" for i in range(5)]
-    assert samples[0].source is Source.CAPTION and samples[0].segments[0].load().size == (8, 8)
+    records = [r for p in paths for r in _read_all(open_reader(SourceKind.CAPTION, p))[0]]
+    assert [r.caption for r in records] == [f"caption {i}" for i in range(5)]
+    assert isinstance(records[0], CaptionRecord) and records[0].image.size > 0
+    assert records[0].image.load().size == (8, 8)
 
 
-def test_webdataset_bad_records_are_counted_not_fatal(tmp_path):
+def test_webdataset_bad_records_carry_where_and_reason(tmp_path):
     shard = tmp_path / "bad.tar"
     with tarfile.open(shard, "w") as tar:
         for name, payload in [("a.png", _png()), ("a.txt", b"fine"), ("b.txt", b"no image"),
@@ -40,93 +52,113 @@ def test_webdataset_bad_records_are_counted_not_fatal(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    stats = DataStats()
-    samples = list(webdataset.iter_samples([shard], stats))
-    assert [s.where.split(":")[-1] for s in samples] == ["a", "d", "e"]
-    assert stats.skipped_by_source() == {"caption": 2}
-    reasons = " ".join(r for (_, r) in stats.skipped)
-    assert "no image file" in reasons and "empty caption" in reasons
-    for s in samples[1:]:  # images are decoded lazily; both fail with where they came from
+    records, errors = _read_all(webdataset.WebDatasetShard(shard))
+    assert [r.caption for r in records] == ["fine", "zero-byte image", "corrupt image"]
+    no_image = "no image file (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+    assert [(e.where, e.reason) for e in errors] == [(f"{shard}:b", no_image), (f"{shard}:c", "empty caption")]
+    for r in records[1:]:  # images are decoded lazily; both fail with where they came from
         with pytest.raises(ImageError, match=str(shard)):
-            s.segments[0].load()
+            r.image.load()
 
 
 def test_truncated_shard_keeps_samples_before_the_damage(tmp_path):
     paths = webdataset.write_shards([(f"{i}", _png(), "png", "c", None) for i in range(20)], tmp_path)
     data = paths[0].read_bytes()
     paths[0].write_bytes(data[: len(data) // 2 + 100])
-    stats = DataStats()
-    samples = list(webdataset.iter_samples(paths, stats))
-    assert 0 < len(samples) < 20
-    assert sum(stats.skipped.values()) >= 1
+    reader = webdataset.WebDatasetShard(paths[0])
+    assert 0 < len(reader) < 20
+    assert [p.reason for p in reader.problems] in (["shard truncated"], ["shard damaged"])
+    records, errors = _read_all(reader)
+    assert not errors and all(r.image.load().size == (8, 8) for r in records)  # what is kept is whole
 
 
 def test_obelics_parquet_roundtrip_and_url_slots(tmp_path):
     (tmp_path / "img.png").write_bytes(_png())
     docs = [(["Hello.", None, "World."], [None, "img.png", None]),
             ([None, "Only text after a web image."], ["http://example.com/x.jpg", None])]
-    path = interleaved.write_obelics(docs, tmp_path / "docs.parquet")
-    stats = DataStats()
-    entries = interleaved.index_obelics(path)
-    first = interleaved.load_obelics(entries[0], stats)
-    assert [type(s).__name__ for s in first.segments] == ["Text", "ImageRef", "Text"]
-    second = interleaved.load_obelics(entries[1], stats, url_map=None)
-    assert [type(s).__name__ for s in second.segments] == ["Text"]
-    assert stats.skipped_by_source() == {"interleaved": 1}
-    mapped = interleaved.load_obelics(entries[1], url_map={"http://example.com/x.jpg": str(tmp_path / "img.png")})
-    assert isinstance(mapped.segments[0], ImageRef)
+    reader = open_reader(SourceKind.INTERLEAVED, interleaved.write_obelics(docs, tmp_path / "docs.parquet"))
+    first, second = reader.read(0), reader.read(1)
+    assert isinstance(first, DocumentRecord)
+    assert [type(p).__name__ for p in first.parts] == ["str", "ImageRef", "str"]
+    assert first.parts[1].load().size == (8, 8)
+    assert second.parts == ("Only text after a web image.",)
+    assert [(e.where, e.reason) for e in second.dropped] == [(f"{reader.path}:row1[0]", interleaved.UNRESOLVED)]
 
 
 def test_obelics_malformed_row(tmp_path):
     path = interleaved.write_obelics([(["a", "b"], [None, "x.png"])], tmp_path / "d.parquet")
-    with pytest.raises(RecordError, match=r"position 1 must hold exactly one of text or image"):
-        interleaved.load_obelics(interleaved.index_obelics(path)[0])
+    with pytest.raises(RecordError, match=r"a position must hold exactly one of text or image \(position 1\)"):
+        interleaved.ObelicsParquet(path).read(0)
 
 
-def test_mmc4_shared_sample_maps_or_drops_every_slot(shared, tmp_path):
+def test_parquet_without_the_columns_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(RecordError, match=r"parquet file lacks a needed column \(texts, images\)"):
+        interleaved.ObelicsParquet(tmp_path / "t.parquet")
+
+
+def test_mmc4_shared_sample_drops_every_unresolvable_slot(shared, tmp_path):
     path = next((shared / "mmc4_shard151_partial").glob("*.jsonl"))
-    stats = DataStats()
-    docs = list(interleaved.iter_mmc4(path, stats=stats))
-    assert len(docs) == 107
-    assert stats.skipped_by_source()["interleaved"] == 417  # every slot is a URL with no local file
-    # Map the first document's URLs to a local image: its slots come back, before their sentences.
+    records, errors = _read_all(interleaved.Mmc4Jsonl(path))
+    assert len(records) == 107 and not errors
+    assert sum(len(r.dropped) for r in records) == 417  # every slot is a URL with no local file
+    # With the first document's images downloaded beside it, its slots come back before their sentences.
     first = json.loads(path.read_text().splitlines()[0])
-    (tmp_path / "local.png").write_bytes(_png())
-    url_map = {info["raw_url"]: str(tmp_path / "local.png") for info in first["image_info"]}
-    doc = interleaved.load_mmc4(interleaved.index_mmc4(path)[0], url_map=url_map)
-    assert doc.num_images == len(first["image_info"])
+    (tmp_path / "images").mkdir()
+    for info in first["image_info"]:
+        (tmp_path / "images" / info["image_name"]).write_bytes(_png())
+    local = tmp_path / "doc.jsonl"
+    local.write_text(path.read_text().splitlines()[0] + "\n")
+    doc = interleaved.Mmc4Jsonl(local).read(0)
+    assert sum(isinstance(p, ImageRef) for p in doc.parts) == len(first["image_info"]) and not doc.dropped
+    k = doc.parts.index(next(p for p in doc.parts if isinstance(p, ImageRef)))
+    first_matched = min(info["matched_text_index"] for info in first["image_info"])
+    following = next(p for p in doc.parts[k:] if isinstance(p, str))
+    assert following.startswith(first["text_list"][first_matched][:20])
 
 
 def test_text_formats(tmp_path):
     j = tmp_path / "t.jsonl"
-    j.write_text('{"text": "one"}\nnot json\n{"txt": "wrong key"}\n{"text": "two"}\n')
-    stats = DataStats()
-    assert [t for _, t in text.read_texts(j, stats)] == ["one", "two"]
-    assert stats.skipped_by_source() == {"text": 2}
+    j.write_text('{"text": "one"}\nnot json\n\n{"txt": "wrong key"}\n{"text": "two"}\n')
+    records, errors = _read_all(text.TextJsonl(j))
+    assert [r.text for r in records] == ["one", "two"]
+    assert [(e.where, e.reason.split(" (")[0]) for e in errors] == [(f"{j}:line2", "malformed jsonl line"),
+                                                                    (f"{j}:line4", "malformed jsonl line")]
     plain = tmp_path / "t.txt"
     plain.write_text("para one\nline two\n\n\npara two\n")
-    assert [t for _, t in text.read_texts(plain)] == ["para one\nline two", "para two"]
+    assert [r.text for r in _read_all(text.TextBlocks(plain))[0]] == ["para one\nline two", "para two"]
 
 
 def test_wikitext_reads_as_documents(shared):
-    docs = text.read_texts(shared / "wikitext2_tokenized" / "valid.txt")
-    assert len(docs) > 100 and "Homarus gammarus" in docs[1][1] + docs[0][1]
+    reader = text.open_text(shared / "wikitext2_tokenized" / "valid.txt")
+    first = [reader.read(i) for i in range(2)]
+    assert len(reader) > 100 and all(isinstance(r, TextRecord) for r in first)
+    assert "Homarus gammarus" in first[0].text + first[1].text
 
 
-def test_llava_conversations_put_loss_on_answers_only(tmp_path):
+def test_llava_conversations_turns_and_image_placement(tmp_path):
     recs = [{"id": "a", "image": "x.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."},
-        {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "Circle."}]},
+        {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "A <image> tag is text here."}]},
+        {"id": "nomarker", "image": ["p.png", "q.png"], "conversations": [
+            {"from": "human", "value": "Compare them."}, {"from": "gpt", "value": "Same."}]},
+        {"id": "textonly", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
         {"id": "bad", "conversations": [{"from": "gpt", "value": "answer first"}]},
         {"id": "mismatch", "image": ["a.png", "b.png"], "conversations": [
             {"from": "human", "value": "<image> one marker"}, {"from": "gpt", "value": "x"}]}]
-    stats = DataStats()
-    samples = llava.read_llava(llava.write_llava(recs, tmp_path / "c.json"), tmp_path, stats)
-    assert len(samples) == 1 and stats.skipped_by_source() == {"sft": 2}
-    segs = samples[0].segments
-    assert [s.text for s in segs if isinstance(s, Text) and s.loss] == ["Red.<|end|>", "Circle.<|end|>"]
-    assert isinstance(segs[1], ImageRef)
-    assert all(not s.loss for s in segs if isinstance(s, Text) and "colour" in s.text)
+    reader = llava.LlavaJson(llava.write_llava(recs, tmp_path / "c.json"))
+    records, errors = _read_all(reader)
+    assert [e.where.rsplit(":", 1)[-1] for e in errors] == ["bad", "mismatch"]
+    assert errors[1].reason == "<image> markers do not match the images" and errors[1].detail == "1 markers, 2 images"
+    first, nomarker, textonly = records
+    assert [t.role for t in first.turns] == [Role.USER, Role.ASSISTANT, Role.USER, Role.ASSISTANT]
+    assert isinstance(first.turns[0].parts[0], ImageRef) and first.turns[0].parts[1] == "What colour?"
+    assert first.turns[3].parts == ("A <image> tag is text here.",)  # a marker in an answer is text
+    assert [type(p).__name__ for p in nomarker.turns[0].parts] == ["ImageRef", "ImageRef", "str"]  # images first
+    assert textonly.turns[0].parts == ("Hi",)
 
 
 def test_coco_captions_from_shared(shared):
@@ -136,6 +168,8 @@ def test_coco_captions_from_shared(shared):
     assert all(Path(i.image).exists() for i in items)
     joined = coco.read_caption_jsonl(root / "captions_all.jsonl")
     assert len(joined) == 239
+    records, errors = _read_all(open_reader(SourceKind.CAPTION, root / "captions_all.jsonl"))
+    assert len(records) == 239 and not errors and records[0].image.load().mode == "RGB"
 
 
 def test_tuxpaint_captions_decode_every_mode(shared):
@@ -149,3 +183,8 @@ def test_tuxpaint_captions_decode_every_mode(shared):
             modes.add(raw.mode)
         assert load_image(item.image).mode == "RGB"
     assert {"RGBA", "LA", "P"} <= modes
+
+
+def test_a_kind_refuses_files_it_cannot_read(tmp_path):
+    with pytest.raises(RecordError, match=r"a caption source reads .tar or .jsonl files \(got '.json'\)"):
+        open_reader(SourceKind.CAPTION, tmp_path / "x.json")

@@ -62,7 +62,7 @@ def test_decompression_bomb_guard(monkeypatch):
     import mm1.data.images as images
 
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
-    with pytest.raises(ImageError, match=r"exceeds the 100-pixel limit"):
+    with pytest.raises(ImageError, match=r"image has too many pixels \(20×20, limit 100 pixels\)"):
         decode_image(_bytes(Image.new("RGB", (20, 20))), where="big.png")
 
 

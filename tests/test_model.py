@@ -149,6 +149,9 @@ class _Tok:
     def encode(self, text):
         return [int(t) for t in text.split()]
 
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids):
         return " ".join(str(i) for i in ids)
 

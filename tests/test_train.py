@@ -120,7 +120,8 @@ def test_metrics_hold_the_required_fields(world, tmp_path):
     assert sum(rec[f"expert_share.{e}"] for e in range(4)) == pytest.approx(1.0, abs=1e-4)
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
-    assert "skipped_by_source" in json.loads((tmp_path / "data_stats.json").read_text())
+    stats = json.loads((tmp_path / "data_stats.json").read_text())
+    assert stats["prepared"]["caption"]["records"]["read"] > 0 and "skipped_by_source" in stats["at_load"]
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(world, tmp_path):

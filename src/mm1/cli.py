@@ -78,17 +78,30 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_data_tokenizer(a: argparse.Namespace) -> int:
-    from mm1.data.tokenizer import train_tokenizer_on_world
+    from mm1.data.sources import iter_texts
+    from mm1.data.tokenizer import train_tokenizer
 
-    cfg = resolve_config(a.recipe, a.config, a.overrides)
-    path = train_tokenizer_on_world(Path(a.root or cfg.data.root), vocab_size=cfg.model.decoder.vocab_size,
-                                    out=Path(a.out) if a.out else None)
+    cfg = resolve_config(a.recipe, a.config, [*([f"data.root={a.root}"] if a.root else []), *a.overrides])
+    out = Path(a.out) if a.out else Path(cfg.data.root) / "tokenizer.json"
+    path = train_tokenizer(iter_texts(cfg), vocab_size=cfg.model.decoder.vocab_size, out=out)
     print(f"tokenizer written to {path}")
     return 0
 
 
+def _cmd_data_prepare(a: argparse.Namespace) -> int:
+    from mm1.config import Stage
+    from mm1.data.prepare import prepare, summary_table
+    from mm1.data.stream import load_tokenizer
+
+    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    summary = prepare(cfg, Stage(cfg.train.stage), load_tokenizer(cfg), force=a.force)
+    print(summary_table(summary))
+    print(f"prepared {cfg.train.stage.value} data in {Path(cfg.data.prepared or Path(cfg.data.root) / 'prepared')}")
+    return 0
+
+
 def _cmd_data_batch(a: argparse.Namespace) -> int:
-    from mm1.data.loader import describe_batch
+    from mm1.data.stream import describe_batch
 
     cfg = resolve_config(a.recipe, a.config, a.overrides)
     print(describe_batch(cfg, step=a.step, rank=a.rank, world_size=a.world_size,
@@ -138,7 +151,7 @@ def _cmd_chat(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from mm1.data.images import ImageError
+    from mm1.data.errors import ImageError
     from mm1.serve.chat import generate_once
 
     engine, gen = _engine(a.checkpoint, a)
@@ -217,18 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(q)
     q.set_defaults(func=_cmd_config_show)
 
-    p = sub.add_parser("data", help="synthesise data, train a tokenizer, inspect batches")
+    p = sub.add_parser("data", help="synthesise data, train a tokenizer, prepare sources, inspect batches")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = dsub.add_parser("synth", help="write the embedded synthetic world in the real data formats")
     _config_args(q)
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_cmd_data_synth)
-    q = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the synthetic world")
+    q = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the texts of the configured sources")
     _config_args(q)
     q.add_argument("--root", help="world directory (default: data.root)")
     q.add_argument("--out", help="tokenizer.json path (default: ROOT/tokenizer.json)")
     q.set_defaults(func=_cmd_data_tokenizer)
+    q = dsub.add_parser("prepare", help="tokenize and pack a stage's sources once, into memory-mapped sequences",
+                        description="Reads every source of the stage (data.sources, or data.sft_sources with "
+                                    "--stage sft), checks its images, and writes packed sequences under "
+                                    "data.prepared (default DATA_ROOT/prepared), where train and `data batch` "
+                                    "with the same settings find them.")
+    _config_args(q)
+    q.add_argument("--stage", choices=["clip", "pretrain", "sft"], help="shorthand for train.stage=...")
+    q.add_argument("--force", action="store_true", help="prepare again even if this spec is already prepared")
+    q.set_defaults(func=_cmd_data_prepare)
     q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")
     _config_args(q)
     q.add_argument("--step", type=int, required=True)
@@ -241,18 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`--stage sft data.sub_image_grid=2`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:  # bad settings or paths: one line, no traceback
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # malformed data files, images and weights: reported, not a traceback
-        from mm1.data.images import ImageError
-        from mm1.data.sample import RecordError
+        from mm1.data.errors import DataError
         from mm1.model.weights import WeightsError
 
-        if not isinstance(err, ImageError | RecordError | WeightsError):
+        if not isinstance(err, DataError | WeightsError):
             raise
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2

@@ -150,19 +150,62 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass(kw_only=True)
-class MixtureConfig:
-    """Relative weights of the pre-training sources (MM1: 45:45:10); they need not sum to 100."""
+class SourceKind(str, enum.Enum):
+    """What a data source holds; each kind has its readers in `mm1.data.formats`."""
 
-    caption: float = 45.0
-    interleaved: float = 45.0
-    text: float = 10.0
+    CAPTION = "caption"  # image-text pairs: WebDataset .tar shards or caption .jsonl
+    INTERLEAVED = "interleaved"  # documents: OBELICS-style .parquet or mmc4 .jsonl
+    TEXT = "text"  # text-only documents: .jsonl, .parquet or .txt
+    CONVERSATION = "conversation"  # LLaVA .json conversations (with or without images), for SFT
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One training source: its kind, its files and its share of the stage's packed sequences.
+
+    `paths` are comma-separated globs; `{root}` stands for `data.root`. The weight is a share of
+    *sequences* (MM1 draws whole packed sequences from each source), so it is a share of tokens too.
+    """
+
+    kind: SourceKind
+    paths: str = ""
+    weight: float = 1.0
+    images: str = ""  # image folder for mmc4 / LLaVA files; empty: `images/` beside each file
+
+
+def _pretrain_sources() -> dict[str, SourceConfig]:
+    # MM1's pre-training mixture: 45% captioned images, 45% interleaved documents, 10% text.
+    return {
+        "caption": SourceConfig(kind=SourceKind.CAPTION, paths="{root}/captions/*.tar", weight=45.0),
+        "interleaved": SourceConfig(kind=SourceKind.INTERLEAVED, paths="{root}/interleaved/*.parquet",
+                                    weight=45.0),
+        "text": SourceConfig(kind=SourceKind.TEXT, paths="{root}/text/*.jsonl", weight=10.0),
+    }
+
+
+def _sft_sources() -> dict[str, SourceConfig]:
+    # MM1's SFT mix is mostly image conversations with text-only conversations mixed in (its share is
+    # not given in the paper; see docs/paper.md).
+    return {
+        "sft": SourceConfig(kind=SourceKind.CONVERSATION, paths="{root}/sft/conversations.json", weight=90.0),
+        "sft_text": SourceConfig(kind=SourceKind.CONVERSATION, paths="{root}/sft/text_conversations.json",
+                                 weight=10.0),
+    }
 
 
 @dataclass(kw_only=True)
 class PackingConfig:
     seq_len: int = 4096
     max_images: int = 16
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """`mm1 data prepare`: sources tokenized and packed once, offline, in worker processes."""
+
+    workers: int = 2
+    check_images: bool = True  # decode every image once and leave out the ones that fail
+    unit_records: int = 5000  # records per work unit (a file is split into units where its format allows)
 
 
 @dataclass(kw_only=True)
@@ -173,6 +216,7 @@ class SynthConfig:
     interleaved: int = 4000
     text: int = 4000
     sft: int = 8000
+    sft_text: int = 1000
     eval_scenes: int = 300
     image_size: int = 256
     real_text: str = ""  # optional text file (e.g. ../shared/data WikiText-2) mixed into the text-only documents
@@ -180,16 +224,20 @@ class SynthConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the data lives; empty paths mean the synthetic world under `root`."""
+    """Where the data lives and how it becomes packed sequences.
+
+    `sources` feed pre-training (and the CLIP stage, through its caption sources), `sft_sources`
+    feed SFT. `prepared` is where `mm1 data prepare` writes the packed sequences; empty means
+    `<root>/prepared`.
+    """
 
     root: str = "runs/data/world"
     tokenizer: str = ""  # a tokenizer.json; empty means `<root>/tokenizer.json`
-    caption_shards: str = ""
-    interleaved_shards: str = ""
-    text_shards: str = ""
-    sft_json: str = ""
-    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    prepared: str = ""
+    sources: dict[str, SourceConfig] = field(default_factory=_pretrain_sources)
+    sft_sources: dict[str, SourceConfig] = field(default_factory=_sft_sources)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     sub_image_grid: int = 0  # SFT only: an overview plus grid×grid crops per image (MM1 §4); 0 = off
     num_workers: int = 2
@@ -331,15 +379,45 @@ def _parse_scalar(key: str, text: str, typ: Any) -> Any:
     raise ConfigError(f"{key}: cannot be set from the command line")
 
 
+# The familiar keys of the default sources, kept as names for their place in `data.sources`.
+ALIASES = {
+    "data.mixture.caption": "data.sources.caption.weight",
+    "data.mixture.interleaved": "data.sources.interleaved.weight",
+    "data.mixture.text": "data.sources.text.weight",
+    "data.caption_shards": "data.sources.caption.paths",
+    "data.interleaved_shards": "data.sources.interleaved.paths",
+    "data.text_shards": "data.sources.text.paths",
+    "data.sft_json": "data.sft_sources.sft.paths",
+}
+
+
+def _step_into_dict(node: dict, name: str, key: str, value_type: Any, is_last: bool, parts: list[str],
+                    text: str) -> Any:
+    """One step of a dotted key into a `dict[str, SourceConfig]` field; a new name starts a new entry."""
+    if is_last:
+        raise ConfigError(f"{key}: is a source; set one of its keys, e.g. {key}.weight=...")
+    if name not in node:
+        if parts[-1] != "kind" or len(parts) < 2:
+            raise ConfigError(f"{key}: '{name}' is not a source here ({', '.join(node) or 'none'}); "
+                              f"a new source starts with its kind, e.g. {'.'.join(parts[:-1])}.kind=caption")
+        node[name] = value_type(kind=_parse_scalar(key, text.strip(), SourceKind))
+    return node[name]
+
+
 def apply_override(cfg: Config, assignment: str) -> None:
     """Apply one `dotted.key=value` assignment to `cfg` in place, or raise ConfigError."""
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' is not of the form key=value")
     key, text = assignment.split("=", 1)
-    key = key.strip()
+    key = ALIASES.get(key.strip(), key.strip())
     node: Any = cfg
     parts = key.split(".")
+    value_type: Any = None
     for depth, name in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            node = _step_into_dict(node, name, key, value_type, last, parts, text)
+            continue
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:depth])}' is a value")
         names = [f.name for f in dataclasses.fields(node)]
@@ -347,12 +425,14 @@ def apply_override(cfg: Config, assignment: str) -> None:
             near = difflib.get_close_matches(name, names, n=1)
             hint = f" (did you mean '{'.'.join([*parts[:depth], near[0]])}'?)" if near else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
-        if depth == len(parts) - 1:
-            typ = _field_types(type(node))[name]
-            if dataclasses.is_dataclass(getattr(node, name)):
+        typ = _field_types(type(node))[name]
+        if last:
+            if dataclasses.is_dataclass(getattr(node, name)) or isinstance(getattr(node, name), dict):
                 raise ConfigError(f"{key}: is a section; set one of its keys, e.g. {key}.<name>=...")
             setattr(node, name, _parse_scalar(key, text.strip(), typ))
         else:
+            if typing.get_origin(typ) is dict:
+                value_type = typing.get_args(typ)[1]
             node = getattr(node, name)
 
 
@@ -418,14 +498,25 @@ def _validate_model(m: ModelConfig) -> None:
                  "loss coefficients must be >= 0")
 
 
+def _validate_sources(sources: dict[str, SourceConfig], key: str) -> None:
+    for name, src in sources.items():
+        _require(name.isidentifier(), f"{key}.{name}", "a source name must be a plain identifier")
+        _require(src.weight >= 0 and math.isfinite(src.weight), f"{key}.{name}.weight",
+                 f"weight must be >= 0, got {src.weight}")
+        if src.weight > 0:
+            _require(bool(src.paths.strip()), f"{key}.{name}.paths", "a source with a weight needs its files")
+    _require(sum(s.weight for s in sources.values()) > 0, key, "all source weights are zero")
+
+
 def _validate_data(d: DataConfig) -> None:
-    w = {"caption": d.mixture.caption, "interleaved": d.mixture.interleaved, "text": d.mixture.text}
-    for name, val in w.items():
-        _require(val >= 0 and math.isfinite(val), f"data.mixture.{name}", f"weight must be >= 0, got {val}")
-    _require(sum(w.values()) > 0, "data.mixture", "all mixture weights are zero")
-    _require(d.packing.seq_len >= 16, "data.packing.seq_len", f"must be >= 16, got {d.packing.seq_len}")
+    _validate_sources(d.sources, "data.sources")
+    _validate_sources(d.sft_sources, "data.sft_sources")
+    _require(16 <= d.packing.seq_len <= 65535, "data.packing.seq_len",
+             f"must lie in 16..65535, got {d.packing.seq_len}")
     _require(d.packing.max_images >= 1, "data.packing.max_images", "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.prepare.workers >= 1, "data.prepare.workers", "must be >= 1")
+    _require(d.prepare.unit_records >= 1, "data.prepare.unit_records", "must be >= 1")
     _require(0 <= d.sub_image_grid <= 4, "data.sub_image_grid", "must lie in 0..4")
 
 
@@ -482,6 +573,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return convert(dataclasses.asdict(cfg))
 
 
+def _value_from_dict(typ: Any, value: Any, full: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full}: expected a section, got {value!r}")
+        return from_dict(typ, value, prefix=f"{full}.")
+    if typing.get_origin(typ) is dict:
+        item = typing.get_args(typ)[1]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full}: expected a mapping of names to sections, got {value!r}")
+        return {k: _value_from_dict(item, v, f"{full}.{k}") for k, v in value.items()}
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        return _parse_scalar(full, str(value), typ)
+    return value
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Rebuild a config from `to_dict` output; unknown keys raise, missing keys keep defaults."""
     hints = _field_types(cls)
@@ -491,14 +597,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'")
-        typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value, prefix=f"{full}.")
-        elif isinstance(typ, type) and issubclass(typ, enum.Enum):
-            kwargs[key] = _parse_scalar(full, str(value), typ)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+        kwargs[key] = _value_from_dict(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field (a source's kind) is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
 
 
 def save(cfg: Config, path: str | Path) -> None:

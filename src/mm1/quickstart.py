@@ -1,8 +1,8 @@
 """`mm1 quickstart`: the whole MM1 recipe on the embedded synthetic world, in minutes on 2 CPU cores.
 
-synthesise the world → train the tokenizer → CLIP-pre-train the image encoder → pre-train the tiny
-MLLM on the 45:45:10 mixture → SFT on conversations → few-shot evaluation (0/4/8 shots) after each
-stage → `report.md`,
+synthesise the world → train the tokenizer → prepare (tokenize and pack) every source → CLIP-pre-train
+the image encoder → pre-train the tiny MLLM on the 45:45:10 mixture → SFT on conversations → few-shot
+evaluation (0/4/8 shots) after each stage → `report.md`,
 `results.json` and PNG plots in the output folder. Each finished stage is reused when the command
 is run again with the same settings, so an interrupted quickstart picks up where it stopped.
 """
@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 from mm1.config import Config, apply_overrides, to_dict
+from mm1.data.prepare import prepare
+from mm1.data.sources import iter_texts
+from mm1.data.stream import load_tokenizer
 from mm1.data.synth.writer import write_world
-from mm1.data.tokenizer import train_tokenizer_on_world
+from mm1.data.tokenizer import train_tokenizer
 from mm1.eval.harness import evaluate, write_results
 from mm1.eval.tasks import get_task
 from mm1.recipes import get_recipe
@@ -26,7 +29,7 @@ from mm1.train import checkpoint as ckpt
 from mm1.train.clip import train_clip
 from mm1.train.trainer import train
 
-STEPS = 6
+STEPS = 7
 
 
 def _world(cfg: Config, root: Path, seed: int) -> Path:
@@ -37,7 +40,7 @@ def _world(cfg: Config, root: Path, seed: int) -> Path:
         if have.get("seed") == seed and have.get("sizes") == want["sizes"] and (root / "tokenizer.json").exists():
             return root
     write_world(root, seed=seed, sizes=cfg.data.synth, progress=True)
-    train_tokenizer_on_world(root, vocab_size=cfg.model.decoder.vocab_size)
+    train_tokenizer(iter_texts(cfg), vocab_size=cfg.model.decoder.vocab_size, out=root / "tokenizer.json")
     return root
 
 
@@ -64,13 +67,22 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     timings["world + tokenizer"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    print(f"[2/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
-    cfg.model.vision_init = str(_clip(apply_overrides(tiny_clip(cfg), list(clip_overrides)), out / "clip"))
+    clip_cfg = apply_overrides(tiny_clip(cfg), list(clip_overrides))
+    sft = apply_overrides(tiny_sft(cfg), list(sft_overrides))
+    print(f"[2/{STEPS}] prepare: tokenize and pack every source → {Path(cfg.data.root) / 'prepared'}")
+    tok = load_tokenizer(cfg)
+    for stage_cfg in (clip_cfg, cfg, sft):
+        prepare(stage_cfg, stage_cfg.train.stage, tok)
+    timings["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"[3/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
+    cfg.model.vision_init = str(_clip(clip_cfg, out / "clip"))
+    sft.model.vision_init = cfg.model.vision_init
     timings["clip"] = time.perf_counter() - t
 
-    sft = apply_overrides(tiny_sft(cfg), list(sft_overrides))
     runs = {"pretrain": (cfg, out / "pretrain", None), "sft": (sft, out / "sft", out / "pretrain")}
-    for i, (stage, (stage_cfg, run_dir, init)) in enumerate(runs.items(), start=3):
+    for i, (stage, (stage_cfg, run_dir, init)) in enumerate(runs.items(), start=4):
         t = time.perf_counter()
         print(f"[{i}/{STEPS}] {stage}: {stage_cfg.train.steps} steps → {run_dir}")
         if not _finished(run_dir, stage_cfg.train.steps):
@@ -80,7 +92,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[5/{STEPS}] few-shot evaluation on held-out scenes")
+    print(f"[6/{STEPS}] few-shot evaluation on held-out scenes")
     tasks = [get_task(name, world=world) for name in cfg.eval.tasks.split(",")]
     shots = [int(s) for s in cfg.eval.shots.split(",")]
     results = {}
@@ -90,7 +102,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
         write_results(results[stage], out / f"eval_{stage}")
     timings["evaluation"] = time.perf_counter() - t
 
-    print(f"[6/{STEPS}] report")
+    print(f"[7/{STEPS}] report")
     # MM1's few-shot evaluation is of the pre-trained model; the SFT model's scores are kept beside it.
     final = results["pretrain"] | {"stages": results}
     (out / "results.json").write_text(json.dumps(final, indent=2) + "\n")

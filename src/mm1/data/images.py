@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from mm1.data.errors import ImageError
+
 # CLIP's normalisation; SigLIP towers use 0.5/0.5 (set per encoder when importing weights).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,10 +25,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
 MAX_BYTES = 50_000_000
 BACKGROUND = (255, 255, 255)
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message says which one and why."""
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -53,22 +51,23 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> I
 def decode_image(data: bytes, *, where: str) -> Image.Image:
     """Bytes → an upright RGB image, or ImageError naming `where`."""
     if not data:
-        raise ImageError(f"{where}: empty image file")
+        raise ImageError(where, "empty image file")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"{where}: image file of {len(data):,} bytes exceeds the {MAX_BYTES:,}-byte limit")
+        raise ImageError(where, "image file too large", f"{len(data):,} bytes, limit {MAX_BYTES:,}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{where}: {img.width}×{img.height} pixels exceeds the {MAX_PIXELS:,}-pixel limit")
+                raise ImageError(where, "image has too many pixels",
+                                 f"{img.width}×{img.height}, limit {MAX_PIXELS:,} pixels")
             img.load()
             img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             EOFError) as err:
-        raise ImageError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from None
+        raise ImageError(where, f"cannot decode image ({type(err).__name__})", str(err)) from None
     return to_rgb(img)
 
 
@@ -76,7 +75,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise ImageError(f"{path}: cannot read image ({err.strerror or err})") from None
+        raise ImageError(str(path), "cannot read image", str(err.strerror or err)) from None
     return decode_image(data, where=str(path))
 
 

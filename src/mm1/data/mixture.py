@@ -1,13 +1,15 @@
-"""The weighted mixture of sources as a pure function of position: MM1's 45:45:10 by default.
+"""The mixture of sources as a pure function of the sequence number: MM1's 45:45:10 by default.
 
-Stream position n (counting samples from the start of training) maps to (source, record) with
-no state at all, which is what makes data order exactly reproducible and step N computable
-without replaying steps 0..N-1 (as in Pythia):
-- positions come in blocks of `block` samples; each block holds a fixed count per source
-  (largest-remainder rounding of the weights), shuffled by a generator seeded with
-  (seed, block), so any 10,000 consecutive samples match the weights to within a fraction of a point;
-- the k-th draw from a source reads record perm_e[k mod len] of that source's epoch e = k // len,
-  a fresh permutation per epoch.
+MM1 (like AXLearn's `sample_from_datasets`) draws whole packed sequences from each source, so its
+weights are shares of sequences. Global sequence g of a run maps to a source and a sequence of it
+with no state at all, which is what makes data order exactly reproducible and any step's batch
+computable without replaying the run (as in Pythia):
+- sequences come in blocks of `block`; each block holds a fixed count per source (largest
+  remainder rounding of the weights), shuffled by a generator seeded with (seed, block), so any
+  10,000 consecutive sequences match the weights to within a fraction of a point;
+- the k-th draw from a source of n sequences is sequence perm_e(k mod n) of epoch e = k // n, where
+  perm_e is a fresh pseudo-random permutation per epoch. It is a Feistel network evaluated per index
+  (with cycle walking), so it needs no memory: 10 thousand or 100 million sequences cost the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,43 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+
+MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a fast, well-spread 64-bit hash."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & MASK64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A pseudo-random bijection of range(n), keyed by `key`, evaluated in O(1) per index."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int) -> None:
+        if n <= 0:
+            raise ValueError("a permutation needs n >= 1")
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)  # the domain 4^half covers n
+        self.mask = (1 << self.half) - 1
+        self.keys = [_mix(key * 0x9E3779B97F4A7C15 + r & MASK64) for r in range(self.ROUNDS)]
+
+    def _encrypt(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"{i} outside range({self.n})")
+        x = self._encrypt(i)
+        while x >= self.n:  # cycle walking: stays a bijection of range(n)
+            x = self._encrypt(x)
+        return x
 
 
 def block_counts(weights: list[float], block: int) -> np.ndarray:
@@ -27,14 +66,15 @@ def block_counts(weights: list[float], block: int) -> np.ndarray:
 
 
 class Mixture:
+    """Global sequence g → (source s, epoch e of s, sequence j of s)."""
+
     def __init__(self, sizes: list[int], weights: list[float], *, seed: int, block: int = 1000) -> None:
         if len(sizes) != len(weights) or not sizes:
             raise ValueError("one weight per source is needed")
         if any(n <= 0 for n in sizes):
-            raise ValueError("every source in the mixture needs at least one record")
+            raise ValueError("every source in the mixture needs at least one sequence")
         self.sizes, self.seed, self.block = list(sizes), seed, block
         self.counts = block_counts(weights, block)
-        self.prefix = np.concatenate([[0], np.cumsum(self.counts)])
 
     @lru_cache(maxsize=64)  # noqa: B019 — few live blocks; the cache dies with the object
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,24 +83,25 @@ class Mixture:
         src = np.random.default_rng([self.seed, 7, b]).permutation(src)
         draw = np.empty(self.block, dtype=np.int64)
         for s, c in enumerate(self.counts):
-            where = src == s
-            draw[where] = b * c + np.arange(c)
+            draw[src == s] = b * c + np.arange(c)
         return src, draw
 
-    @lru_cache(maxsize=64)  # noqa: B019
-    def _epoch(self, s: int, e: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 11, s, e]).permutation(self.sizes[s])
+    @lru_cache(maxsize=256)  # noqa: B019
+    def _permutation(self, s: int, epoch: int) -> Permutation:
+        return Permutation(self.sizes[s], _mix(_mix(self.seed * 1_000_003 + s) + epoch))
 
-    def record(self, s: int, k: int) -> int:
-        """Record index of the k-th draw from source s."""
+    def locate(self, g: int) -> tuple[int, int, int]:
+        """(source, epoch, sequence index within the source) of global sequence g."""
+        src, draw = self._block(g // self.block)
+        s, k = int(src[g % self.block]), int(draw[g % self.block])
         n = self.sizes[s]
-        return int(self._epoch(s, k // n)[k % n])
+        return s, k // n, self._permutation(s, k // n)(k % n)
 
-    def positions(self, start: int, stop: int) -> list[tuple[int, int]]:
-        """(source id, record index) for stream positions start..stop-1."""
-        out = []
-        for n in range(start, stop):
-            src, draw = self._block(n // self.block)
-            s, k = int(src[n % self.block]), int(draw[n % self.block])
-            out.append((s, self.record(s, k)))
-        return out
+    def draws(self, s: int, g: int) -> int:
+        """How many of the first g global sequences come from source s."""
+        b, r = divmod(g, self.block)
+        return b * int(self.counts[s]) + int((self._block(b)[0][:r] == s).sum())
+
+    def epochs(self, g: int) -> list[float]:
+        """Epochs of each source consumed by the first g global sequences."""
+        return [self.draws(s, g) / n for s, n in enumerate(self.sizes)]

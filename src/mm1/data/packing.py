@@ -1,59 +1,64 @@
-"""From samples to packed sequences: tokenize, split what is too long, bin-pack, build tensors.
+"""From segments to packed sequences: tokenize, split what is too long, best-fit pack, lay out.
 
 MM1 packs pre-training data into 4096-token sequences with at most 16 images. Here:
-- `tokenize` turns a Sample into token ids with `num_image_tokens` `<image>` slots per image and a
-  per-token loss flag (never on images, never on prompts / user turns, always ends with EOS);
+- `tokenize` turns segments (`mm1.data.template`) into token ids with `image_tokens` `<image>`
+  slots per image view and a per-token loss flag (never on images or user turns); a training
+  sample ends with end-of-text, predicted when the token before it is;
 - `split_chunks` cuts a sample longer than `seq_len` (or with more than `max_images` images) at
   text positions only, never through an image; an image that alone exceeds a sequence is
   dropped with a count;
-- `best_fit` packs chunk lengths into a fixed number of sequences (best-fit, in stream order);
-- `build_sequence` lays the chunks of one sequence out as tokens, shifted labels, per-document
-  positions and document ids, so attention stays inside each document.
+- `pack` places chunks into sequences by best fit decreasing (the longest chunk first, each into
+  the fullest sequence it fits), which fills sequences to ~99% when chunks are small next to them;
+- `layout` writes one sequence's chunks as fixed-length rows: tokens, loss flags, per-document
+  positions and document ids (attention stays inside a document; -1 marks padding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mm1.data.sample import ImageRef, Sample, Text
+from mm1.data.template import Control, Segment, Text
 from mm1.data.tokenizer import Tokenizer
-
-IGNORE = -100
 
 
 @dataclass
 class Tokenized:
     tokens: np.ndarray  # int64 [L]
     loss: np.ndarray  # bool [L]: token t is a prediction target
-    images: list[ImageRef]
-    image_starts: list[int]  # first slot of each image block
+    images: list  # the image segments, in order
+    image_starts: list[int] = field(default_factory=list)  # first slot of each image's block
 
 
-def tokenize(sample: Sample, tok: Tokenizer, *, image_tokens: int, views_per_image: int = 1) -> Tokenized:
+def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int, views_per_image: int = 1,
+             end_of_text: bool = True) -> Tokenized:
     """`views_per_image` > 1 reserves slots for sub-image decomposition (overview + crops)."""
-    texts = [s.text for s in sample.segments if isinstance(s, Text)]
+    texts = [s.text for s in segments if isinstance(s, Text)]
     encoded = iter(tok.encode_batch(texts)) if texts else iter(())
     ids: list[int] = []
     loss: list[bool] = []
-    images: list[ImageRef] = []
+    images: list = []
     starts: list[int] = []
     block = image_tokens * views_per_image
-    for seg in sample.segments:
+    for seg in segments:
         if isinstance(seg, Text):
             piece = next(encoded)
             ids += piece
             loss += [seg.loss] * len(piece)
+        elif isinstance(seg, Control):
+            ids.append(tok.control_id(seg.token))
+            loss.append(seg.loss)
         else:
             images.append(seg)
             starts.append(len(ids))
             ids += [tok.image_id] * block
             loss += [False] * block
-    ids.append(tok.eos_id)
-    # The end of a sample is predicted unless the sample is a conversation whose last turn was
-    # a prompt (cannot happen with well-formed data); captions and documents always end in EOS.
-    loss.append(bool(loss[-2]) if len(loss) > 1 else True)
+    if end_of_text:
+        # Predicted after the text it closes (a caption, a document, an answer), not after a prompt.
+        loss.append(loss[-1] if loss else True)
+        ids.append(tok.eos_id)
     return Tokenized(np.asarray(ids, dtype=np.int64), np.asarray(loss, dtype=bool), images, starts)
 
 
@@ -109,63 +114,68 @@ def split_chunks(t: Tokenized, *, seq_len: int, max_images: int, block: int) -> 
     return chunks, dropped
 
 
-def best_fit(lengths: np.ndarray, images: np.ndarray, *, bins: int, seq_len: int, max_images: int
-             ) -> tuple[list[list[int]], list[int]]:
-    """Place items in stream order into `bins` sequences, each into the fullest one it fits.
+def pack(lengths: np.ndarray, images: np.ndarray, *, seq_len: int, max_images: int) -> list[list[int]]:
+    """Best fit decreasing: item indices per sequence. Every item fits alone (split_chunks sees to it).
 
-    Returns the item indices per bin and the items that fitted nowhere (counted by the caller).
+    Deterministic: items are taken longest first, ties in input order; each goes into the open
+    sequence with the least room left that still holds it (tokens and images), else a new one.
     """
-    room = np.full(bins, seq_len, dtype=np.int64)
-    img_room = np.full(bins, max_images, dtype=np.int64)
-    content: list[list[int]] = [[] for _ in range(bins)]
-    left: list[int] = []
-    big = np.iinfo(np.int64).max
-    for i, (n, m) in enumerate(zip(lengths.tolist(), images.tolist(), strict=True)):
-        fits = (room >= n) & (img_room >= m)
-        if not fits.any():
-            left.append(i)
-            continue
-        b = int(np.where(fits, room, big).argmin())
-        room[b] -= n
-        img_room[b] -= m
-        content[b].append(i)
-    return content, left
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    smallest = int(lengths.min()) if len(lengths) else 0
+    # Sequences that can still take the smallest item: their index, tokens and images left.
+    open_b = np.zeros(0, dtype=np.int64)
+    room = np.zeros(0, dtype=np.int64)
+    img_room = np.zeros(0, dtype=np.int64)
+    bins: list[list[int]] = []
+    for i in order.tolist():
+        n, m = int(lengths[i]), int(images[i])
+        fits = np.flatnonzero((room >= n) & (img_room >= m))
+        if len(fits):
+            k = int(fits[np.argmin(room[fits])])
+        else:
+            bins.append([])
+            open_b, room, img_room = (np.append(open_b, len(bins) - 1), np.append(room, seq_len),
+                                      np.append(img_room, max_images))
+            k = len(open_b) - 1
+        room[k] -= n
+        img_room[k] -= m
+        bins[int(open_b[k])].append(i)
+        if room[k] < smallest or img_room[k] < 0:
+            open_b, room, img_room = np.delete(open_b, k), np.delete(room, k), np.delete(img_room, k)
+    return bins
 
 
 @dataclass
-class PackedSequence:
-    tokens: np.ndarray
-    labels: np.ndarray
-    positions: np.ndarray
-    doc_ids: np.ndarray
-    source: np.ndarray
-    images: list[ImageRef] = field(default_factory=list)
-    docs: list[str] = field(default_factory=list)  # where each document came from
+class Row:
+    """One packed sequence as fixed-length arrays (what prepared data stores per sequence)."""
 
-    @property
-    def real_tokens(self) -> int:
-        return int((self.doc_ids >= 0).sum())
+    tokens: np.ndarray  # uint32 [seq_len]
+    loss: np.ndarray  # uint8 [seq_len]: 1 where the token is a prediction target
+    positions: np.ndarray  # uint16 [seq_len]: position inside its document (chunk)
+    doc_ids: np.ndarray  # int16 [seq_len]: document index in the sequence, -1 for padding
 
 
-def build_sequence(parts: list[tuple[Tokenized, Chunk, int, str]], *, seq_len: int, pad_id: int) -> PackedSequence:
-    """Lay out (tokenized sample, chunk, source id, where) parts one after another, then pad."""
-    seq = PackedSequence(
-        tokens=np.full(seq_len, pad_id, dtype=np.int64), labels=np.full(seq_len, IGNORE, dtype=np.int64),
-        positions=np.zeros(seq_len, dtype=np.int64), doc_ids=np.full(seq_len, -1, dtype=np.int64),
-        source=np.zeros(seq_len, dtype=np.int64),
-    )
+def layout(parts: Sequence[tuple[Tokenized, Chunk]], *, seq_len: int, pad_id: int) -> Row:
+    """Lay chunks out one after another, then pad."""
+    row = Row(np.full(seq_len, pad_id, dtype=np.uint32), np.zeros(seq_len, dtype=np.uint8),
+              np.zeros(seq_len, dtype=np.uint16), np.full(seq_len, -1, dtype=np.int16))
     at = 0
-    for doc, (t, c, source, where) in enumerate(parts):
+    for doc, (t, c) in enumerate(parts):
         n = c.length
-        toks = t.tokens[c.start:c.end]
-        seq.tokens[at:at + n] = toks
-        # labels[j] is the token after j, if that token is a prediction target of this chunk.
-        lab = np.where(t.loss[c.start + 1:c.end], toks[1:], IGNORE)
-        seq.labels[at:at + n - 1] = lab
-        seq.positions[at:at + n] = np.arange(n)
-        seq.doc_ids[at:at + n] = doc
-        seq.source[at:at + n] = source
-        seq.images += t.images[c.first_image:c.first_image + c.num_images]
-        seq.docs.append(where)
+        row.tokens[at:at + n] = t.tokens[c.start:c.end]
+        row.loss[at:at + n] = t.loss[c.start:c.end]
+        row.positions[at:at + n] = np.arange(n)
+        row.doc_ids[at:at + n] = doc
         at += n
-    return seq
+    return row
+
+
+IGNORE = -100  # label of positions that carry no loss (images, prompts, padding, document ends)
+
+
+def labels_from(tokens: np.ndarray, loss: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+    """labels[j] = tokens[j+1] where token j+1 is a target of the same document, else IGNORE."""
+    labels = np.full(tokens.shape, IGNORE, dtype=np.int64)
+    same = (doc_ids[..., 1:] == doc_ids[..., :-1]) & (doc_ids[..., 1:] >= 0) & (loss[..., 1:] > 0)
+    labels[..., :-1] = np.where(same, tokens[..., 1:].astype(np.int64), IGNORE)
+    return labels

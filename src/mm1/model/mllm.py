@@ -78,9 +78,16 @@ class MLLM(nn.Module):
         return self.connector(self.vision(images_NCHW))
 
     def embed(self, tokens_BT: torch.Tensor, images_NCHW: torch.Tensor | None, *,
-              encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              vision_always: bool = False) -> torch.Tensor:
         """Token embeddings with the image tokens scattered into the <image> slots. `encode_images`
-        replaces `self.encode_images` (the inference engine passes a compiled one)."""
+        replaces `self.encode_images` (the inference engine passes a compiled one).
+
+        `vision_always`: with no image in the batch, encode one blank image and add its output times
+        zero, so the image encoder and connector still take part in forward and backward. Data-parallel
+        training needs this: every rank must run the same collectives (FSDP's all-gathers, DDP's
+        gradient reduction) even when its micro-batch is text only. The loss is unchanged.
+        """
         x_BTD = self.decoder.embed(tokens_BT)
         slots = tokens_BT == self.cfg.image_token_id
         n_slots = int(slots.sum())
@@ -93,6 +100,10 @@ class MLLM(nn.Module):
         if n_images:
             img_ND = (encode_images or self.encode_images)(images_NCHW).reshape(-1, x_BTD.shape[-1]).to(x_BTD.dtype)
             x_BTD = x_BTD.masked_scatter(slots[..., None], img_ND)
+        elif vision_always:
+            size = self.cfg.vision.image_size
+            blank = torch.zeros(1, 3, size, size, device=x_BTD.device, dtype=self.vision.patch_embed.weight.dtype)
+            x_BTD = x_BTD + 0.0 * self.encode_images(blank).sum().to(x_BTD.dtype)
         return x_BTD
 
     def forward(
@@ -106,12 +117,14 @@ class MLLM(nn.Module):
         source_BT: torch.Tensor | None = None,
         num_sources: int = 4,
         return_logits: bool = False,
+        vision_always: bool = False,
     ) -> MLLMOutput:
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         mask = document_causal_mask(doc_ids_BT) if doc_ids_BT is not None else None
-        dec = self.decoder(self.embed(tokens_BT, images_NCHW), positions_BT, mask)
+        x_BTD = self.embed(tokens_BT, images_NCHW, vision_always=vision_always)
+        dec = self.decoder(x_BTD, positions_BT, mask)
         out = MLLMOutput(moe_stats=dec.moe_stats)
         if dec.moe_stats:
             out.aux_loss = torch.stack([s.aux_loss for s in dec.moe_stats]).sum()

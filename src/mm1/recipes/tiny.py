@@ -41,7 +41,7 @@ def tiny() -> Config:
     )
     data = DataConfig(
         root="runs/data/world",
-        packing=PackingConfig(seq_len=384, max_images=12),
+        packing=PackingConfig(seq_len=384, max_images=16),
         synth=SynthConfig(captions=12000, interleaved=2000, text=2000, sft=3000, eval_scenes=200,
                           image_size=128),
         num_workers=2,

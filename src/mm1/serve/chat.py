@@ -1,9 +1,10 @@
 """`mm1 chat` and `mm1 generate`: talking to a trained model from the terminal.
 
-The conversation is rendered with the SFT chat template (`<|user|>…<|end|><|assistant|>…<|end|>`),
-with images placed at the start of the user turn they were attached to. Inside the chat:
-`/image PATH` attaches an image to the next message, `/reset` clears the history, `/quit` leaves.
-A missing or unreadable image is reported in one line and the chat goes on.
+The conversation is rendered with the chat template (`mm1.data.template`), the same one SFT data
+is rendered with; images attached to a message open its user turn. What the user types is text,
+even when it looks like a control token. Inside the chat: `/image PATH` attaches an image to the
+next message, `/reset` clears the history, `/quit` leaves. A missing or unreadable image is
+reported in one line and the chat goes on.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mm1.data.images import ImageError, load_image
-from mm1.data.tokenizer import ASSISTANT, END, USER
+from mm1.data.errors import ImageError
+from mm1.data.images import load_image
+from mm1.data.records import Role, Turn
+from mm1.data.template import ChatTemplate, user_turn
 from mm1.serve.engine import Engine, GenerationConfig, Part
 
 HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
@@ -22,23 +25,20 @@ HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
 
 @dataclass
 class Conversation:
-    turns: list[tuple[list[Image.Image], str, str]] = field(default_factory=list)  # (images, user, answer)
+    turns: list[Turn] = field(default_factory=list)
+    template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def prompt(self, images: list[Image.Image], user: str) -> list[Part]:
-        parts: list[Part] = []
-        for imgs, u, a in [*self.turns, (images, user, None)]:
-            parts.append(USER)
-            parts += imgs
-            parts.append(f"{u}{END}{ASSISTANT}")
-            if a is not None:
-                parts.append(f"{a}{END}")
-        return parts
+        return self.template.render([*self.turns, user_turn(user, images)], generation_prompt=True)
+
+    def add(self, images: list[Image.Image], user: str, answer: str) -> None:
+        self.turns += [user_turn(user, images), Turn(Role.ASSISTANT, (answer,))]
 
 
 def respond(engine: Engine, conv: Conversation, images: list[Image.Image], user: str,
             gen: GenerationConfig) -> str:
     answer = engine.generate([conv.prompt(images, user)], gen)[0]
-    conv.turns.append((images, user, answer))
+    conv.add(images, user, answer)
     return answer
 
 

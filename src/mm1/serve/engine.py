@@ -15,11 +15,15 @@ import torch
 from PIL import Image
 
 from mm1.data.images import sub_images, to_tensor
+from mm1.data.packing import tokenize
+from mm1.data.template import Control, Text
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
 
-Part = str | Image.Image  # a prompt is a list of text pieces and images, in order
+# A prompt is a list of text pieces (always encoded as text), control tokens (from a template) and
+# images, in order.
+Part = str | Control | Image.Image
 
 
 @dataclass
@@ -65,16 +69,13 @@ class Engine:
             self._step_fn, self._encode_fn, self._prefill_fn = self._step, model.encode_images, self._prefill
 
     def encode(self, prompt: list[Part]) -> Encoded:
-        ids: list[int] = []
-        images: list[torch.Tensor] = []
-        for part in prompt:
-            if isinstance(part, str):
-                ids += self.tok.encode(part)
-            else:
-                views = sub_images(part, self.image_size, self.grid) if self.grid else [part]
-                images += [to_tensor(v, self.image_size) for v in views]
-                ids += [self.tok.image_id] * self.model.num_image_tokens * len(views)
-        return Encoded(ids, images)
+        views = 1 + self.grid**2 if self.grid else 1
+        segments = [Text(p) if isinstance(p, str) else p for p in prompt]
+        t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens, views_per_image=views,
+                     end_of_text=False)
+        images = [to_tensor(v, self.image_size) for img in t.images
+                  for v in (sub_images(img, self.image_size, self.grid) if self.grid else [img])]
+        return Encoded(t.tokens.tolist(), images)
 
     def _prefill_inputs(self, encoded: list[Encoded], T: int, max_len: int):
         B = len(encoded)

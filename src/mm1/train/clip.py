@@ -2,8 +2,9 @@
 
 MM1's image encoder is a ViT trained with a CLIP loss before multimodal pre-training. This stage
 produces one for recipes that have no pretrained encoder: `DIR/vision.safetensors`, which the MLLM
-loads through `model.vision_init=DIR/vision.safetensors`. Batches are a pure function of the step
-(records drawn through a one-source `Mixture`), and the stage logs like the main trainer.
+loads through `model.vision_init=DIR/vision.safetensors`. Pairs come from the prepared caption
+sources (each prepared caption document is one image and its caption), mixed by their weights;
+pair p of the run is a pure function of p, so batches are a pure function of the step.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from mm1.config import Config, Stage, save
-from mm1.data.images import ImageError, to_tensor
-from mm1.data.loader import load_tokenizer, step_loader
+from mm1.data.errors import ImageError
+from mm1.data.images import to_tensor
 from mm1.data.mixture import Mixture
-from mm1.data.sample import ImageRef, RecordError, Text
-from mm1.data.sources import SourceData, open_sources
+from mm1.data.prepared import PreparedSource, open_prepared
+from mm1.data.sources import stage_sources
+from mm1.data.stream import load_tokenizer, step_loader
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.clip import CLIP
 from mm1.train.metrics import RunLogger
@@ -28,31 +31,35 @@ from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
 MAX_TEXT = 64
 
 
-class CaptionBatches:
-    """Image-caption batches as a pure function of the step (`make`)."""
+class CaptionPairs:
+    """Image-caption batches of the CLIP stage as a pure function of the step (`make`)."""
 
-    def __init__(self, source: SourceData, tok: Tokenizer, *, batch: int, size: int, seed: int) -> None:
-        self.source, self.tok, self.batch, self.size = source, tok, batch, size
-        self.mixture = Mixture([len(source)], [1.0], seed=seed)
+    def __init__(self, cfg: Config, tok: Tokenizer) -> None:
+        self.sources: list[PreparedSource] = list(open_prepared(cfg, Stage.CLIP, tok).values())
+        weights = [s.weight for s in stage_sources(cfg, Stage.CLIP).values()]
+        self.mixture = Mixture([s.num_documents for s in self.sources], weights, seed=cfg.data.seed)
+        self.batch, self.size, self.eos = cfg.train.batch_size, cfg.model.vision.image_size, tok.eos_id
+
+    def pair(self, p: int) -> tuple[torch.Tensor, list[int]] | None:
+        s, _, d = self.mixture.locate(p)
+        tokens, loss, refs = self.sources[s].document(d)
+        text = [int(t) for t in tokens[loss > 0] if t != self.eos][:MAX_TEXT]
+        if not refs or not text:  # the tail of a caption split across sequences
+            return None
+        try:
+            return to_tensor(refs[0].load(), self.size), text
+        except ImageError:
+            return None
 
     def make(self, step: int) -> dict:
-        images, texts = [], []
-        for _, rec in self.mixture.positions(step * self.batch, (step + 1) * self.batch):
-            try:
-                sample = self.source.load(rec)
-                image = next(s for s in sample.segments if isinstance(s, ImageRef)).load()
-            except (RecordError, ImageError, StopIteration):
-                continue
-            images.append(to_tensor(image, self.size))
-            texts.append(" ".join(s.text for s in sample.segments if isinstance(s, Text)))
-        ids = [x[:MAX_TEXT] for x in self.tok.encode_batch(texts)]
-        L = max(len(x) for x in ids)
-        tokens = torch.zeros(len(ids), L, dtype=torch.long)
-        valid = torch.zeros(len(ids), L, dtype=torch.bool)
-        for i, x in enumerate(ids):
-            tokens[i, : len(x)] = torch.tensor(x)
-            valid[i, : len(x)] = True
-        return {"step": step, "images": torch.stack(images), "ids": tokens, "valid": valid}
+        pairs = [x for p in range(step * self.batch, (step + 1) * self.batch) if (x := self.pair(p)) is not None]
+        L = max(len(t) for _, t in pairs)
+        tokens = torch.zeros(len(pairs), L, dtype=torch.long)
+        valid = torch.zeros(len(pairs), L, dtype=torch.bool)
+        for i, (_, t) in enumerate(pairs):
+            tokens[i, : len(t)] = torch.from_numpy(np.asarray(t, dtype=np.int64))
+            valid[i, : len(t)] = True
+        return {"step": step, "images": torch.stack([im for im, _ in pairs]), "ids": tokens, "valid": valid}
 
 
 def train_clip(cfg: Config, out: Path) -> Path:
@@ -60,16 +67,14 @@ def train_clip(cfg: Config, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg)
+    data = CaptionPairs(cfg, tok)
     save(cfg, out / "config.json")
-    caption = open_sources(cfg.data, Stage.PRETRAIN)["caption"]
     model = CLIP(cfg.model.vision, vocab=len(tok))
     n_params = sum(p.numel() for p in model.parameters())
     lr, wd = resolve_lr(cfg.train.optimizer, n_params)
     groups = param_groups(model, lr=lr, weight_decay=wd, components=cfg.train.components)
     opt = build_optimizer(groups, cfg.train.optimizer, lr)
     steps = cfg.train.steps
-    data = CaptionBatches(caption, tok, batch=cfg.train.batch_size, size=cfg.model.vision.image_size,
-                          seed=cfg.data.seed)
     loader = step_loader(data.make, start=0, stop=steps, num_workers=cfg.data.num_workers)
     logger = RunLogger(out, cfg.train.logging, total_steps=steps, start_step=0, enabled=True, run_config={},
                        desc="clip")

@@ -20,17 +20,14 @@ from pathlib import Path
 import torch
 
 from mm1.config import Config, ConfigError, OnNonFinite, Precision, save, to_dict
-from mm1.data.loader import Batch, DataStream, load_tokenizer, make_loader
 from mm1.data.packing import IGNORE
-from mm1.data.sample import Source
 from mm1.data.stats import DataStats
+from mm1.data.stream import Batch, DataStream, load_tokenizer, make_loader
 from mm1.model.mllm import MLLM, count_parameters, upcycle_from_dense
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
 from mm1.train.parallel import DistInfo, all_reduce_sum, init_distributed, parallelize
-
-SOURCE_NAMES = [s.name.lower() for s in Source]
 
 
 class NonFiniteError(RuntimeError):
@@ -133,6 +130,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.tok = load_tokenizer(cfg)
         resolve_model_config(cfg, len(self.tok), self.tok.image_id)
+        self.stats = DataStats()
+        self.stream = DataStream(cfg, self.tok, stats=self.stats)  # first: missing data fails before any work
         self.total_params, _ = count_parameters(cfg.model)  # the LR rule uses all parameters
         self.lr, self.weight_decay = resolve_lr(cfg.train.optimizer, self.total_params)
         if self.info.is_main:
@@ -155,8 +154,6 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
             meta = ckpt.load(last, self.model, self.optimizer)
             self.start_step = meta["step"]
-        self.stats = DataStats()
-        self.stream = DataStream(cfg, self.tok, stats=self.stats)
         self.per_rank = cfg.train.batch_size // self.info.world_size
         micro = cfg.train.micro_batch_size or self.per_rank
         if self.per_rank % micro:
@@ -177,13 +174,14 @@ class Trainer:
         predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64))
         total_pred = max(1.0, float(predicted.item()))
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        src_sum = torch.zeros(len(Source), device=device)
-        src_cnt = torch.zeros(len(Source), device=device)
+        S = len(self.stream.names)
+        src_sum = torch.zeros(S, device=device)
+        src_cnt = torch.zeros(S, device=device)
         aux_acc: dict[str, float] = {}
         for micro in batch.split(self.accum):
             micro = micro.to(device)
             with autocast(self.cfg, device):
-                out = self.model(**micro.model_inputs(), num_sources=len(Source))
+                out = self.model(**micro.model_inputs(), num_sources=S, vision_always=self.info.world_size > 1)
             # Normalise by the step's predicted tokens over all ranks; DDP/FSDP average gradients over
             # ranks, so multiply by the world size to get the sum-then-divide of one big batch.
             loss = out.loss_sum * (self.info.world_size / total_pred)
@@ -202,8 +200,7 @@ class Trainer:
         loss_val = float(reduced[0]) / total_pred
         tokens, images = (int(x) for x in all_reduce_sum(torch.tensor(
             [int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)])))
-        S = len(Source)
-        source_loss = {SOURCE_NAMES[i]: float(reduced[1 + i] / reduced[1 + S + i])
+        source_loss = {self.stream.names[i]: float(reduced[1 + i] / reduced[1 + S + i])
                        for i in range(S) if reduced[1 + S + i] > 0}
         result = StepResult(loss_val, grad_norm, tokens, images, int(total_pred), source_loss,
                             {k: v / self.accum for k, v in aux_acc.items()})
@@ -280,6 +277,7 @@ class Trainer:
                         last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                                 "tokens_per_s": tps, "mfu": mfu,
                                 **{f"loss.{k}": v for k, v in res.source_loss.items()}, **res.aux,
+                                **{f"epochs.{k}": v for k, v in self.stream.epochs(step - 1).items()},
                                 "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
                         logger.log(last)
                         window_t, window_tokens, window_flops = now, 0, 0.0
@@ -292,7 +290,8 @@ class Trainer:
         finally:
             logger.close()
             if info.is_main:
-                stats = self.stats.to_dict() | {"skipped_in_batches": skipped}
+                stats = {"prepared": self.stream.manifests(), "at_load": self.stats.to_dict(),
+                         "skipped_in_batches": skipped}
                 (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2))
         return last
 

@@ -1,7 +1,9 @@
-"""COCO caption annotations (`captions_*.json`): images with several reference captions each.
+"""COCO caption annotations (`captions_*.json`) and caption jsonl files.
 
-Also reads the one-record-per-line caption jsonl used by `../shared/data` and by our own custom
-tasks: `{"image": "path", "caption": "..."}` or `{"image": "path", "captions": [...]}`.
+`read_coco_captions` gives images with their reference captions (for evaluation). `CaptionJsonl`
+reads one-record-per-line caption files as a training source, as used by `../shared/data` and by
+our custom tasks: `{"image": "path", "caption": "..."}` or `{"image": "path", "captions": [...]}`
+(the first caption is trained on). Image paths are relative to the file's folder.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.data.sample import RecordError
+from mm1.data.errors import RecordError
+from mm1.data.formats.base import LineFile, Reader
+from mm1.data.records import CaptionRecord, ImageRef, local_path
 
 
 @dataclass(frozen=True)
@@ -29,23 +33,43 @@ def read_coco_captions(annotations: Path, image_dir: Path, *, only_present: bool
         for ann in data["annotations"]:
             caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise RecordError(f"{annotations}: not a COCO captions file ({type(err).__name__}: {err})") from None
+        raise RecordError(str(annotations), "not a COCO captions file", f"{type(err).__name__}: {err}") from None
     present = {p.name for p in image_dir.iterdir()} if only_present and image_dir.exists() else None
     return [CaptionedImage(str(image_dir / files[i]), tuple(c), str(i)) for i, c in sorted(caps.items())
             if i in files and (present is None or files[i] in present)]
 
 
+def parse_caption_line(line: str, base: Path, where: str) -> CaptionedImage:
+    try:
+        rec = json.loads(line)
+        caps = rec.get("captions") or [rec["caption"]]
+        captions = tuple(str(c).strip() for c in caps)
+        return CaptionedImage(local_path(str(rec["image"]), base), captions, str(rec.get("key", where)))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise RecordError(where, "malformed caption record", f"{type(err).__name__}: {err}") from None
+
+
 def read_caption_jsonl(path: Path, base: Path | None = None) -> list[CaptionedImage]:
-    base = base or path.parent
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            caps = rec.get("captions") or [rec["caption"]]
-            out.append(CaptionedImage(str(base / rec["image"]), tuple(str(c).strip() for c in caps),
-                                      str(rec.get("key", rec.get("image_id", n)))))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise RecordError(f"{path}:line{n}: malformed caption record ({type(err).__name__})") from None
-    return out
+    """Every row of a caption jsonl file (evaluation); a malformed row raises RecordError."""
+    lines = LineFile(path)
+    return [parse_caption_line(lines.line(i), base or path.parent, lines.where(i)) for i in range(len(lines))]
+
+
+class CaptionJsonl(Reader):
+    """A caption jsonl file as a training source of image-text pairs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lines = LineFile(self.path)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def where(self, i: int) -> str:
+        return self.lines.where(i)
+
+    def read(self, i: int) -> CaptionRecord:
+        item = parse_caption_line(self.lines.line(i), self.path.parent, self.where(i))
+        if not item.captions or not item.captions[0]:
+            raise RecordError(self.where(i), "empty caption")
+        return CaptionRecord(ImageRef(item.image), item.captions[0])

@@ -1,19 +1,17 @@
 """Text-only documents: jsonl (`{"text": ...}` per line), parquet (a `text` column) or plain text.
 
 A plain `.txt` file holds one document per block of lines, blocks separated by blank lines.
-Malformed lines are skipped and counted, with the file and line number in the warning.
+A malformed line or an empty text is a `RecordError` naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from mm1.data.sample import RecordError, Sample, Source, Text
-from mm1.data.stats import DataStats
+from mm1.data.errors import RecordError
+from mm1.data.formats.base import LineFile, ParquetRows, Reader
+from mm1.data.records import TextRecord
 
 
 def write_jsonl(texts: list[str], path: Path) -> Path:
@@ -24,51 +22,73 @@ def write_jsonl(texts: list[str], path: Path) -> Path:
     return path
 
 
-def read_texts(path: Path, stats: DataStats | None = None) -> list[tuple[str, str]]:
-    """All documents of a file as (where, text) pairs."""
-    stats = stats or DataStats()
+def _checked(text: object, where: str) -> TextRecord:
+    if not isinstance(text, str) or not text.strip():
+        raise RecordError(where, "empty or non-string text")
+    return TextRecord(text)
+
+
+class TextJsonl(Reader):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lines = LineFile(self.path)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def where(self, i: int) -> str:
+        return self.lines.where(i)
+
+    def read(self, i: int) -> TextRecord:
+        try:
+            text = json.loads(self.lines.line(i))["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RecordError(self.where(i), "malformed jsonl line (need an object with a 'text' field)") from None
+        return _checked(text, self.where(i))
+
+
+class TextParquet(Reader):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.rows = ParquetRows(self.path, ["text"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:row{i}"
+
+    def read(self, i: int) -> TextRecord:
+        return _checked(self.rows.row(i)["text"], self.where(i))
+
+
+class TextBlocks(Reader):
+    """Plain text: blocks of lines separated by blank lines (WikiText, books)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lines = LineFile(self.path)
+        gaps = self.lines.numbers[1:] - self.lines.numbers[:-1] > 1  # a blank line between two lines
+        self.block_starts = [0, *(i + 1 for i in range(len(gaps)) if gaps[i])]
+        self.block_ends = [*self.block_starts[1:], len(self.lines)]
+        if not len(self.lines):
+            self.block_starts, self.block_ends = [], []
+
+    def __len__(self) -> int:
+        return len(self.block_starts)
+
+    def where(self, i: int) -> str:
+        return self.lines.where(self.block_starts[i])
+
+    def read(self, i: int) -> TextRecord:
+        text = "\n".join(self.lines.line(k).rstrip("\r") for k in range(self.block_starts[i], self.block_ends[i]))
+        return _checked(text, self.where(i))
+
+
+def open_text(path: Path) -> Reader:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-        except Exception as err:  # pyarrow raises several unrelated types for a bad file
-            raise RecordError(f"{path}: not a parquet file with a 'text' column ({err})") from None
-        return [(f"{path}:row{i}", t) for i, t in enumerate(column) if _ok(t, f"{path}:row{i}", stats)]
+        return TextParquet(path)
     if suffix in (".jsonl", ".json"):
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:line{n}"
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                stats.skip("text", where, "malformed jsonl line (need an object with a 'text' field)")
-                continue
-            if _ok(text, where, stats):
-                out.append((where, text))
-        return out
-    blocks, current, start = [], [], 1
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if line.strip():
-            if not current:
-                start = n
-            current.append(line)
-        elif current:
-            blocks.append((f"{path}:line{start}", "\n".join(current)))
-            current = []
-    if current:
-        blocks.append((f"{path}:line{start}", "\n".join(current)))
-    return blocks
-
-
-def _ok(text, where: str, stats: DataStats) -> bool:
-    if not isinstance(text, str) or not text.strip():
-        stats.skip("text", where, "empty or non-string text")
-        return False
-    return True
-
-
-def iter_samples(path: Path, stats: DataStats | None = None) -> Iterator[Sample]:
-    for where, text in read_texts(path, stats):
-        yield Sample(Source.TEXT, [Text(text)], where=where)
+        return TextJsonl(path)
+    return TextBlocks(path)

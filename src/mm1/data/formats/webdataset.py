@@ -2,9 +2,9 @@
 
 A shard `00000.tar` holds, per sample `KEY`: `KEY.jpg` (or `.png`, `.webp`), `KEY.txt` (the
 caption) and optionally `KEY.json` (metadata). Files of one sample are grouped by the part of the
-basename before the first dot, as WebDataset does. We read shards with the standard library's
-`tarfile` and index member offsets once, so a sample can be fetched by random access (which the
-exactly-reproducible stream needs) without unpacking the shard.
+basename before the first dot, as WebDataset does. Opening a shard indexes its member offsets
+(headers only), so a record is read by random access and its image stays a byte range in the
+shard until the loader decodes it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import io
 import itertools
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.data.sample import ImageRef, RecordError, Sample, Source, Text
-from mm1.data.stats import DataStats
+from mm1.data.errors import RecordError
+from mm1.data.formats.base import Reader
+from mm1.data.records import CaptionRecord, ImageRef
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -27,13 +28,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 class Member:
     offset: int
     size: int
-
-
-@dataclass(frozen=True)
-class WdsEntry:
-    shard: str
-    key: str
-    files: dict[str, Member]  # extension → location in the shard
 
 
 def write_shards(
@@ -57,56 +51,68 @@ def write_shards(
     return paths
 
 
-def index_shard(path: Path, stats: DataStats | None = None) -> list[WdsEntry]:
-    """Member offsets grouped by sample key; a truncated shard keeps the samples before the damage."""
-    groups: dict[str, dict[str, Member]] = {}
-    try:
-        with tarfile.open(path, "r") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                prefix = m.name[: len(m.name) - len(base)]
-                groups.setdefault(prefix + key, {})[ext.lower()] = Member(m.offset_data, m.size)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if stats is None:
-            raise RecordError(f"{path}: unreadable tar shard ({err})") from None
-        stats.skip("caption", str(path), f"shard damaged after {len(groups)} samples ({type(err).__name__})")
-    return [WdsEntry(str(path), key, files) for key, files in groups.items()]
+def _tail(path: Path, at: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(at)
+        return f.read(1024)
 
 
-def _read(shard: str, member: Member) -> bytes:
-    with open(shard, "rb") as f:
-        f.seek(member.offset)
-        data = f.read(member.size)
-    if len(data) != member.size:
-        raise RecordError(f"{shard}: member truncated ({len(data)} of {member.size} bytes)")
-    return data
+class WebDatasetShard(Reader):
+    """One tar shard; a shard damaged in the middle keeps the samples before the damage."""
 
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        groups: dict[str, dict[str, Member]] = {}
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with tarfile.open(path, "r") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    prefix = m.name[: len(m.name) - len(base)]
+                    if m.offset_data + m.size > size:  # cut off: tarfile lists it, its bytes are gone
+                        groups.pop(prefix + key, None)  # the sample it belongs to is incomplete
+                        self.problems.append(RecordError(str(path), "shard truncated",
+                                                         f"after {len(groups)} samples"))
+                        break
+                    groups.setdefault(prefix + key, {})[ext.lower()] = Member(m.offset_data, m.size)
+                end = tar.offset  # a whole archive ends in two zero blocks; tarfile stops quietly without them
+            if not self.problems and _tail(self.path, end) != bytes(1024) and groups:
+                groups.popitem()  # the sample at the cut may have lost some of its files
+                self.problems.append(RecordError(str(path), "shard truncated", f"after {len(groups)} samples"))
+        except (tarfile.TarError, OSError, EOFError) as err:
+            self.problems.append(RecordError(str(path), "shard damaged",
+                                             f"{type(err).__name__} after {len(groups)} samples"))
+        self.keys = list(groups)
+        self.members = list(groups.values())
 
-def load_entry(entry: WdsEntry) -> Sample:
-    """Entry → caption sample [image, caption]; RecordError for a sample without image or caption."""
-    where = f"{entry.shard}:{entry.key}"
-    image_ext = next((e for e in IMAGE_EXTS if e in entry.files), None)
-    if image_ext is None:
-        raise RecordError(f"{where}: no image file ({', '.join(IMAGE_EXTS)})")
-    if "txt" not in entry.files:
-        raise RecordError(f"{where}: no .txt caption")
-    caption = _read(entry.shard, entry.files["txt"]).decode("utf-8", errors="replace").strip()
-    if not caption:
-        raise RecordError(f"{where}: empty caption")
-    image = ImageRef(where=f"{where}.{image_ext}", data=_read(entry.shard, entry.files[image_ext]))
-    return Sample(Source.CAPTION, [image, Text(caption)], where=where)
+    def __len__(self) -> int:
+        return len(self.keys)
 
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.keys[i]}"
 
-def iter_samples(shards: Iterable[Path], stats: DataStats | None = None) -> Iterator[Sample]:
-    stats = stats or DataStats()
-    for shard in shards:
-        for entry in index_shard(Path(shard), stats):
-            try:
-                yield load_entry(entry)
-            except RecordError as err:
-                stats.skip("caption", f"{entry.shard}:{entry.key}", str(err).split(": ", 1)[-1])
+    def _read(self, where: str, member: Member) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(member.offset)
+            data = f.read(member.size)
+        if len(data) != member.size:
+            raise RecordError(where, "member truncated", f"{len(data)} of {member.size} bytes")
+        return data
+
+    def read(self, i: int) -> CaptionRecord:
+        files, where = self.members[i], self.where(i)
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if image_ext is None:
+            raise RecordError(where, f"no image file ({', '.join(IMAGE_EXTS)})")
+        if "txt" not in files:
+            raise RecordError(where, "no .txt caption")
+        caption = self._read(where, files["txt"]).decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise RecordError(where, "empty caption")
+        m = files[image_ext]
+        return CaptionRecord(ImageRef(str(self.path), m.offset, m.size), caption)

@@ -144,3 +144,29 @@ def conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     if rng.random() < 0.3:
         turns.append(("Describe the image in detail.", dense_caption(scene)))
     return turns
+
+
+FACT_QA = [
+    ("How many corners does a triangle have?", "Three."), ("How many sides does a square have?", "Four."),
+    ("How many corners does a circle have?", "None."), ("How many points does a star have?", "Five."),
+    ("What do red and yellow paint make?", "Orange."), ("What do blue and red paint make?", "Purple."),
+    ("What do yellow and blue paint make?", "Green."),
+    ("What shape looks like a square standing on its tip?", "A diamond."),
+    ("Why are small printed words hard to read?", "They need a sharp, high-resolution picture."),
+]
+
+
+def text_conversation(rng: random.Random) -> list[tuple[str, str]]:
+    """A text-only conversation (no image) about the world's facts and words."""
+    turns = []
+    for _ in range(rng.randint(1, 3)):
+        style = rng.random()
+        if style < 0.5:
+            turns.append(rng.choice(FACT_QA))
+        elif style < 0.8:
+            w = rng.choice(WORDS)
+            turns.append((f"How many letters are in the word {w}?", f"{len(w)}."))
+        else:
+            w = rng.choice(WORDS)
+            turns.append((f"Spell the word {w}.", "-".join(w) + "."))
+    return turns

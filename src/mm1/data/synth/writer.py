@@ -6,6 +6,7 @@ Layout of a world directory (every part documented in docs/data-formats.md):
     interleaved/docs.parquet         OBELICS-style documents; images in interleaved/images/
     text/docs.jsonl                  text-only documents
     sft/conversations.json           LLaVA-format conversations; images in sft/images/
+    sft/text_conversations.json      LLaVA-format text-only conversations (no image)
     tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
     world.json                       seed, sizes and counts
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from mm1.config import SynthConfig
 from mm1.data.formats.interleaved import write_obelics
 from mm1.data.formats.llava import write_llava
-from mm1.data.formats.text import read_texts, write_jsonl
+from mm1.data.formats.text import open_text, write_jsonl
 from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import language as lang
 from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
@@ -152,6 +153,16 @@ def write_sft(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Ra
     write_llava(records, root / "sft" / "conversations.json")
 
 
+def write_sft_text(root: Path, n: int, rng: random.Random, bar) -> None:
+    records = []
+    for i in range(n):
+        conv = [m for q, a in lang.text_conversation(rng) for m in ({"from": "human", "value": q},
+                                                                   {"from": "gpt", "value": a})]
+        records.append({"id": f"synth-text-{i:07d}", "conversations": conv})
+        bar.update()
+    write_llava(records, root / "sft" / "text_conversations.json")
+
+
 def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[dict]:
     if kind == "caption":
         return [{"image": f"images/{name}", "captions": lang.reference_captions(scene, rng)}]
@@ -189,16 +200,18 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     """Write the whole world under `root` (deterministic in `seed`); returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
-    total = sizes.captions + sizes.interleaved + sizes.sft + 9 * sizes.eval_scenes
+    total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 9 * sizes.eval_scenes
     with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
         write_captions(root, sizes.captions, sizes.image_size, scenes, _rng(seed, "captions"), bar)
         write_interleaved(root, sizes.interleaved, sizes.image_size, scenes, _rng(seed, "interleaved"), bar)
         text_rng = _rng(seed, "text")
         docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
         if sizes.real_text:  # real prose beside the world's own: as many documents again, at most
-            docs += [t for _, t in read_texts(Path(sizes.real_text))][: sizes.text]
+            reader = open_text(Path(sizes.real_text))
+            docs += [reader.read(i).text for i in range(min(len(reader), sizes.text))]
         write_jsonl(docs, root / "text" / "docs.jsonl")
         write_sft(root, sizes.sft, sizes.image_size, scenes, _rng(seed, "sft"), bar)
+        write_sft_text(root, sizes.sft_text, _rng(seed, "sft-text"), bar)
         write_tasks(root, sizes.eval_scenes, sizes.image_size, scenes, seed, bar)
     meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
     (root / "world.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from mm1.data.errors import RecordError
 from mm1.data.formats.coco import read_caption_jsonl, read_coco_captions
-from mm1.data.sample import RecordError
 from mm1.eval.tasks.base import CaptionItem, Metric, Task, VQAItem
 
 SYNTH_TASKS = ("synth_caption", "synth_vqa", "synth_words")
@@ -45,14 +45,14 @@ def read_items(path: Path) -> tuple[Metric, list]:
                 caps = row.get("captions") or [row["caption"]]
                 item, kind = CaptionItem(image, tuple(str(c) for c in caps)), Metric.CIDER
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise RecordError(f"{path}:line{n}: a task row needs 'image' and 'captions' (or 'caption'), or "
-                              f"'image', 'question' and 'answers' ({type(err).__name__}: {err})") from None
+            raise RecordError(f"{path}:line{n}", "a task row needs 'image' and 'captions' (or 'caption'), or "
+                              "'image', 'question' and 'answers'", f"{type(err).__name__}: {err}") from None
         if metric not in (None, kind):
-            raise RecordError(f"{path}:line{n}: captioning and VQA rows mixed in one task file")
+            raise RecordError(f"{path}:line{n}", "captioning and VQA rows mixed in one task file")
         metric = kind
         items.append(item)
     if metric is None:
-        raise RecordError(f"{path}: task file has no rows")
+        raise RecordError(str(path), "task file has no rows")
     return metric, items
 
 
