@@ -35,6 +35,20 @@ def test_connectors_give_n_tokens_at_decoder_width(kind, tokens):
     assert all(p.grad is not None for p in conn.parameters())
 
 
+@pytest.mark.parametrize(("image_size", "grid"), [(224, 16), (378, 27), (336, 24)])
+@pytest.mark.parametrize("tokens", [64, 144])
+def test_average_pooling_at_every_paper_setting(image_size, grid, tokens):
+    """MM1's settings: 64 or 144 tokens from ViT-L/14 at 224/336 px and ViT-H/14 at 378 px."""
+    cfg = apply_overrides(get_recipe("tiny"), ["model.connector.kind=avg_pool", f"model.connector.num_tokens={tokens}",
+                                               f"model.vision.image_size={image_size}", "model.vision.patch_size=14"])
+    conn = build_connector(cfg.model.connector, vision_width=8, width=12, num_patches=grid * grid)
+    x = torch.arange(grid * grid, dtype=torch.float32).repeat(8, 1).t()[None]  # [1, g·g, 8]
+    pooled = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(1, 8, grid, grid), int(tokens**0.5))
+    out = conn(x)
+    assert out.shape == (1, tokens, 12)
+    torch.testing.assert_close(out, conn.proj(pooled.flatten(2).transpose(1, 2)))
+
+
 def test_c_abstractor_structure_follows_honeybee():
     conn = build_connector(ConnectorConfig(kind=ConnectorKind.C_ABSTRACTOR, num_tokens=16, depth=3, hidden=32),
                            vision_width=24, width=40, num_patches=64)

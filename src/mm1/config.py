@@ -477,9 +477,6 @@ def _validate_model(m: ModelConfig) -> None:
              f"{c.num_tokens} is not a square number (the connector pools to a √N×√N grid)")
     grid = v.image_size // v.patch_size
     side = math.isqrt(c.num_tokens)
-    if c.kind == ConnectorKind.AVG_POOL:
-        _require(grid % side == 0, "model.connector.num_tokens",
-                 f"average pooling needs the {grid}×{grid} patch grid to divide into {side}×{side}")
     if c.kind == ConnectorKind.ATTENTION_POOL:
         _require(d.width % c.heads == 0, "model.connector.heads",
                  f"{c.heads} heads do not divide the decoder width {d.width}")

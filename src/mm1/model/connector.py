@@ -24,7 +24,11 @@ def _to_grid(x_BPC: torch.Tensor) -> torch.Tensor:
 
 
 class AvgPoolConnector(nn.Module):
-    """n×n average pooling of the patch grid, then a linear projection (as in Emu2)."""
+    """Average pooling of the patch grid to √N×√N, then a linear projection (as in Emu2).
+
+    Adaptive pooling, so every square token count that fits works: MM1's 144 tokens come from
+    ViT-L/14's 16×16 grid at 224 px and from ViT-H/14's 27×27 grid at 378 px alike.
+    """
 
     def __init__(self, vision_width: int, width: int, cfg: ConnectorConfig) -> None:
         super().__init__()
