@@ -193,7 +193,9 @@ def test_frozen_components_stay_fixed_and_lr_multipliers_apply(world, tmp_path):
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert not any(name.startswith("vision") for name in groups)
     assert groups["connector.decay"]["lr_mult"] == 0.5 and groups["decoder.decay"]["lr_mult"] == 1.0
-    assert isinstance(trainer.optimizer, torch.optim.Adafactor)
+    from mm1.train.adafactor import Adafactor
+
+    assert isinstance(trainer.optimizer, Adafactor)
 
 
 def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
@@ -211,6 +213,25 @@ def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
     x = torch.randn(1, 5, moe_cfg.model.decoder.width)
     torch.testing.assert_close(moe_ffn(x)[0], dense_ffn(x), atol=1e-5, rtol=1e-5)  # every expert = the FFN
     torch.testing.assert_close(trainer.model.vision.pos_embed, dense.vision.pos_embed)
+    trainer.run()
+
+
+def test_a_checkpoint_loads_into_another_resolution_with_interpolated_position_tables(world, tmp_path):
+    """MM1 fine-tunes at 672 px from a 378-px checkpoint; here 64 px → 96 px (8×8 → 12×12 patches)."""
+    from mm1.model.vision import resize_pos_embed
+    from mm1.serve.loading import load_model
+
+    train(tiny_config(world, *SMALL, "train.steps=2"), out=tmp_path / "low")
+    high = tiny_config(world, *SMALL, "train.steps=2", "train.stage=sft", "model.vision.image_size=96",
+                       "data.sub_image_grid=2")
+    trainer = Trainer(high, tmp_path / "high", init_from=str(tmp_path / "low"))
+    low, _, _ = load_model(tmp_path / "low")
+    assert trainer.model.vision.pos_embed.shape == (144, 128) and low.vision.pos_embed.shape == (64, 128)
+    torch.testing.assert_close(trainer.model.vision.pos_embed, resize_pos_embed(low.vision.pos_embed, 12, num_prefix=0))
+    torch.testing.assert_close(trainer.model.connector.pos_embed,
+                               resize_pos_embed(low.connector.pos_embed, 12, num_prefix=0))
+    torch.testing.assert_close(trainer.model.decoder.embed.weight, low.decoder.embed.weight)
+    assert trainer.stream.batch(0).images_NCHW.shape[-1] == 96
     trainer.run()
 
 

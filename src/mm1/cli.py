@@ -30,12 +30,14 @@ def resolve_config(recipe: str, config_path: str | None, overrides: list[str]) -
 
 
 def _cmd_config_show(a: argparse.Namespace) -> int:
-    from mm1.model.mllm import count_parameters
+    from mm1.model.mllm import count_parameters, lr_rule_parameters
+    from mm1.train.optim import describe
 
     cfg = resolve_config(a.recipe, a.config, a.overrides)
     total, active = count_parameters(cfg.model)
     print(json.dumps(to_dict(cfg), indent=2))
     print(f"parameters: total {total:,} ({total / 1e9:.3f}B), active per token {active:,} ({active / 1e9:.3f}B)")
+    print("\n".join(describe(cfg.train.optimizer, cfg.train.schedule, lr_rule_parameters(cfg.model))))
     return 0
 
 

@@ -249,11 +249,15 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """`lr=0` means the paper's rule η(N) = exp(−0.4214·ln N − 0.5535); `weight_decay<0` means 0.1·η."""
+    """`lr=0` means the paper's rule η(N) = exp(−0.4214·ln N − 0.5535), N the LLM's parameters.
+
+    `weight_decay` is decoupled and relative to the learning rate: each step shrinks weights by
+    weight_decay × lr(t). MM1's λ = 0.1·η is `weight_decay=0.1` (see `mm1.train.optim`).
+    """
 
     kind: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 0.0
-    weight_decay: float = -1.0
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -526,6 +530,8 @@ def _validate_train(t: TrainConfig) -> None:
                  f"{t.micro_batch_size} does not divide batch_size {t.batch_size}")
     o, s = t.optimizer, t.schedule
     _require(o.lr >= 0, "train.optimizer.lr", "must be >= 0 (0 means the paper's LR rule)")
+    _require(0 <= o.weight_decay < 1, "train.optimizer.weight_decay",
+             f"must lie in [0, 1) (a fraction of the learning rate; MM1: 0.1), got {o.weight_decay}")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "train.optimizer", "betas must lie in [0, 1)")
     _require(o.grad_clip >= 0, "train.optimizer.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(s.warmup_steps >= 0, "train.schedule.warmup_steps", "must be >= 0")

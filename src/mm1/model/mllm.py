@@ -155,22 +155,20 @@ class MLLM(nn.Module):
 
 
 @torch.no_grad()
-def upcycle_from_dense(moe_model: MLLM, dense: MLLM) -> None:
-    """Sparse upcycling: copy a dense model into an MoE one, every expert starting as its layer's FFN.
-
-    All non-FFN weights must match by name and shape; routers keep their fresh initialisation.
+def upcycle_from_dense(moe_model: MLLM, dense_state: dict[str, torch.Tensor]) -> None:
+    """Sparse upcycling: copy a dense model's weights into an MoE one, every expert starting as its
+    layer's FFN. All non-FFN weights must match by name and shape; routers keep their initialisation.
     """
-    dense_state = dense.state_dict()
     for name, tensor in moe_model.state_dict().items():
         if ".ffn.w_" in name or ".ffn.router." in name:
             continue
         if name not in dense_state or dense_state[name].shape != tensor.shape:
             raise ValueError(f"cannot upcycle: dense checkpoint has no tensor {name} of shape {tuple(tensor.shape)}")
         tensor.copy_(dense_state[name])
-    for moe_layer, dense_layer in zip(moe_model.decoder.layers, dense.decoder.layers, strict=True):
-        if isinstance(moe_layer.ffn, MoEFFN):
-            f = dense_layer.ffn
-            moe_layer.ffn.upcycle_from(f.gate.weight, f.up.weight, f.down.weight)
+    for i, layer in enumerate(moe_model.decoder.layers):
+        if isinstance(layer.ffn, MoEFFN):
+            w = {k: dense_state[f"decoder.layers.{i}.ffn.{k}.weight"] for k in ("gate", "up", "down")}
+            layer.ffn.upcycle_from(w["gate"], w["up"], w["down"])
 
 
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
@@ -184,3 +182,18 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
             per_expert = module.w_gate_up[0].numel() + module.w_down[0].numel()
             inactive += per_expert * (module.cfg.num_experts - module.cfg.top_k)
     return total, total - inactive
+
+
+def lr_rule_parameters(cfg: ModelConfig) -> int:
+    """N of MM1's learning-rate rule: the decoder's parameters (embeddings included, tied ones once),
+    with each mixture-of-experts layer counted as its dense backbone's FFN.
+
+    The paper fit the rule on LLM sizes (9M to 1.2B), so the image encoder and the connector are
+    not counted, and the MoE models reuse their dense backbones' hyper-parameters.
+    """
+    from mm1.config import MoEConfig
+    from mm1.model.decoder import Decoder
+
+    with torch.device("meta"):
+        dense = Decoder(cfg.decoder, MoEConfig())
+    return sum(p.numel() for p in dense.parameters())

@@ -9,6 +9,7 @@ be filled, and shapes must agree — anything else raises `WeightsError` naming 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -100,6 +101,27 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+def fit_position_tables(state: dict[str, torch.Tensor], model: nn.Module, *, prefix: str = "") -> dict:
+    """Resize (bicubic) the ViT's and the C-Abstractor's position tables in `state` to `model`'s grid.
+
+    MM1 fine-tunes at a higher resolution than it pre-trains (672 vs 378 px): weights trained at one
+    resolution load into a config of another, the tables interpolated once here.
+    """
+    from mm1.model.vision import resize_pos_embed
+
+    own = model.state_dict()
+    out = dict(state)
+    for name, prefix_tokens in ((f"{prefix}vision.pos_embed", None), (f"{prefix}connector.pos_embed", 0),
+                                (f"{prefix}pos_embed", None)):
+        if name not in state or name not in own or state[name].shape == own[name].shape:
+            continue
+        if prefix_tokens is None:  # the ViT: a CLS row first when the tower has one
+            prefix_tokens = own[name].shape[0] - math.isqrt(own[name].shape[0]) ** 2
+        grid = math.isqrt(own[name].shape[0] - prefix_tokens)
+        out[name] = resize_pos_embed(state[name], grid, num_prefix=prefix_tokens)
+    return out
 
 
 # ----------------------------------------------------------------------------- configs

@@ -9,7 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mm1.config import Config, ConfigError, validate
-from mm1.recipes.paper import ablation, mm1_3b, mm1_3b_moe, mm1_7b, mm1_7b_moe, mm1_30b
+from mm1.recipes.paper import (
+    ablation,
+    ablation_sft,
+    mm1_3b,
+    mm1_3b_moe,
+    mm1_3b_moe_sft,
+    mm1_3b_sft,
+    mm1_7b,
+    mm1_7b_moe,
+    mm1_7b_moe_sft,
+    mm1_7b_sft,
+    mm1_30b,
+    mm1_30b_sft,
+)
 from mm1.recipes.tiny import tiny
 
 RECIPES: dict[str, Callable[[], Config]] = {
@@ -20,6 +33,12 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "mm1_30b": mm1_30b,
     "mm1_3b_moe": mm1_3b_moe,
     "mm1_7b_moe": mm1_7b_moe,
+    "ablation_sft": ablation_sft,
+    "mm1_3b_sft": mm1_3b_sft,
+    "mm1_7b_sft": mm1_7b_sft,
+    "mm1_30b_sft": mm1_30b_sft,
+    "mm1_3b_moe_sft": mm1_3b_moe_sft,
+    "mm1_7b_moe_sft": mm1_7b_moe_sft,
 }
 
 

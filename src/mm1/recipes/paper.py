@@ -9,6 +9,8 @@ standard shapes, named in each docstring, so that the parameter counts match the
 
 from __future__ import annotations
 
+import copy
+
 from mm1.config import (
     Config,
     ConnectorConfig,
@@ -16,7 +18,11 @@ from mm1.config import (
     DecoderConfig,
     ModelConfig,
     MoEConfig,
+    OptimizerConfig,
+    OptimizerKind,
     PackingConfig,
+    ScheduleConfig,
+    Stage,
     TrainConfig,
     VisionConfig,
 )
@@ -102,3 +108,49 @@ def mm1_3b_moe() -> Config:
 def mm1_7b_moe() -> Config:
     """MM1-7B-MoE: the 7B model with 32 experts in every 4th layer, top-2 (≈47B parameters in all)."""
     return _final(_decoder_7b(), MoEConfig(num_experts=32, every=4, top_k=2))
+
+
+def sft(base: Config) -> Config:
+    """MM1's supervised fine-tuning (Section 4) of a pre-trained `base`.
+
+    AdaFactor with an absolute learning rate of 1e-5 and cosine decay, 10k steps of 256 sequences of
+    2048 tokens, the image encoder unfrozen, text-only conversations mixed in (`data.sft_sources`).
+    High resolution as in the paper: a 1344×1344 image becomes an overview plus 2×2 sub-images, each
+    672×672, so the ViT runs at 672 px on position embeddings interpolated from pre-training
+    (once, when the pre-trained weights are loaded) and every image costs 5 × 144 = 720 tokens.
+    Where the paper is silent (warm-up, final learning rate, momentum, images per sequence) the
+    choices follow LLaVA-1.5, whose SFT recipe MM1 builds on; docs/paper.md lists them.
+    """
+    cfg = copy.deepcopy(base)
+    cfg.train.stage = Stage.SFT
+    cfg.train.steps, cfg.train.batch_size = 10_000, 256
+    cfg.train.optimizer = OptimizerConfig(kind=OptimizerKind.ADAFACTOR, lr=1e-5, weight_decay=0.0, beta1=0.9)
+    cfg.train.schedule = ScheduleConfig(warmup_steps=300, final_lr_fraction=0.0)  # LLaVA-1.5: 3% warm-up
+    cfg.model.vision.image_size = 672
+    cfg.data.sub_image_grid = 2
+    cfg.data.packing = PackingConfig(seq_len=2048, max_images=2)  # 2 × 720 image tokens fit in 2048
+    return cfg
+
+
+def mm1_3b_sft() -> Config:
+    return sft(mm1_3b())
+
+
+def mm1_7b_sft() -> Config:
+    return sft(mm1_7b())
+
+
+def mm1_30b_sft() -> Config:
+    return sft(mm1_30b())
+
+
+def mm1_3b_moe_sft() -> Config:
+    return sft(mm1_3b_moe())
+
+
+def mm1_7b_moe_sft() -> Config:
+    return sft(mm1_7b_moe())
+
+
+def ablation_sft() -> Config:
+    return sft(ablation())

@@ -65,9 +65,12 @@ def tiny_clip(base: Config) -> Config:
 
 
 def tiny_sft(base: Config) -> Config:
-    """Stage 2: supervised fine-tuning on the world's LLaVA-format conversations."""
+    """Stage 2: supervised fine-tuning on the world's conversations (with text-only ones mixed in), at
+    high resolution as MM1 does it, at this scale: each 128-px image as an overview plus 2×2 views of
+    64 px (the world renders at 128 px, where its printed words are legible)."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.SFT
+    cfg.data.sub_image_grid = 2
     cfg.train.steps = 60
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     return cfg

@@ -70,9 +70,10 @@ def train_clip(cfg: Config, out: Path) -> Path:
     data = CaptionPairs(cfg, tok)
     save(cfg, out / "config.json")
     model = CLIP(cfg.model.vision, vocab=len(tok))
-    n_params = sum(p.numel() for p in model.parameters())
-    lr, wd = resolve_lr(cfg.train.optimizer, n_params)
-    groups = param_groups(model, lr=lr, weight_decay=wd, components=cfg.train.components)
+    # No LLM here: the rule's N is the CLIP model's own size (our choice; see docs/paper.md).
+    lr = resolve_lr(cfg.train.optimizer, sum(p.numel() for p in model.parameters()))
+    groups = param_groups(model, lr=lr, weight_decay=cfg.train.optimizer.weight_decay,
+                          components=cfg.train.components)
     opt = build_optimizer(groups, cfg.train.optimizer, lr)
     steps = cfg.train.steps
     loader = step_loader(data.make, start=0, stop=steps, num_workers=cfg.data.num_workers)

@@ -1,7 +1,15 @@
 """The paper's learning-rate rule, the warm-up + cosine schedule, and optimizer construction.
 
-MM1 (Section 3.4) chose its peak learning rate by a grid search on small models and a linear fit
-in log space: η(N) = exp(−0.4214·ln N − 0.5535) for N parameters, with weight decay λ = 0.1·η.
+MM1 (Section 3.4) chose its peak learning rate by a grid search over LLM sizes (9M to 1.2B) and a
+linear fit in log space: η(N) = exp(−0.4214·ln N − 0.5535), N the LLM's parameters
+(`mm1.model.mllm.lr_rule_parameters`: the decoder, MoE layers counted as their dense FFN), with
+weight decay λ = 0.1·η.
+
+MM1 trained with AXLearn, whose AdamW decay is decoupled from the learning rate: each step
+shrinks a weight by λ (times the schedule), not by η·λ. `torch.optim.AdamW` multiplies its
+`weight_decay` by the scheduled learning rate, so λ = 0.1·η is `weight_decay = 0.1` there
+(`train.optimizer.weight_decay`, a fraction of the learning rate). Passing 0.1·η instead would
+shrink weights by 0.1·η² per step: nothing.
 """
 
 from __future__ import annotations
@@ -24,16 +32,23 @@ def mm1_learning_rate(num_params: float) -> float:
     return math.exp(LR_SLOPE * math.log(num_params) + LR_INTERCEPT)
 
 
-def mm1_weight_decay(lr: float) -> float:
-    """MM1 ties weight decay to the peak learning rate: λ = 0.1·η."""
-    return 0.1 * lr
+def resolve_lr(opt: OptimizerConfig, rule_params: int) -> float:
+    """The peak learning rate a run uses: an explicit `lr` wins, else the paper's rule at N."""
+    return opt.lr if opt.lr > 0 else mm1_learning_rate(rule_params)
 
 
-def resolve_lr(opt: OptimizerConfig, num_params: int) -> tuple[float, float]:
-    """The (peak lr, weight decay) a run uses: explicit values win, else the paper's rule."""
-    lr = opt.lr if opt.lr > 0 else mm1_learning_rate(num_params)
-    wd = opt.weight_decay if opt.weight_decay >= 0 else mm1_weight_decay(lr)
-    return lr, wd
+def describe(opt: OptimizerConfig, schedule: ScheduleConfig, rule_params: int) -> list[str]:
+    """What `mm1 config show` prints about the optimisation: lines starting `learning rate:` and `weight decay:`."""
+    lr = resolve_lr(opt, rule_params)
+    source = ("set by train.optimizer.lr" if opt.lr > 0 else
+              f"MM1's rule exp(-0.4214 ln N - 0.5535) at N = {rule_params:,} decoder parameters, "
+              "MoE layers counted as their dense FFN")
+    return [
+        f"learning rate: {lr:.3g} peak ({source}); {opt.kind.value}, warm-up {schedule.warmup_steps} steps, "
+        f"cosine decay to {schedule.final_lr_fraction:g} of the peak",
+        f"weight decay: {opt.weight_decay:g} x learning rate = {opt.weight_decay * lr:.3g} per step at the peak, "
+        "decoupled (weights shrink by weight_decay x the scheduled lr, not by the gradient step; MM1: 0.1 x lr)",
+    ]
 
 
 def lr_at(step: int, *, peak: float, total_steps: int, schedule: ScheduleConfig) -> float:
@@ -77,8 +92,11 @@ def param_groups(
 
 
 def build_optimizer(groups: list[dict], opt: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (decay decoupled, a fraction of the lr) or Adafactor with an absolute learning rate."""
     if opt.kind == OptimizerKind.ADAMW:
         return torch.optim.AdamW(groups, lr=lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     if opt.kind == OptimizerKind.ADAFACTOR:
-        return torch.optim.Adafactor(groups, lr=lr, beta2_decay=-0.8, eps=(None, 1e-3))
+        from mm1.train.adafactor import Adafactor
+
+        return Adafactor(groups, lr=lr, beta1=opt.beta1)
     raise ValueError(f"unknown optimizer {opt.kind}")

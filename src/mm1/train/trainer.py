@@ -23,7 +23,7 @@ from mm1.config import Config, ConfigError, OnNonFinite, Precision, save, to_dic
 from mm1.data.packing import IGNORE
 from mm1.data.stats import DataStats
 from mm1.data.stream import Batch, DataStream, load_tokenizer, make_loader
-from mm1.model.mllm import MLLM, count_parameters, upcycle_from_dense
+from mm1.model.mllm import MLLM, lr_rule_parameters, upcycle_from_dense
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
@@ -77,28 +77,33 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
 
 
 def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
-    """Start from a checkpoint's weights (strict); a dense checkpoint into an MoE model is upcycled."""
+    """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
+    upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
+    378-px pre-training checkpoint)."""
     from mm1.config import load
+    from mm1.model.weights import fit_position_tables, load_strict
 
     run, ck = ckpt.resolve(path)
-    source = load(run / "config.json")
-    if cfg.model.moe.num_experts and not source.model.moe.num_experts:
-        dense = MLLM(source.model)
-        ckpt.load_model_weights(ck, dense)
-        upcycle_from_dense(model, dense)
+    source = MLLM(load(run / "config.json").model)
+    ckpt.load_model_weights(ck, source)
+    state = fit_position_tables(source.state_dict(), model)
+    if cfg.model.moe.num_experts and not source.cfg.moe.num_experts:
+        upcycle_from_dense(model, state)
     else:
-        ckpt.load_model_weights(ck, model)
+        load_strict(model, state, what=f"weights from {ck}")
 
 
 def load_vision(model: MLLM, path: Path) -> None:
-    """Start the image encoder from CLIP pre-training (strict: every tensor must match)."""
+    """Start the image encoder from CLIP pre-training (strict: every tensor must match; the position
+    table is interpolated when the resolutions differ)."""
     from safetensors.torch import load_file
 
-    from mm1.model.weights import load_strict
+    from mm1.model.weights import fit_position_tables, load_strict
 
     if not path.exists():
         raise ConfigError(f"model.vision_init: {path} does not exist (train it with `mm1 train --stage clip`)")
-    load_strict(model.vision, load_file(str(path)), what=f"vision encoder from {path}")
+    state = fit_position_tables(load_file(str(path)), model.vision)
+    load_strict(model.vision, state, what=f"vision encoder from {path}")
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -132,8 +137,7 @@ class Trainer:
         resolve_model_config(cfg, len(self.tok), self.tok.image_id)
         self.stats = DataStats()
         self.stream = DataStream(cfg, self.tok, stats=self.stats)  # first: missing data fails before any work
-        self.total_params, _ = count_parameters(cfg.model)  # the LR rule uses all parameters
-        self.lr, self.weight_decay = resolve_lr(cfg.train.optimizer, self.total_params)
+        self.lr = resolve_lr(cfg.train.optimizer, lr_rule_parameters(cfg.model))
         if self.info.is_main:
             save(cfg, out / "config.json")
             self.tok.save(out / "tokenizer.json")  # the run is self-contained for eval and chat
@@ -143,7 +147,7 @@ class Trainer:
         if init_from:
             init_weights(self.model, cfg, Path(init_from))
         self.model = parallelize(self.model, cfg.train, self.info)
-        groups = param_groups(self.model, lr=self.lr, weight_decay=self.weight_decay,
+        groups = param_groups(self.model, lr=self.lr, weight_decay=cfg.train.optimizer.weight_decay,
                               components=cfg.train.components)
         self.optimizer = build_optimizer(groups, cfg.train.optimizer, self.lr)
         self.start_step = 0
