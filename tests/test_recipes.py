@@ -130,7 +130,8 @@ def test_sft_recipes_follow_the_paper(name):
     assert not t.components.vision_frozen
     assert cfg.data.sft_sources["sft_text"].weight > 0  # text-only conversations mixed in
     views = 1 + cfg.data.sub_image_grid**2
-    assert (cfg.model.vision.image_size * cfg.data.sub_image_grid, views * cfg.model.connector.num_tokens) == (1344, 720)
+    side = cfg.model.vision.image_size * cfg.data.sub_image_grid
+    assert (side, views * cfg.model.connector.num_tokens) == (1344, 720)
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():
