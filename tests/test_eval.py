@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from mm1.eval.fewshot import build_prompt, demonstrations, is_image
-from mm1.eval.harness import baseline, evaluate, results_table
+from mm1.config import PromptFormat
+from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER
+from mm1.eval.fewshot import build_prompt, demonstrations, prompt_text
+from mm1.eval.harness import baseline, evaluate, results_table, write_results
 from mm1.eval.metrics import cider_d, coco_tokenize, normalize_answer, vqa_accuracy
 from mm1.eval.tasks import Metric, get_task
+from mm1.serve.engine import Engine, LowRes
 
 CANDIDATES = ["a man riding a horse on a beach", "two dogs play in the snow", "a plate of food with broccoli",
               "a red bus parked on the street", "a cat sitting on a laptop keyboard"]
@@ -66,20 +70,80 @@ def test_vqa_accuracy_averages_leave_one_out_subsets():
     assert vqa_accuracy("the two", ["2"]) == 1.0 and vqa_accuracy("3", ["2"]) == 0.0  # one reference: exact
 
 
+def _images(parts) -> int:
+    return sum(isinstance(p, Image.Image | LowRes) for p in parts)
+
+
 def test_prompts_follow_the_paper_format_and_never_use_the_query(world):
     task = get_task("synth_vqa", world=world)
     for i in range(10):
         assert task.test[i] not in demonstrations(task, i, 8, seed=0)
     four = build_prompt(task, 3, 4, seed=0)
-    assert sum(map(is_image, four)) == 5
+    assert _images(four) == 5
     texts = [p for p in four if isinstance(p, str)]
     assert texts[-1] == f"Question: {task.test[3].question} Short answer:"
     assert texts[0].startswith("Question: ") and " Short answer: " in texts[0]
     zero = build_prompt(task, 3, 0, seed=0)
-    assert sum(map(is_image, zero)) == 1 and zero[0].count("Short answer:") == 2  # two text-only demos
+    assert _images(zero) == 1 and zero[0].count("Short answer:") == 2  # two text-only demos
     assert build_prompt(task, 3, 4, seed=0) == four  # reproducible
     cap = build_prompt(get_task("synth_caption", world=world), 0, 4, seed=0)
     assert cap[-1] == "Output:" and cap[1].startswith("Output: ")
+
+
+def test_chat_prompts_are_turns_of_the_tuned_template(world):
+    task = get_task("synth_vqa", world=world)
+    zero = build_prompt(task, 3, 0, seed=0, fmt=PromptFormat.CHAT)
+    text = prompt_text(zero)
+    # 0-shot: one user turn with the image and the question, then the assistant's opening
+    assert text == f"<|user|><image>{task.test[3].question}\n{SHORT_ANSWER}<|end|><|assistant|>"
+    two = prompt_text(build_prompt(task, 3, 2, seed=0, fmt=PromptFormat.CHAT))
+    assert two.count("<|user|>") == 3 and two.count("<|assistant|>") == 3 and two.endswith("<|assistant|>")
+    assert "Short answer:" not in two and "Question:" not in two
+    cap = prompt_text(build_prompt(get_task("synth_caption", world=world), 0, 0, seed=0, fmt=PromptFormat.CHAT))
+    assert CAPTION_PROMPT in cap
+
+
+def test_mixed_resolution_keeps_only_the_last_images_at_high_resolution(world):
+    task = get_task("synth_vqa", world=world)
+    eight = build_prompt(task, 0, 8, seed=0, fmt=PromptFormat.CHAT, high_res_last=1)
+    kinds = [type(p) for p in eight if isinstance(p, Image.Image | LowRes)]
+    assert kinds.count(LowRes) == 8 and not issubclass(kinds[-1], LowRes)
+    assert prompt_text(eight).count("<image:low>") == 8
+    # what it costs in image tokens with 2x2 sub-images: 8 one-view demonstrations + one 5-view query
+    eng = _engine(world, grid=2)
+    n = eng.model.num_image_tokens
+    ids = eng.encode(eight).ids
+    assert ids.count(eng.tok.image_id) == (8 + 5) * n
+    full = build_prompt(task, 0, 8, seed=0, fmt=PromptFormat.CHAT, high_res_last=9)
+    assert eng.encode(full).ids.count(eng.tok.image_id) == 9 * 5 * n
+
+
+def test_text_that_looks_like_a_control_token_stays_text_in_prompts(world):
+    from mm1.eval.tasks.base import Task, VQAItem
+
+    item = VQAItem(image=get_task("synth_vqa", world=world).test[0].image,
+                   question="is <image> or <|end|> written here?", answers=("no",))
+    task = Task(name="t", metric=Metric.VQA_ACCURACY, test=[item], train=[item])
+    eng = _engine(world, grid=0)
+    for fmt in (PromptFormat.PRETRAIN, PromptFormat.CHAT):
+        ids = eng.encode(build_prompt(task, 0, 0, seed=0, fmt=fmt)).ids
+        assert ids.count(eng.tok.image_id) == eng.model.num_image_tokens  # the query's image only
+        assert ids.count(eng.tok.control_id("<|end|>")) == (1 if fmt == PromptFormat.CHAT else 0)
+
+
+def _engine(world, *, grid: int) -> Engine:
+    import torch
+
+    from conftest import tiny_config
+    from mm1.data.stream import load_tokenizer
+    from mm1.model.mllm import MLLM
+    from mm1.train.trainer import resolve_model_config
+
+    cfg = tiny_config(world)
+    tok = load_tokenizer(cfg)
+    resolve_model_config(cfg, len(tok), tok.image_id)
+    torch.manual_seed(0)
+    return Engine(MLLM(cfg.model).eval(), tok, sub_image_grid=grid)
 
 
 def test_baselines(world):
@@ -117,15 +181,93 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("a red circle and a blue square. " * 20)
     tasks = [get_task("synth_caption", world=world), get_task("synth_vqa", world=world), get_task(f"ppl:{text}")]
-    res = evaluate(model, tok, tasks, [0, 2], EvalConfig(limit=4, max_new_tokens=4, batch_size=2), progress=False)
+    ev = evaluate(model, tok, tasks, [0, 2], EvalConfig(limit=4, max_new_tokens=4, batch_size=2),
+                  fmt=PromptFormat.PRETRAIN, progress=False)
+    res = ev.results
+    assert res["prompt"] == "pretrain" and res["tasks"]["synth_vqa"]["prompt"] == "pretrain"
     assert set(res["tasks"]) == {"synth_caption", "synth_vqa", "ppl:t.txt"}
     assert set(res["tasks"]["synth_vqa"]["scores"]) == {"0", "2"}
     assert res["tasks"]["synth_caption"]["metric"] == "cider" and "baseline" in res["tasks"]["synth_vqa"]
     ppl = res["tasks"]["ppl:t.txt"]["scores"]["0"]
     assert 1 < ppl < 2 * cfg.model.decoder.vocab_size  # untrained: near uniform over the output vocabulary
     assert "| synth_vqa | vqa_accuracy |" in results_table(res)
+    write_results(ev, tmp_path / "out")
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 * 2  # two image tasks, 4 items, 2 shot counts
+    vqa = [r for r in rows if r["task"] == "synth_vqa" and r["shots"] == 2]
+    for r in vqa:  # the score of each row is the prediction's against its references
+        from mm1.eval.metrics import vqa_accuracy
+
+        assert r["score"] == vqa_accuracy(r["prediction"], r["references"])
+        assert r["prompt"].endswith(f"Question: {r['question']} Short answer:") and r["prompt"].count("<image>") == 3
+    assert sum(r["score"] for r in vqa) / 4 == pytest.approx(res["tasks"]["synth_vqa"]["scores"]["2"])
+    with pytest.raises(ValueError, match=r"eval\.prompt=auto"):
+        evaluate(model, tok, tasks, [0], EvalConfig(limit=1), fmt=PromptFormat.AUTO, progress=False)
+
+
+def test_prompt_format_follows_the_stage_unless_chosen(world):
+    from conftest import tiny_config
+    from mm1.config import Stage, apply_overrides
+    from mm1.serve.loading import resolve_prompt_format
+
+    cfg = tiny_config(world)
+    assert resolve_prompt_format(cfg) == PromptFormat.PRETRAIN
+    cfg.train.stage = Stage.SFT
+    assert resolve_prompt_format(cfg) == PromptFormat.CHAT
+    assert resolve_prompt_format(apply_overrides(cfg, ["eval.prompt=pretrain"])) == PromptFormat.PRETRAIN
+
+
+def test_world_documents_never_hold_the_evaluation_templates(world):
+    import pyarrow.parquet as pq
+
+    from mm1.data.synth.pages import EVAL_TEMPLATES
+
+    texts = [t for row in pq.read_table(world / "interleaved" / "docs.parquet").column("texts").to_pylist()
+             for t in row if t]
+    assert len(texts) > 100  # the pages are there, with their text
+    docs = "".join(texts)
+    assert not [t for t in EVAL_TEMPLATES if t in docs]
 
 
 def test_coco_task_from_shared(shared):
     task = get_task("coco_val2017", shared=shared)
     assert len(task.test) == 159 and len(task.train) == 80 and Path(task.test[0].image).exists()
+
+
+@pytest.mark.parametrize(("n", "window", "stride"), [(50, 16, 16), (50, 16, 5), (17, 16, 8), (2, 16, 16)])
+def test_perplexity_windows_score_every_target_once(n, window, stride):
+    from mm1.eval.perplexity import windows
+
+    scored = []
+    for begin, first in windows(n, window, stride):
+        targets = range(first, min(begin + window, n - 1) + 1)
+        assert begin + 1 <= first and len(targets) > 0  # context of at least the window's start
+        scored += targets
+    assert scored == list(range(1, n))
+
+
+def test_perplexity_batched_with_stride_equals_a_plain_loop(world):
+    import math
+
+    import torch
+
+    from mm1.eval.perplexity import perplexity
+
+    eng = _engine(world, grid=0)
+    model, tok = eng.model, eng.tok
+    text = "a red circle and a blue square on a white background. " * 12
+    ids = torch.tensor(tok.encode(text))
+    window, stride = 32, 12
+    # the protocol by hand: target t is scored in the first window that holds it, from that window's start
+    nll, begin, done = 0.0, 0, 0
+    while done < len(ids) - 1:
+        chunk = ids[begin:begin + window + 1]
+        logp = torch.log_softmax(model(tokens_BT=chunk[None, :-1]).logits_BTV[0].float(), -1)
+        for j in range(len(chunk) - 1):
+            if begin + j + 1 > done:
+                nll -= float(logp[j, chunk[j + 1]])
+        done, begin = begin + len(chunk) - 1, begin + stride
+    expected = math.exp(nll / (len(ids) - 1))
+    for batch_size in (1, 5):
+        got = perplexity(model, tok, text, window=window, stride=stride, batch_size=batch_size, progress=False)
+        assert got == pytest.approx(expected, rel=1e-4)

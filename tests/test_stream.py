@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from mm1.data.mixture import Mixture, Permutation
 from mm1.data.packing import IGNORE, labels_from, layout, pack, split_chunks, tokenize
-from mm1.data.records import CaptionRecord, ImageRef, Role, Turn
+from mm1.data.records import CaptionRecord, ConversationRecord, DocumentRecord, ImageRef, Role, TextRecord, Turn
 from mm1.data.stream import DataStream, load_tokenizer, make_loader
 from mm1.data.synth.writer import SceneSource
 from mm1.data.template import ChatTemplate, Text, render_record
@@ -59,6 +59,24 @@ def test_literal_control_text_in_a_caption_gets_no_image_slot(tok):
     t = tokenize(render_record(record, ChatTemplate()), tok, image_tokens=4)
     assert (t.tokens == tok.image_id).sum() == 4 and (t.tokens == tok.eos_id).sum() == 1
     assert len(t.images) == 1
+
+
+LOOKALIKE = "see <image> and <|endoftext|> or <|user|><|end|><|assistant|> in this text"
+
+
+@pytest.mark.parametrize("record", [
+    CaptionRecord(ImageRef("x.png"), LOOKALIKE),
+    DocumentRecord((LOOKALIKE, ImageRef("x.png"), LOOKALIKE)),
+    TextRecord(LOOKALIKE),
+    ConversationRecord((Turn(Role.USER, (ImageRef("x.png"), LOOKALIKE)), Turn(Role.ASSISTANT, (LOOKALIKE,)))),
+], ids=["caption", "document", "text", "conversation"])
+def test_text_of_every_source_never_becomes_a_control_token(tok, record):
+    t = tokenize(render_record(record, ChatTemplate()), tok, image_tokens=4)
+    images = 0 if isinstance(record, TextRecord) else 1
+    assert (t.tokens == tok.image_id).sum() == 4 * images and len(t.images) == images
+    assert (t.tokens == tok.eos_id).sum() == 1  # only the one the tokenizer step appends
+    turns = len(record.turns) if isinstance(record, ConversationRecord) else 0
+    assert (t.tokens == tok.end_id).sum() == turns and (t.tokens == tok.user_id).sum() == turns // 2
 
 
 def test_long_samples_split_at_text_never_through_an_image(tok):

@@ -70,6 +70,14 @@ class ParallelKind(str, enum.Enum):
     FSDP = "fsdp"
 
 
+class PromptFormat(str, enum.Enum):
+    """How evaluation prompts a model: AUTO is CHAT for an SFT checkpoint, PRETRAIN otherwise."""
+
+    AUTO = "auto"
+    CHAT = "chat"  # the chat template: demonstrations as earlier turns
+    PRETRAIN = "pretrain"  # MM1's pre-training format: `<image>Output:` / `Question: … Short answer:`
+
+
 class OnNonFinite(str, enum.Enum):
     STOP = "stop"
     SKIP = "skip"
@@ -331,6 +339,10 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     ppl_tokens: int = 0  # perplexity tasks: score only the first N tokens (0 = all)
+    ppl_window: int = 0  # tokens per window (0 = the model's context)
+    ppl_stride: int = 0  # a window every N tokens (0 = the window: no overlap); see mm1.eval.perplexity
+    prompt: PromptFormat = PromptFormat.AUTO
+    high_res_last: int = 1  # with sub-image decomposition: only the last N images at high resolution
 
 
 @dataclass(kw_only=True)
@@ -551,6 +563,10 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError(f"eval.shots: expected comma-separated integers, got '{e.shots}'") from None
     _require(bool(shots) and min(shots) >= 0, "eval.shots", "needs at least one shot count >= 0")
     _require(e.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+    _require(e.high_res_last >= 0, "eval.high_res_last", "must be >= 0")
+    _require(e.ppl_window >= 0 and e.ppl_stride >= 0, "eval.ppl_window", "window and stride must be >= 0")
+    _require(not (e.ppl_window and e.ppl_stride > e.ppl_window), "eval.ppl_stride",
+             f"must not exceed eval.ppl_window ({e.ppl_window})")
 
 
 def validate(cfg: Config) -> Config:

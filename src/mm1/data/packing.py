@@ -15,7 +15,7 @@ MM1 packs pre-training data into 4096-token sequences with at most 16 images. He
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,16 +32,16 @@ class Tokenized:
     image_starts: list[int] = field(default_factory=list)  # first slot of each image's block
 
 
-def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int, views_per_image: int = 1,
-             end_of_text: bool = True) -> Tokenized:
-    """`views_per_image` > 1 reserves slots for sub-image decomposition (overview + crops)."""
+def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int,
+             views_per_image: int | Callable[[object], int] = 1, end_of_text: bool = True) -> Tokenized:
+    """`views_per_image` > 1 reserves slots for sub-image decomposition (overview + crops); a function
+    gives each image its own count (mixed-resolution few-shot prompts)."""
     texts = [s.text for s in segments if isinstance(s, Text)]
     encoded = iter(tok.encode_batch(texts)) if texts else iter(())
     ids: list[int] = []
     loss: list[bool] = []
     images: list = []
     starts: list[int] = []
-    block = image_tokens * views_per_image
     for seg in segments:
         if isinstance(seg, Text):
             piece = next(encoded)
@@ -53,6 +53,7 @@ def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int, 
         else:
             images.append(seg)
             starts.append(len(ids))
+            block = image_tokens * (views_per_image(seg) if callable(views_per_image) else views_per_image)
             ids += [tok.image_id] * block
             loss += [False] * block
     if end_of_text:

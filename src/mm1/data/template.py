@@ -49,6 +49,11 @@ class Control:
     loss: bool = False
 
 
+# The task prompts of chat-format evaluation, as LLaVA-1.5 words them (the synthetic world's SFT
+# conversations use them too, as LLaVA's SFT mix does).
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
 ImageLike = ImageRef | Image.Image
 Segment = Text | Control | ImageRef | Image.Image
 

@@ -1,9 +1,17 @@
-"""Few-shot prompts as MM1 and OpenFlamingo write them.
+"""Few-shot prompts in the two formats a model can be evaluated in.
 
-Captioning: `<image>Output: caption` per demonstration, the query ending in `<image>Output:`.
-VQA: `<image>Question: q Short answer: a`, the query ending in `Short answer:`.
+Pre-training format, as MM1 and OpenFlamingo write it: `<image>Output: caption` per demonstration,
+the query ending in `<image>Output:`; VQA as `<image>Question: q Short answer: a`. 0-shot adds two
+text-only demonstrations (MM1 §5.1).
+
+Chat format, for a fine-tuned model, in the chat template it was tuned with: each demonstration is
+an earlier user turn (its image and the task prompt) answered by the assistant, and the query is the
+last user turn (LLaVA-1.5's prompts: "Provide a one-sentence caption …", "… Answer the question
+using a single word or phrase.").
+
 Demonstrations carry their images and are drawn reproducibly from the task's train split (seeded by
-the query's index, never the query itself); 0-shot adds two text-only demonstrations (MM1 §5.1).
+the query's index, never the query itself). With sub-image decomposition, MM1's mixed-resolution
+few-shot keeps only the last `high_res_last` images at high resolution; the others are one view.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ import random
 
 from PIL import Image
 
+from mm1.config import PromptFormat
 from mm1.data.images import load_image
-from mm1.eval.tasks.base import CaptionItem, Task, VQAItem
-from mm1.serve.engine import Part
+from mm1.data.records import Role, Turn
+from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER, ChatTemplate, Control, Text, user_turn
+from mm1.eval.tasks.base import CaptionItem, Task
+from mm1.serve.engine import LowRes, Part
 
-STOP = ["\n", "Output:", "Question:", "<|endoftext|>"]
+STOP = {PromptFormat.PRETRAIN: ["\n", "Output:", "Question:"], PromptFormat.CHAT: ["\n"]}
 
 
-def _format(item, with_answer: bool, *, image: bool = True) -> list[Part]:
+def _pretrain(item, with_answer: bool, *, image: bool = True) -> list[Part]:
     parts: list[Part] = [load_image(item.image)] if image else []
     if isinstance(item, CaptionItem):
         parts.append(f"Output: {item.captions[0]}\n" if with_answer else "Output:")
@@ -27,6 +38,15 @@ def _format(item, with_answer: bool, *, image: bool = True) -> list[Part]:
         parts.append(f"Question: {item.question} Short answer: {item.answers[0]}\n" if with_answer
                      else f"Question: {item.question} Short answer:")
     return parts
+
+
+def _chat_turns(item, with_answer: bool) -> list[Turn]:
+    ask = CAPTION_PROMPT if isinstance(item, CaptionItem) else f"{item.question}\n{SHORT_ANSWER}"
+    turns = [user_turn(ask, [load_image(item.image)])]
+    if with_answer:
+        answer = item.captions[0] if isinstance(item, CaptionItem) else item.answers[0]
+        turns.append(Turn(Role.ASSISTANT, (answer,)))
+    return turns
 
 
 def demonstrations(task: Task, query_index: int, shots: int, *, seed: int) -> list:
@@ -37,18 +57,41 @@ def demonstrations(task: Task, query_index: int, shots: int, *, seed: int) -> li
     return [pool[i] for i in picks]
 
 
-def build_prompt(task: Task, query_index: int, shots: int, *, seed: int) -> list[Part]:
+def build_prompt(task: Task, query_index: int, shots: int, *, seed: int, fmt: PromptFormat = PromptFormat.PRETRAIN,
+                 high_res_last: int | None = None, template: ChatTemplate | None = None) -> list[Part]:
     query = task.test[query_index]
     demos = demonstrations(task, query_index, shots, seed=seed)
-    parts: list[Part] = []
-    if shots == 0:
-        for d in demos[:2]:
-            parts += _format(d, True, image=False)
+    if fmt == PromptFormat.CHAT:
+        turns = [t for d in demos[:shots] for t in _chat_turns(d, True)] + _chat_turns(query, False)
+        parts: list[Part] = (template or ChatTemplate()).render(turns, generation_prompt=True)
     else:
-        for d in demos[:shots]:
-            parts += _format(d, True)
-    parts += _format(query, False)
-    return _merge_text(parts)
+        parts = []
+        for d in demos[:2] if shots == 0 else demos[:shots]:
+            parts += _pretrain(d, True, image=shots > 0)
+        parts = _merge_text([*parts, *_pretrain(query, False)])
+    return parts if high_res_last is None else mixed_resolution(parts, high_res_last)
+
+
+def mixed_resolution(parts: list[Part], high_res_last: int) -> list[Part]:
+    """All images but the last `high_res_last` shown at low resolution (one view)."""
+    image_at = [i for i, p in enumerate(parts) if isinstance(p, Image.Image)]
+    low = set(image_at[: max(0, len(image_at) - high_res_last)])
+    return [LowRes(p) if i in low else p for i, p in enumerate(parts)]
+
+
+def prompt_text(parts: list[Part]) -> str:
+    """A prompt as readable text (for predictions.jsonl): images as `<image>` / `<image:low>`."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, Text):
+            out.append(p.text)
+        elif isinstance(p, Control):
+            out.append(p.token)
+        else:
+            out.append("<image:low>" if isinstance(p, LowRes) else "<image>")
+    return "".join(out)
 
 
 def _merge_text(parts: list[Part]) -> list[Part]:
@@ -59,10 +102,3 @@ def _merge_text(parts: list[Part]) -> list[Part]:
         else:
             out.append(p)
     return out
-
-
-def is_image(p: Part) -> bool:
-    return isinstance(p, Image.Image)
-
-
-__all__ = ["STOP", "VQAItem", "build_prompt", "demonstrations", "is_image"]

@@ -1,26 +1,30 @@
 """`mm1 eval`: few-shot evaluation of a checkpoint on captioning, VQA and perplexity tasks.
 
-Writes `DIR/results.json` — `{"tasks": {NAME: {"metric", "baseline", "scores": {"0": S, ...}}}}` —
-and `DIR/results.md`, a table with each task's baseline beside its scores. The baseline is what a
-model that ignores the image would score: the majority training answer for VQA, the single most
-frequent training caption for captioning, and the vocabulary size (a uniform guess) for perplexity.
+Writes `DIR/results.json` — `{"prompt": F, "tasks": {NAME: {"metric", "baseline", "prompt",
+"scores": {"0": S, ...}}}}` —, `DIR/results.md`, a table with each task's baseline beside its
+scores, and `DIR/predictions.jsonl`: every item at every shot count with the exact prompt, the
+prediction, the references and its score, so a surprising score can be looked into. The baseline
+is what a model that ignores the image would score: the majority training answer for VQA, the
+single most frequent training caption for captioning, and the vocabulary size (a uniform guess)
+for perplexity. The prompt format F is `chat` for a fine-tuned model and `pretrain` otherwise,
+unless `eval.prompt` says which.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from mm1.config import EvalConfig
+from mm1.config import EvalConfig, PromptFormat
 from mm1.data.tokenizer import Tokenizer
-from mm1.eval.fewshot import STOP, build_prompt
+from mm1.eval.fewshot import STOP, build_prompt, prompt_text
 from mm1.eval.metrics import cider_d, normalize_answer, vqa_accuracy
-from mm1.eval.tasks.base import Metric, Task
+from mm1.eval.perplexity import perplexity
+from mm1.eval.tasks.base import CaptionItem, Metric, Task
 from mm1.model.mllm import MLLM
 from mm1.serve.engine import Engine, GenerationConfig
 
@@ -36,55 +40,61 @@ def baseline(task: Task) -> float:
     raise ValueError(task.metric)
 
 
-def score(task: Task, predictions: list[str], items: list) -> float:
+def item_scores(task: Task, predictions: list[str], items: list) -> list[float]:
+    """Each prediction's score: VQA accuracy, or its CIDEr-D (idf over the whole evaluated set)."""
     if task.metric == Metric.VQA_ACCURACY:
-        return sum(vqa_accuracy(p, list(it.answers)) for p, it in zip(predictions, items, strict=True)) / len(items)
-    return cider_d(predictions, [list(it.captions) for it in items])[0]
+        return [vqa_accuracy(p, list(it.answers)) for p, it in zip(predictions, items, strict=True)]
+    return cider_d(predictions, [list(it.captions) for it in items])[1]
 
 
-@torch.inference_mode()
-def perplexity(model: MLLM, tok: Tokenizer, text: str, *, max_tokens: int = 0, window: int = 0) -> float:
-    """exp(mean NLL) over the text's tokens (the first `max_tokens` if set), in windows of `window`."""
-    ids = tok.encode(text)
-    if max_tokens:
-        ids = ids[:max_tokens]
-    window = window or model.cfg.decoder.max_seq_len
-    dev = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor(ids[start:start + window + 1], device=dev)[None]
-        if chunk.shape[1] < 2:
-            break
-        labels = chunk[:, 1:]
-        out = model(tokens_BT=chunk[:, :-1], labels_BT=labels)
-        nll += float(out.loss_sum)
-        count += out.num_predicted
-    return math.exp(nll / max(1, count))
+@dataclass
+class Evaluation:
+    """`results` as results.json holds them; `predictions`: one row per item, shot count and task."""
+
+    results: dict
+    predictions: list[dict] = field(default_factory=list)
 
 
-def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig, progress: bool = True
-                  ) -> dict[str, float]:
+def _prediction_row(task: Task, shots: int, index: int, prompt: list, prediction: str, item_score: float) -> dict:
+    item = task.test[index]
+    refs = {"references": list(item.captions)} if isinstance(item, CaptionItem) else {
+        "question": item.question, "references": list(item.answers)}
+    return {"task": task.name, "shots": shots, "index": index, "image": item.image, **refs,
+            "prompt": prompt_text(prompt), "prediction": prediction, "score": item_score}
+
+
+def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig, fmt: PromptFormat,
+                  progress: bool = True) -> tuple[dict[str, float], list[dict]]:
     if task.metric == Metric.PERPLEXITY:
         text = Path(task.text_path).read_text(encoding="utf-8", errors="replace")
-        return {"0": perplexity(engine.model, engine.tok, text, max_tokens=cfg.ppl_tokens)}
+        ppl = perplexity(engine.model, engine.tok, text, max_tokens=cfg.ppl_tokens, window=cfg.ppl_window,
+                         stride=cfg.ppl_stride, batch_size=cfg.batch_size, progress=progress, desc=task.name)
+        return {"0": ppl}, []
     n = len(task.test) if cfg.limit <= 0 else min(cfg.limit, len(task.test))
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, stop=STOP)
-    scores = {}
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, stop=STOP[fmt])
+    high_res_last = cfg.high_res_last if engine.grid else None
+    scores, rows = {}, []
     for k in shots:
-        preds: list[str] = []
+        preds, prompts = [], []
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"{task.name} {k}-shot", disable=not progress,
                           leave=False):
-            idx = range(start, min(n, start + cfg.batch_size))
-            prompts = [build_prompt(task, i, k, seed=cfg.seed) for i in idx]
-            preds += engine.generate(prompts, gen)
-        scores[str(k)] = score(task, preds, task.test[:n])
-    return scores
+            batch = [build_prompt(task, i, k, seed=cfg.seed, fmt=fmt, high_res_last=high_res_last)
+                     for i in range(start, min(n, start + cfg.batch_size))]
+            preds += engine.generate(batch, gen)
+            prompts += batch
+        per_item = item_scores(task, preds, task.test[:n])
+        scores[str(k)] = sum(per_item) / n
+        rows += [_prediction_row(task, k, i, prompts[i], preds[i], per_item[i]) for i in range(n)]
+    return scores, rows
 
 
-def write_results(results: dict, out: Path) -> None:
+def write_results(evaluation: Evaluation, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(results))
+    (out / "results.json").write_text(json.dumps(evaluation.results, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(evaluation.results))
+    with (out / "predictions.jsonl").open("w") as f:
+        for row in evaluation.predictions:
+            f.write(json.dumps(row) + "\n")
 
 
 def results_table(results: dict) -> str:
@@ -97,12 +107,17 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig,
-             progress: bool = True, sub_image_grid: int = 0) -> dict:
+def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig, *,
+             fmt: PromptFormat, progress: bool = True, sub_image_grid: int = 0) -> Evaluation:
+    """Every task at every shot count, prompted in `fmt` (resolve AUTO first: `resolve_prompt_format`)."""
+    if fmt == PromptFormat.AUTO:
+        raise ValueError("resolve eval.prompt=auto to chat or pretrain first (mm1.serve.loading)")
     engine = Engine(model, tok, sub_image_grid=sub_image_grid)
-    results: dict = {"tasks": {}}
+    evaluation = Evaluation({"prompt": fmt.value, "tasks": {}})
     for task in tasks:
         base = float(model.cfg.decoder.vocab_size) if task.metric == Metric.PERPLEXITY else baseline(task)
-        results["tasks"][task.name] = {"metric": task.metric.value, "baseline": base,
-                                       "scores": evaluate_task(engine, task, shots, cfg, progress)}
-    return results
+        scores, rows = evaluate_task(engine, task, shots, cfg, fmt, progress)
+        evaluation.results["tasks"][task.name] = {"metric": task.metric.value, "baseline": base,
+                                                  "prompt": fmt.value, "scores": scores}
+        evaluation.predictions += rows
+    return evaluation

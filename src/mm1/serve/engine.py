@@ -21,9 +21,18 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
 
+
+@dataclass(frozen=True)
+class LowRes:
+    """An image shown as one view even to a model that decomposes images into sub-images (MM1's
+    mixed-resolution few-shot prompts keep demonstrations at low resolution)."""
+
+    image: Image.Image
+
+
 # A prompt is a list of text pieces (always encoded as text), control tokens (from a template) and
 # images, in order.
-Part = str | Control | Image.Image
+Part = str | Control | Image.Image | LowRes
 
 
 @dataclass
@@ -68,13 +77,18 @@ class Engine:
         else:
             self._step_fn, self._encode_fn, self._prefill_fn = self._step, model.encode_images, self._prefill
 
+    def views(self, image: Image.Image | LowRes) -> list[Image.Image]:
+        """The views the model sees of an image: the overview and crops of sub-image decomposition."""
+        if isinstance(image, LowRes) or not self.grid:
+            return [image.image if isinstance(image, LowRes) else image]
+        return sub_images(image, self.image_size, self.grid)
+
     def encode(self, prompt: list[Part]) -> Encoded:
-        views = 1 + self.grid**2 if self.grid else 1
         segments = [Text(p) if isinstance(p, str) else p for p in prompt]
-        t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens, views_per_image=views,
-                     end_of_text=False)
-        images = [to_tensor(v, self.image_size) for img in t.images
-                  for v in (sub_images(img, self.image_size, self.grid) if self.grid else [img])]
+        views = {id(p): self.views(p) for p in prompt if isinstance(p, Image.Image | LowRes)}
+        t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens,
+                     views_per_image=lambda img: len(views[id(img)]), end_of_text=False)
+        images = [to_tensor(v, self.image_size) for img in t.images for v in views[id(img)]]
         return Encoded(t.tokens.tolist(), images)
 
     def _prefill_inputs(self, encoded: list[Encoded], T: int, max_len: int):

@@ -12,10 +12,17 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, Stage, load
+from mm1.config import Config, PromptFormat, Stage, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
 from mm1.train import checkpoint as ckpt
+
+
+def resolve_prompt_format(cfg: Config) -> PromptFormat:
+    """eval.prompt, with AUTO resolved: a fine-tuned (SFT) model is prompted as it was tuned, in chat."""
+    if cfg.eval.prompt != PromptFormat.AUTO:
+        return cfg.eval.prompt
+    return PromptFormat.CHAT if cfg.train.stage == Stage.SFT else PromptFormat.PRETRAIN
 
 
 def inference_sub_image_grid(cfg: Config) -> int:
@@ -32,6 +39,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
         from mm1.model.weights import load_hf_model
 
         return load_hf_model(path, device=device)
+    if (path / "mm1_config.json").exists():  # a folder written by `mm1 export`
+        from mm1.model.weights import import_exported
+
+        model, cfg = import_exported(path)
+        return model.to(device).eval(), Tokenizer.from_file(path / "tokenizer.json"), cfg
     run, ck = ckpt.resolve(path)
     cfg = load(run / "config.json")
     tok = Tokenizer.from_file(run / "tokenizer.json")

@@ -1,0 +1,60 @@
+"""Perplexity of a text file: the usual sliding-window protocol, batched, with a progress bar.
+
+The text is tokenized once. Windows of `window` tokens start every `stride` tokens; each window
+scores only the tokens that no earlier window scored, so with `stride < window` every token but
+the first `window` is predicted from at least `window - stride` tokens of context (Hugging Face's
+perplexity protocol). `stride = window` (the default) gives non-overlapping windows: fastest, and
+the highest perplexity. Windows are scored `batch_size` at a time; the last, shorter one is
+right-padded, the padding carrying no loss (causal attention keeps it out of the other tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from mm1.data.tokenizer import Tokenizer
+from mm1.model.mllm import IGNORE, MLLM
+
+
+def windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(begin, first scored target) of each window over n tokens; targets are 1..n-1."""
+    out, scored_to, begin = [], 0, 0
+    while scored_to < n - 1:
+        end = min(begin + window, n - 1)  # the window predicts targets begin+1 .. end
+        out.append((begin, scored_to + 1))
+        scored_to, begin = end, begin + stride
+    return out
+
+
+@torch.inference_mode()
+def perplexity(model: MLLM, tok: Tokenizer, text: str, *, max_tokens: int = 0, window: int = 0, stride: int = 0,
+               batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean NLL) over the text's tokens (its first `max_tokens` if set)."""
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    window = window or model.cfg.decoder.max_seq_len
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"perplexity stride must be in [1, window={window}], got {stride}")
+    if len(ids) < 2:
+        raise ValueError("perplexity needs a text of at least 2 tokens")
+    spans = windows(len(ids), window, stride)
+    dev = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(spans), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = spans[start:start + batch_size]
+        tokens = torch.zeros(len(batch), window, dtype=torch.long)
+        labels = torch.full((len(batch), window), IGNORE, dtype=torch.long)
+        for b, (begin, first) in enumerate(batch):
+            chunk = ids[begin:begin + window + 1]
+            tokens[b, : len(chunk) - 1] = chunk[:-1]
+            labels[b, : len(chunk) - 1] = chunk[1:]
+            labels[b, : first - begin - 1] = IGNORE  # targets an earlier window already scored
+        out = model(tokens_BT=tokens.to(dev), labels_BT=labels.to(dev))
+        nll += float(out.loss_sum)
+        count += out.num_predicted
+    return math.exp(nll / max(1, count))
