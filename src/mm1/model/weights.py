@@ -221,3 +221,51 @@ def import_exported(folder: Path):
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
                                 if cfg.model.decoder.tie_embeddings else {}), what=str(folder))
     return model, cfg
+
+
+EXPORT_DECODER_MAP = [  # (ours, HF): the inverse of DECODER_MAP
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.attn\.([qkv])\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"layers\.(\d+)\.attn\.o\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"layers\.(\d+)\.ffn\.(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+]
+
+
+def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | None) -> dict:
+    """Our decoder's shape as a transformers config.json: Qwen2 when q/k/v have biases, else Llama."""
+    qwen = dec.qkv_bias
+    return {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": dec.vocab_size, "hidden_size": dec.width, "num_hidden_layers": dec.depth,
+        "num_attention_heads": dec.heads, "num_key_value_heads": dec.kv_heads, "intermediate_size": dec.ffn_hidden,
+        "head_dim": dec.width // dec.heads, "hidden_act": "silu", "rms_norm_eps": dec.norm_eps,
+        "rope_theta": dec.rope_theta, "max_position_embeddings": dec.max_seq_len,
+        "tie_word_embeddings": dec.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+    }
+
+
+def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer_file: Path | None = None,
+                      eos_id: int | None = None) -> Path:
+    """The decoder as a standard HF causal-LM folder (config.json, model.safetensors, tokenizer.json)
+    that `transformers.AutoModelForCausalLM` loads with our logits. An MoE decoder has no such
+    standard form here and is refused."""
+    cfg: DecoderConfig = decoder.cfg
+    state = {k: v for k, v in decoder.state_dict().items()}
+    if any(".experts." in k or ".router." in k for k in state):
+        raise WeightsError("an MoE decoder cannot be exported as a Llama/Qwen2 folder; `mm1 export` still "
+                           "writes the whole model in mm1's format")
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    hf_state = {k: v.detach().contiguous().cpu() for k, v in map_names(state, EXPORT_DECODER_MAP, []).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_decoder_config(cfg, bos_id=None, eos_id=eos_id), indent=2))
+    if tokenizer_file is not None:
+        (folder / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
+    return folder

@@ -1,0 +1,247 @@
+"""Continuous batching: many generations share one decoding loop, joining and leaving at step boundaries.
+
+`Engine.generate` decodes a fixed batch until its longest row is done; a server cannot wait for
+that. Here each of `max_batch` cache rows holds one request at its own length. A step (1) admits
+waiting requests into free rows with one batched prompt pass (right-padded; each row's prompt
+lands in cache slots 0..L-1), then (2) advances every running row by one token, each writing its
+key/value at its own length. Running rows are kept at the front of the cache, so a step only
+computes the rows in use and attends over the slots in use (rounded up, to limit distinct shapes);
+a finished row's slot is refilled by moving the last running row into it. Greedy rows decode
+exactly as `Engine.generate` decodes them alone, up to floating-point summation order.
+
+The batcher is not thread-safe except `submit`, which may be called from any thread; one thread
+(the server's worker) calls `step`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mm1.model.decoder import KVCache
+from mm1.serve.engine import Encoded, Engine, GenerationConfig
+
+SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
+
+
+@dataclass
+class Completion:
+    """What a finished request produced: its text, token counts and why it stopped."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass
+class Request:
+    """One generation: an encoded prompt, its settings, and where its text goes.
+
+    `on_text` receives each new piece of text as it becomes final (never text that could still
+    turn out to start a stop string); `on_done` receives the completion, or the error that ended
+    the request.
+    """
+
+    encoded: Encoded
+    gen: GenerationConfig
+    on_text: Callable[[str], None] = lambda _: None
+    on_done: Callable[[Completion | BaseException], None] = lambda _: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Running:
+    request: Request
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already passed to on_text
+    text: str = ""
+
+
+class ContinuousBatcher:
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_len: int | None = None) -> None:
+        self.engine, self.max_batch = engine, max_batch
+        self.max_len = max_len or engine.model.cfg.decoder.max_seq_len
+        self.cache = engine.model.new_cache(max_batch, self.max_len)
+        self.length = torch.zeros(max_batch, dtype=torch.long)  # tokens in each row's cache
+        self.last = torch.zeros(max_batch, dtype=torch.long)  # each row's last token (the next input)
+        self.rows: list[_Running] = []  # rows [0, len) of the cache, in order
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.wake = threading.Event()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (thread-safe). Its prompt plus max_new_tokens must fit in `max_len`."""
+        need = len(request.encoded.ids) + request.gen.max_new_tokens
+        if need > self.max_len:
+            raise ValueError(f"prompt ({len(request.encoded.ids)} tokens) + max_new_tokens "
+                             f"({request.gen.max_new_tokens}) exceeds the context of {self.max_len} tokens")
+        self.waiting.put(request)
+        self.wake.set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows) or not self.waiting.empty()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit what fits (their prompt pass gives their first token), then advance every row that
+        was already running by one token."""
+        self._drop_cancelled()
+        running = len(self.rows)
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if running:
+            self._decode(running)
+
+    def run(self, stop: threading.Event) -> None:
+        """The worker loop: step while there is work, sleep until a request arrives otherwise."""
+        while not stop.is_set():
+            if not self.busy:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as err:  # fail the requests in flight, keep serving
+                for row in self.rows:
+                    row.request.on_done(err)
+                self.rows = []
+
+    # -- admission and the prompt pass ------------------------------------------------------------
+
+    def _admit(self) -> list[_Running]:
+        new: list[_Running] = []
+        while len(self.rows) + len(new) < self.max_batch:
+            try:
+                req = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if req.cancelled.is_set():
+                continue
+            new.append(_Running(req, torch.Generator().manual_seed(req.gen.seed)))
+        return new
+
+    def _prefill(self, new: list[_Running]) -> None:
+        eng, first = self.engine, len(self.rows)
+        n, dev = len(new), eng.device
+        lengths = [len(r.request.encoded.ids) for r in new]
+        T = max(lengths)
+        tokens = torch.full((n, T), eng.pad_id, dtype=torch.long)
+        for i, r in enumerate(new):
+            tokens[i, : lengths[i]] = torch.tensor(r.request.encoded.ids)
+        valid = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+        mask = (torch.ones(T, T, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
+        images = [im for r in new for im in r.request.encoded.images]
+        embeds = eng.model.embed(tokens.to(dev), torch.stack(images).to(dev, eng.dtype) if images else None)
+        rows = slice(first, first + n)
+        cache = KVCache([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v], torch.arange(T, device=dev))
+        positions = torch.arange(T, device=dev)[None].expand(n, T)
+        hidden = eng.model.decoder(embeds, positions, mask[:, None].to(dev), cache).hidden_BTD
+        last = hidden[torch.arange(n), torch.tensor(lengths) - 1]
+        logits = eng.model.decoder.lm_head(last).float().cpu()
+        self.length[rows] = torch.tensor(lengths)
+        self.rows += new
+        self._emit(logits, range(first, first + n))
+
+    # -- one decoding step for every running row -------------------------------------------------
+
+    def _decode(self, n: int) -> None:
+        """Rows [0, n) (those admitted before this step) take one token each."""
+        eng, dev = self.engine, self.engine.device
+        length = self.length[:n]
+        S = min(self.max_len, -(-(int(length.max()) + 1) // SLOT_ROUND) * SLOT_ROUND)
+        mask = torch.arange(S)[None, :] <= length[:, None]  # the slots written so far, and this one
+        cache = KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v], length[:, None].to(dev))
+        x = eng.model.decoder.embed(self.last[:n, None].to(dev))
+        hidden = eng.model.decoder(x, length[:, None].to(dev), mask[:, None, None].to(dev), cache).hidden_BTD
+        self.length[:n] += 1
+        self._emit(eng.model.decoder.lm_head(hidden[:, -1]).float().cpu(), range(n))
+
+    def _emit(self, logits_BV: torch.Tensor, rows: range) -> None:
+        """Pick each row's next token, pass on its new text, and retire finished rows."""
+        finished = []
+        for b, i in enumerate(rows):
+            row = self.rows[i]
+            token = self._pick(logits_BV[b], row)
+            self.last[i] = token
+            reason = self._advance(row, token)
+            if reason:
+                finished.append((i, reason))
+        for i, reason in sorted(finished, reverse=True):  # from the back: moving rows keeps indices valid
+            self._finish(i, reason)
+
+    def _pick(self, logits_V: torch.Tensor, row: _Running) -> int:
+        gen = row.request.gen
+        if gen.temperature <= 0:
+            return int(logits_V.argmax())
+        probs = torch.softmax(logits_V / gen.temperature, dim=-1)
+        if gen.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < gen.top_p)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=row.generator))
+
+    def _advance(self, row: _Running, token: int) -> str | None:
+        """Record a token; the finish reason if the row is done."""
+        gen = row.request.gen
+        if token in self.engine.stop_ids:
+            self._flush(row, row.text)
+            return "stop"
+        row.ids.append(token)
+        row.text = self.engine.tok.decode(row.ids)
+        hit = [row.text.index(s) for s in gen.stop if s in row.text]
+        if hit:
+            row.text = row.text[: min(hit)]
+            self._flush(row, row.text)
+            return "stop"
+        if len(row.ids) >= gen.max_new_tokens:
+            self._flush(row, row.text)
+            return "length"
+        # Hold back what could still change: the start of a stop string, or a partial UTF-8
+        # character (decoded as U+FFFD until its last byte arrives).
+        ready = row.text[: len(row.text) - _held_back(row.text, gen.stop)].rstrip("\ufffd")
+        self._flush(row, ready)
+        return None
+
+    def _flush(self, row: _Running, final: str) -> None:
+        if len(final) > row.sent:
+            row.request.on_text(final[row.sent:])
+            row.sent = len(final)
+
+    def _finish(self, i: int, reason: str) -> None:
+        row = self.rows[i]
+        self._remove(i)
+        row.request.on_done(Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason))
+
+    def _remove(self, i: int) -> None:
+        """Free row i: the last running row moves into it (its cache slots, length and last token)."""
+        last = len(self.rows) - 1
+        if i != last:
+            L = int(self.length[last])
+            for k in (*self.cache.k, *self.cache.v):
+                k[i, :, :L] = k[last, :, :L]
+            self.length[i], self.last[i] = self.length[last], self.last[last]
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].request.cancelled.is_set():
+                self._remove(i)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters could be the start of a stop string (not sent yet)."""
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                held = max(held, k)
+                break
+    return held

@@ -1,0 +1,195 @@
+"""`mm1 serve`: an OpenAI-compatible HTTP server over the continuous batcher.
+
+    POST /v1/chat/completions   text and image_url parts (data URLs), stream or not
+    GET  /v1/models             the one model served
+    GET  /health                liveness
+
+The server only validates, queues and streams: one worker thread owns the model and runs
+`ContinuousBatcher.run`; each request waits on an asyncio queue that the worker feeds. Requests
+are checked completely (`mm1.serve.requests`) before they are queued, and a refused request gets
+an OpenAI-style error body while the server goes on serving the others. The official `openai`
+client works unchanged against it (tested).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from mm1.data.template import ChatTemplate
+from mm1.serve.batching import Completion, ContinuousBatcher
+from mm1.serve.batching import Request as GenRequest
+from mm1.serve.engine import Engine
+from mm1.serve.requests import ChatRequest, Limits, RequestError, parse_chat
+
+
+@dataclass
+class ServerState:
+    """What the app serves: the engine, its batcher and worker, the limits and the model's name."""
+
+    engine: Engine
+    batcher: ContinuousBatcher
+    limits: Limits
+    model_name: str
+    api_key: str | None = None
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+    stop: threading.Event | None = None
+
+
+def _error(err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _read_body(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is {int(declared):,} bytes; the limit is {limit:,}",
+                           code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+
+
+def _authorize(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+
+
+class _Sink:
+    """Carries a request's text from the worker thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def text(self, piece: str) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, piece)
+
+    def done(self, result: Completion | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, result)
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+async def _complete(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRequest) -> JSONResponse:
+    while True:
+        item = await sink.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Completion):
+            break
+    return JSONResponse({
+        "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": item.text},
+                     "finish_reason": item.finish_reason, "logprobs": None}],
+        "usage": _usage(item)})
+
+
+async def _stream(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRequest) -> AsyncIterator[str]:
+    cid, created = _completion_id(), int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await sink.queue.get()
+            if isinstance(item, str):
+                yield chunk({"content": item})
+            elif isinstance(item, Completion):
+                yield chunk({}, item.finish_reason)
+                if chat.include_usage:  # OpenAI's last chunk: no choices, the usage
+                    last = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                            "model": state.model_name, "choices": [], "usage": _usage(item)}
+                    yield f"data: {json.dumps(last)}\n\n"
+                break
+            else:
+                err = {"error": {"message": f"generation failed: {item}", "type": "server_error"}}
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancelled.set()  # a client that went away frees its row at the next step
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        state.stop = threading.Event()
+        worker = threading.Thread(target=state.batcher.run, args=(state.stop,), name="mm1-batcher", daemon=True)
+        worker.start()
+        yield
+        state.stop.set()
+        worker.join(timeout=10)
+
+    app = FastAPI(title="mm1", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, err: RequestError) -> JSONResponse:
+        return _error(err)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": len(state.batcher.rows), "waiting": state.batcher.waiting.qsize()}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        _authorize(request, state.api_key)
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                            "owned_by": "mm1"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _authorize(request, state.api_key)
+        body = await _read_body(request, state.limits.max_body_bytes)
+        context = state.batcher.max_len
+        chat = await run_in_threadpool(parse_chat, body, state.engine, state.limits, state.template, context)
+        sink = _Sink(asyncio.get_running_loop())
+        req = GenRequest(chat.encoded, chat.gen, on_text=sink.text, on_done=sink.done)
+        state.batcher.submit(req)
+        if chat.stream:
+            return StreamingResponse(_stream(state, chat, sink, req), media_type="text/event-stream")
+        try:
+            return await _complete(state, chat, sink, req)
+        finally:
+            req.cancelled.set()
+
+    return app
+
+
+def serve(state: ServerState, *, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(state), host=host, port=port, log_level="info")

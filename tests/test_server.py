@@ -1,0 +1,231 @@
+"""`mm1 serve`: a real server on 127.0.0.1, spoken to with the official `openai` client.
+
+Every limit is checked before decoding and answered with an OpenAI-style 4xx; after each refused
+request a good one still succeeds. Continuous batching gives every request what it would get
+alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from mm1.config import apply_overrides
+from mm1.data.template import ChatTemplate, user_turn
+from mm1.data.tokenizer import train_bpe
+from mm1.model.mllm import MLLM
+from mm1.recipes import get_recipe
+from mm1.serve.batching import Completion, ContinuousBatcher, Request
+from mm1.serve.engine import Engine, GenerationConfig
+from mm1.serve.requests import Limits
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+LIMITS = Limits(max_body_bytes=300_000, max_images=3, max_image_bytes=100_000, max_image_pixels=200 * 200,
+                max_tokens=24, default_max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    torch.manual_seed(0)
+    tok = train_bpe(["what colour is the circle? red circle blue square, a green star"] * 20, vocab_size=220)
+    cfg = apply_overrides(get_recipe("tiny"), ["model.decoder.vocab_size=256", "model.decoder.depth=2",
+                                               "model.decoder.max_seq_len=256"])
+    cfg.model.image_token_id = tok.image_id
+    model = MLLM(cfg.model).eval()
+    with torch.no_grad():  # a wider spread than the default init, so that greedy outputs vary with the
+        for p in model.decoder.parameters():  # whole context (a default one repeats one token, hiding cache bugs)
+            if p.dim() == 2:
+                p.normal_(0, 2 / p.shape[-1] ** 0.5)
+    return Engine(model, tok)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from mm1.serve.server import ServerState, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = ServerState(engine, ContinuousBatcher(engine, max_batch=4), LIMITS, model_name="tiny", api_key="sekrit")
+    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="sekrit", max_retries=0)
+
+
+def png(size=(24, 24), colour=(255, 0, 0), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_part(data: bytes, mime: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+
+
+def ask(client, content, **kw):
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **kw)
+
+
+def good(client) -> None:
+    out = ask(client, [image_part(png()), {"type": "text", "text": "what colour?"}], max_tokens=4)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_text_and_usage(client, engine):
+    out = ask(client, "what colour is the circle?", max_tokens=6)
+    assert out.object == "chat.completion" and out.model == "tiny"
+    prompt = ChatTemplate().render([user_turn("what colour is the circle?")], generation_prompt=True)
+    assert out.usage.prompt_tokens == len(engine.encode(prompt).ids)
+    assert out.usage.completion_tokens <= 6 and out.usage.total_tokens == out.usage.prompt_tokens + \
+        out.usage.completion_tokens
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_greedy_output_equals_the_engine_alone(client, engine):
+    """What `mm1 generate` prints (the engine on the chat-templated prompt) is what the server returns."""
+    img = Image.open(io.BytesIO(png(colour=(0, 0, 255))))
+    for content, images in [("what colour is the circle?", []), ("and this?", [img])]:
+        parts = [image_part(png(colour=(0, 0, 255)))] * len(images) + [{"type": "text", "text": content}]
+        served = ask(client, parts, max_tokens=12).choices[0].message.content
+        prompt = ChatTemplate().render([user_turn(content, images)], generation_prompt=True)
+        alone = engine.generate([prompt], GenerationConfig(max_new_tokens=12))[0]
+        assert served == alone
+
+
+def test_several_images_interleaved_with_text(client):
+    parts = [{"type": "text", "text": "first"}, image_part(png()), {"type": "text", "text": "second"},
+             image_part(png(colour=(0, 255, 0)))]
+    with_images = ask(client, parts, max_tokens=4)
+    text_only = ask(client, "firstsecond", max_tokens=4)
+    assert with_images.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 * 16  # 16 tokens per image
+
+
+def test_streaming_matches_the_whole_answer(client):
+    whole = ask(client, "what colour is the circle?", max_tokens=10).choices[0].message.content
+    chunks = list(ask(client, "what colour is the circle?", max_tokens=10, stream=True,
+                      stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_stop_strings_cut_the_answer(client):
+    whole = ask(client, "red circle", max_tokens=16).choices[0].message.content
+    if len(whole) < 4:
+        pytest.skip(f"the random model answered too little to cut: {whole!r}")
+    stop = whole[len(whole) // 2: len(whole) // 2 + 2]
+    cut = ask(client, "red circle", max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == whole[: whole.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, "red circle", max_tokens=16,
+                                                                      stop=stop, stream=True) if c.choices)
+    assert stop not in streamed and streamed.strip() == whole[: whole.index(stop)].strip()
+
+
+def bomb() -> bytes:
+    """A PNG of 5000 × 5000 pixels in a few kilobytes."""
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("content", "kw", "code"), [
+    ([image_part(png())] * 4 + [{"type": "text", "text": "hi"}], {}, "too_many_images"),
+    ([image_part(png((180, 180)) + bytes(120_000)), {"type": "text", "text": "hi"}], {}, "image_too_large"),
+    ([image_part(bomb()), {"type": "text", "text": "hi"}], {}, "image_too_many_pixels"),
+    ([image_part(png()[:60]), {"type": "text", "text": "hi"}], {}, "invalid_image"),  # truncated
+    ([image_part(b"GIF89a this is not an image")], {}, "invalid_image"),
+    ([image_part(b"just some text", "image/png")], {}, "invalid_image"),  # the bytes say what it is
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not base64@@@"}}], {}, "invalid_base64"),
+    ([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}], {}, "url_not_allowed"),
+    ([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}], {}, "invalid_image_url"),
+    ("hi", {"max_tokens": 25}, "max_tokens_exceeded"),
+    ("circle " * 400, {}, "context_length_exceeded"),
+    ("hi", {"temperature": 5}, "invalid_value"),
+])
+def test_each_limit_is_a_4xx_and_the_server_goes_on(client, content, kw, code):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, content, **kw)
+    err = info.value.body
+    assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error", err
+    good(client)
+
+
+def test_jpeg_declared_as_png_is_read_from_its_bytes(client):
+    good_jpeg = png(fmt="JPEG")
+    out = ask(client, [image_part(good_jpeg, "image/png"), {"type": "text", "text": "hi"}], max_tokens=2)
+    assert out.usage.prompt_tokens > 16
+
+
+def test_raw_http_errors_malformed_json_big_body_and_api_key(server, client):
+    headers = {"Authorization": "Bearer sekrit", "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(server + "/v1/chat/completions", content=b"x" * 400_000, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": []}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    good(client)
+
+
+def test_continuous_batching_gives_each_request_what_it_gets_alone(engine):
+    prompts = [ChatTemplate().render([user_turn(q)], generation_prompt=True)
+               for q in ("red", "what colour is the circle?", "blue square, a green star", "a", "circle circle")]
+    lengths = [3, 12, 7, 20, 5]
+    alone = [engine.generate([p], GenerationConfig(max_new_tokens=n))[0] for p, n in zip(prompts, lengths, strict=True)]
+    batcher = ContinuousBatcher(engine, max_batch=2)  # fewer rows than requests: rows are reused
+    done: dict[int, Completion] = {}
+    streamed: dict[int, str] = {i: "" for i in range(5)}
+
+    def submit(i: int) -> None:
+        batcher.submit(Request(engine.encode(prompts[i]), GenerationConfig(max_new_tokens=lengths[i]),
+                               on_text=lambda t, i=i: streamed.__setitem__(i, streamed[i] + t),
+                               on_done=lambda c, i=i: done.__setitem__(i, c)))
+
+    submit(0)
+    submit(1)
+    steps = 0
+    while batcher.busy:
+        batcher.step()
+        steps += 1
+        if steps == 2:  # requests join while others are running
+            for i in (2, 3, 4):
+                submit(i)
+        assert len(batcher.rows) <= 2
+    assert [done[i].text for i in range(5)] == alone
+    assert all(streamed[i].strip() == done[i].text for i in range(5))
+    assert steps < sum(lengths)  # rows advanced together, not one request after another
+
+
+def test_a_request_that_cannot_fit_is_refused_before_queueing(engine):
+    batcher = ContinuousBatcher(engine, max_batch=1, max_len=32)
+    long = engine.encode(ChatTemplate().render([user_turn("circle " * 40)], generation_prompt=True))
+    with pytest.raises(ValueError, match="exceeds the context of 32 tokens"):
+        batcher.submit(Request(long, GenerationConfig(max_new_tokens=4)))
+    assert not batcher.busy
