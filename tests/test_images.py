@@ -58,12 +58,13 @@ def test_bad_files_raise_image_error_naming_where():
         decode_image(good[: len(good) // 2], where="t.png")
 
 
-def test_decompression_bomb_guard(monkeypatch):
-    import mm1.data.images as images
-
-    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+def test_decompression_bomb_guard():
     with pytest.raises(ImageError, match=r"image has too many pixels \(20×20, limit 100 pixels\)"):
-        decode_image(_bytes(Image.new("RGB", (20, 20))), where="big.png")
+        decode_image(_bytes(Image.new("RGB", (20, 20))), where="big.png", max_pixels=100)
+    with pytest.raises(ImageError, match=r"image file too large"):
+        decode_image(_bytes(Image.new("RGB", (20, 20))), where="big.png", max_bytes=10)
+    with pytest.raises(ImageError, match=r"cannot decode image"):  # a PNG where only JPEG is accepted
+        decode_image(_bytes(Image.new("RGB", (20, 20))), where="x.png", formats=("JPEG",))
 
 
 def test_to_tensor_pads_to_square_and_normalises():

@@ -76,8 +76,8 @@ def write_report(out: Path, *, results: dict[str, dict], metrics: dict[str, list
     lines = ["# mm1 quickstart report", "",
              "The tiny MM1 recipe on the embedded synthetic world: pre-training on the 45:45:10 mixture, "
              "SFT on conversations, then few-shot evaluation on held-out scenes.", ""]
-    for stage, res in results.items():
-        lines += [f"## Few-shot evaluation after {stage}", "", results_table(res)]
+    for arm, res in results.items():
+        lines += [f"## Few-shot evaluation: {arm} ({res['prompt']} prompts)", "", results_table(res)]
     lines += ["![scores against shots](scores_vs_shots.png)", "", "## Training", "",
               "![loss per source](loss_per_source.png)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]

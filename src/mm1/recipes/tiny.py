@@ -51,15 +51,16 @@ def tiny() -> Config:
         checkpoint=CheckpointConfig(every=200, keep_last=2), logging=LoggingConfig(every=10),
     )
     return Config(model=model, data=data, train=train,
-                  eval=EvalConfig(limit=200, max_new_tokens=16, batch_size=32))
+                  eval=EvalConfig(limit=100, max_new_tokens=16, batch_size=32))
 
 
 def tiny_clip(base: Config) -> Config:
     """Stage 0: CLIP pre-training of the tiny ViT on the world's captions (MM1 starts from a CLIP
-    encoder; none ships offline). 200 steps of 128 pairs reach ~65-70% in-batch retrieval accuracy."""
+    encoder; none ships offline). 100 steps of 128 pairs: the loss falls from 4.8 to ~1.1 (at 200
+    steps ~1.0, not worth the minute it costs in the quickstart)."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.CLIP
-    cfg.train.steps, cfg.train.batch_size = 200, 128
+    cfg.train.steps, cfg.train.batch_size = 100, 128
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     return cfg
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 from mm1.data.synth.scene import COLOURS, SHAPES, WORDS, Scene, Shape
+from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
@@ -138,11 +139,13 @@ def conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     rng.shuffle(pool)
     for q, a, _ in pool[: rng.randint(1, 3)]:
         if rng.random() < 0.6:
-            turns.append((f"{q}\nAnswer the question using a single word or phrase.", a))
+            turns.append((f"{q}\n{SHORT_ANSWER}", a))
         else:
             turns.append((q, f"The answer is {a}."))
     if rng.random() < 0.3:
         turns.append(("Describe the image in detail.", dense_caption(scene)))
+    if rng.random() < 0.25:  # LLaVA's captioning prompt, as captioning is evaluated in chat format
+        turns.insert(0, (CAPTION_PROMPT, short_caption(scene, rng)))
     return turns
 
 

@@ -28,9 +28,10 @@ from mm1.data.formats.llava import write_llava
 from mm1.data.formats.text import open_text, write_jsonl
 from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import language as lang
+from mm1.data.synth import pages
 from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
 
-VERSION = 1
+VERSION = 5
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -77,55 +78,16 @@ def write_captions(root: Path, n: int, size: int, scenes: SceneSource, rng: rand
     write_shards(records(), root / "captions", per_shard=2000)
 
 
-def _interleaved_doc(scenes: list[Scene], rng: random.Random, names: list[str]) -> tuple[list, list]:
-    texts: list[str | None] = []
-    images: list[str | None] = []
-
-    def text(t: str) -> None:
-        texts.append(t + "\n")  # paragraphs end in a newline, as on a web page
-        images.append(None)
-
-    def image(k: int) -> None:
-        texts.append(None)
-        images.append(f"images/{names[k]}")
-
-    style = rng.random()
-    if style < 0.35:  # a gallery page with captions
-        text(rng.choice(["My picture collection.", "Some shapes I drew today.", "Gallery of shapes."]))
-        for k, s in enumerate(scenes):
-            image(k)
-            text(f"Output: {lang.short_caption(s, rng)}." if rng.random() < 0.5 else lang.dense_caption(s))
-    elif style < 0.7:  # a quiz page: the few-shot VQA format appears in the wild
-        text(rng.choice(["Quiz time!", "Test your eyes.", "Answer the questions about each picture."]))
-        for k, s in enumerate(scenes):
-            image(k)
-            for q, a, _ in rng.sample(lang.questions(s, rng), k=rng.randint(1, 2)):
-                text(f"Question: {q} Short answer: {a}")
-    elif style < 0.9:  # a story that refers back to earlier images
-        for k, s in enumerate(scenes):
-            image(k)
-            if k == 0:
-                text(f"The first picture shows {lang.short_caption(s, rng)}.")
-            else:
-                prev = scenes[k - 1]
-                more = "more" if len(s.shapes) > len(prev.shapes) else "fewer" if len(s.shapes) < len(
-                    prev.shapes) else "as many"
-                text(f"Compared with the previous picture, this one has {more} shapes"
-                     f"{'' if more == 'as many' else ' than it'}: {lang.short_caption(s, rng)}.")
-    else:  # loosely related: images beside unrelated world text
-        for k in range(len(scenes)):
-            image(k)
-            text(lang.text_document(rng))
-    return texts, images
-
-
 def write_interleaved(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
     docs = []
     for i in range(n):
-        doc_scenes = [scenes.train(rng) for _ in range(rng.randint(2, 4))]
+        doc_scenes = [scenes.train(rng) for _ in range(pages.images_on_page(rng))]
         names = [_save(s, root / "interleaved" / "images" / f"{i:07d}_{k}.png", size)
                  for k, s in enumerate(doc_scenes)]
-        docs.append(_interleaved_doc(doc_scenes, rng, names))
+        parts = pages.web_page(doc_scenes, rng)
+        # OBELICS layout: texts and images side by side; paragraphs end in a newline, as on a web page
+        docs.append(([p + "\n" if isinstance(p, str) else None for p in parts],
+                     [f"images/{names[p]}" if isinstance(p, int) else None for p in parts]))
         bar.update()
     write_obelics(docs, root / "interleaved" / "docs.parquet")
 
