@@ -40,7 +40,7 @@ WORD_LABELS = tuple(w.capitalize() for w in """
     robin saddle saffron sail salt satin shell silk silver slate sparrow spice spruce stone summit sunset
     thistle thunder timber topaz tulip velvet violet walnut willow window winter zephyr
     alpha beta gamma delta one two item part line row cell box mark tag key ref no ex
-    """.split())
+    """.split())  # noqa: SIM905 (a word list reads better as prose)
 SEPARATORS = (":", ":", ":", " -", " |")  # mostly a colon, as on most pages
 CAPTION_STYLES = ("{C}.", "In this picture: {c}.", "Here you can see {c}.", "[{c}]")  # unlabelled ones
 
