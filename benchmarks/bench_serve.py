@@ -2,12 +2,15 @@
 
     python benchmarks/bench_serve.py [--requests 32] [--new 32]
 
-A server on 127.0.0.1 (loopback only) over the bench_decode.py model (random weights, fp32, 2
-threads). Each request is one image and a question, 32 new tokens forced (no early stop), greedy.
-For each concurrency C, C client threads send `--requests` requests in all through the official
-`openai` client with streaming; printed: p50/p95 time to first token, p50/p95 latency and aggregate
-tokens/s. Beside them, the same requests served one at a time: by our engine (`Engine.generate`,
-batch 1, no server) and by HF `generate` on the equivalent LLaVA. Then one JSON line.
+The server runs in its own process on 127.0.0.1 (loopback only), with torch threads as `mm1 serve`
+sets them on a CPU (all cores but one), over the bench_decode.py model: random weights, fp32, its
+output restricted to tokens that decode to text (so that streamed text flows as from a trained
+model), exported with `mm1 export`. Each request is one image and a question, 32 new tokens forced
+(no early stop), greedy. For each concurrency C, C client threads send `--requests` requests in
+all, streamed and read by hand (the official `openai` client is checked once against the same
+server); printed: p50/p95 time to first token, p50/p95 latency and aggregate tokens/s. Beside them,
+the same requests served one at a time: by our engine (`Engine.generate`, batch 1, no server, 2
+threads) and by HF `generate` on the equivalent LLaVA. Then one JSON line.
 """
 
 from __future__ import annotations
@@ -16,57 +19,105 @@ import argparse
 import base64
 import io
 import json
+import os
+import shutil
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import openai
 import torch
 import uvicorn
 from PIL import Image
 
 from bench_decode import run_theirs, setup
+from mm1.model.weights import export
 from mm1.serve.batching import ContinuousBatcher
 from mm1.serve.engine import Engine, GenerationConfig
+from mm1.serve.loading import load_model
 from mm1.serve.requests import Limits
-from mm1.serve.server import ServerState, create_app
+from mm1.serve.server import ServerState, cpu_threads, create_app
 
 QUESTION = "what colour is the circle?"
 
 
-def start_server(engine: Engine, max_batch: int) -> tuple[str, uvicorn.Server]:
+def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
+    """`mm1 serve` in a subprocess (the clients' threads must not share its interpreter lock)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    state = ServerState(engine, ContinuousBatcher(engine, max_batch=max_batch), Limits(max_tokens=256), "bench")
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", server
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url + "/v1", proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
 
 
-def one_request(client: openai.OpenAI, image_url: str, new: int) -> tuple[float, float, int]:
+def serve_forced(folder: Path, port: int) -> None:
+    """The server side: `mm1 serve`'s state, with no end token (every request gets --new tokens)."""
+    torch.set_num_threads(cpu_threads())  # as `mm1 serve` does on a CPU
+    model, tok, _ = load_model(folder)
+    engine = Engine(model, tok)
+    engine.stop_ids = set()
+    state = ServerState(engine, ContinuousBatcher(engine, max_batch=16), Limits(max_tokens=256), "bench")
+    uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+
+
+def text_only_outputs(model, tok) -> None:
+    """Zero the output rows of ids that are not whole text pieces (random weights otherwise pick ids
+    beyond the tokenizer or lone UTF-8 bytes, whose text the server holds back until it is whole)."""
+    with torch.no_grad():
+        w = model.decoder.lm_head.weight
+        for i in range(w.shape[0]):
+            piece = tok.decode([i]) if i < len(tok) else ""
+            if not piece.strip() or "\ufffd" in piece or i in (tok.eos_id, tok.end_id):
+                w[i] = 0
+
+
+def one_request(client: httpx.Client, base_url: str, image_url: str, new: int) -> tuple[float, float, int]:
+    """One streamed request; the server-sent events are parsed by hand (the openai client's per-chunk
+    models would cost the 2-core machine more than the server's work)."""
+    body = {"model": "bench", "max_tokens": new, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": QUESTION}]}]}
     t0 = time.perf_counter()
     first, tokens = None, 0
-    stream = client.chat.completions.create(
-        model="bench", max_tokens=new, temperature=0, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                               {"type": "text", "text": QUESTION}]}])
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
-            first = time.perf_counter() - t0
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    with client.stream("POST", base_url + "/chat/completions", json=body) as resp:
+        for line in resp.iter_lines():
+            if first is None and '"content": "' in line and '"content": ""' not in line:
+                first = time.perf_counter() - t0
+            if '"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0, tokens
 
 
+def check_with_openai(base_url: str, image_url: str) -> None:
+    """The official client reads the same server (once, untimed)."""
+    out = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0).chat.completions.create(
+        model="bench", max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                               {"type": "text", "text": QUESTION}]}])
+    assert out.usage.completion_tokens == 4, out
+
+
 def served(base_url: str, image_url: str, clients: int, requests: int, new: int) -> dict[str, float]:
-    client = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=600)
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: one_request(client, image_url, new), range(requests)))
+        results = list(pool.map(lambda _: one_request(client, base_url, image_url, new), range(requests)))
     wall = time.perf_counter() - t0
     ttft, latency = sorted(r[0] for r in results), sorted(r[1] for r in results)
     return {"ttft_p50": _pct(ttft, 50), "ttft_p95": _pct(ttft, 95), "lat_p50": _pct(latency, 50),
@@ -84,13 +135,18 @@ def one_at_a_time(fn, requests: int, new: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the server process
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--new", type=int, default=32, help="new tokens per request (forced)")
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests timed one at a time")
     a = ap.parse_args()
+    if a.serve:
+        return serve_forced(Path(a.serve), a.port)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg, tok, ours, theirs = setup("tiny")
+    text_only_outputs(ours, tok)
     engine = Engine(ours, tok)
     engine.stop_ids = set()  # force --new tokens, like min_new_tokens on the HF side
     size = cfg.model.vision.image_size
@@ -111,7 +167,11 @@ def main() -> None:
     ours_alone(), hf_alone()  # warm-up
     alone = {"engine": one_at_a_time(ours_alone, a.baseline_requests, a.new),
              "hf": one_at_a_time(hf_alone, a.baseline_requests, a.new)}
-    base_url, server = start_server(engine, max_batch=16)
+    folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    export(ours, cfg, folder)
+    tok.save(folder / "tokenizer.json")
+    base_url, server = start_server(folder)
+    check_with_openai(base_url, image_url)
     served(base_url, image_url, 1, 2, a.new)  # warm-up
     report: dict[str, float | str] = {"bench": "serve", "new_tokens": a.new,
                                       "engine_alone_tok_s": alone["engine"], "hf_alone_tok_s": alone["hf"]}
@@ -124,7 +184,9 @@ def main() -> None:
               f"{m['tok_s'] / alone['hf']:.2f}x HF one at a time)")
         report |= {f"c{clients}_{k}": v for k, v in m.items()}
         report[f"c{clients}_vs_engine_alone"] = m["tok_s"] / alone["engine"]
-    server.should_exit = True
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(report))
 
 

@@ -173,9 +173,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from mm1.serve.engine import Engine
     from mm1.serve.loading import inference_sub_image_grid, load_model
     from mm1.serve.requests import Limits
-    from mm1.serve.server import ServerState, serve
+    from mm1.serve.server import ServerState, cpu_threads, serve
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
     model, tok, cfg = load_model(a.checkpoint, device=device)
     engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
     given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
@@ -212,6 +213,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the folder name)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--threads", type=int, help="torch threads (default on a CPU: all cores but one, for the event "
+                                               "loop that streams tokens)")
     # limits: unset ones keep mm1.serve.requests.Limits' defaults
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None, help="images per request")
