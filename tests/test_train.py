@@ -198,6 +198,57 @@ def test_frozen_components_stay_fixed_and_lr_multipliers_apply(world, tmp_path):
     assert isinstance(trainer.optimizer, Adafactor)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_torchrun_freezing_and_lr_multipliers_hold_through_the_wrapper(world, tmp_path, kind):
+    from mm1.serve.loading import load_model
+
+    train(tiny_config(world, *SMALL, "train.steps=1"), out=tmp_path / "init")
+    cfg = tiny_config(world, *SMALL, "train.steps=2", "train.checkpoint.every=2", f"train.parallel={kind}",
+                      "train.components.vision_frozen=true", "train.components.connector_lr_mult=0")
+    save(cfg, tmp_path / "cfg.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29500 + random.randint(0, 500)), "-m", "mm1", "train", "--config", str(tmp_path / "cfg.json"),
+           "--out", str(tmp_path / "two"), "--init-from", str(tmp_path / "init")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, _, _ = load_model(tmp_path / "init")
+    after, _, _ = load_model(tmp_path / "two")
+    for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters(), strict=True):
+        # vision frozen, connector at lr 0 (no decay either: it is a fraction of the lr), decoder trained
+        assert torch.equal(p, q) == (not name.startswith("decoder.")), name
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(world, tmp_path, capsys):
+    """A preempted job resubmitted with the same command before its first checkpoint just starts."""
+    Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path / "fresh", resume=True).run()
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert sorted(losses(tmp_path / "fresh")) == [1, 2]
+
+
+def test_reductions_run_on_the_training_device(monkeypatch):
+    """An NCCL-only group has no CPU backend: what the trainer reduces goes to its device first."""
+    import torch.distributed as dist
+
+    from mm1.train import parallel
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda x, op=None: seen.append(x.device))
+    out = parallel.all_reduce_sum(torch.ones(3), torch.device("meta"))
+    assert seen == [torch.device("meta")] and out.device.type == "meta"
+
+
+def test_parameter_groups_refuse_a_wrapped_model():
+    from mm1.config import ComponentConfig
+    from mm1.train.optim import param_groups
+
+    wrapped = torch.nn.ModuleDict({"module": torch.nn.ModuleDict({"vision": torch.nn.Linear(2, 2)})})
+    with pytest.raises(ValueError, match="unwrapped model"):
+        param_groups(wrapped, lr=1e-3, weight_decay=0.1, components=ComponentConfig(vision_frozen=True))
+
+
 def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
     dense_cfg = tiny_config(world, *SMALL, "train.steps=2")
     train(dense_cfg, out=tmp_path / "dense")

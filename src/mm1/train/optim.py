@@ -62,8 +62,25 @@ def lr_at(step: int, *, peak: float, total_steps: int, schedule: ScheduleConfig)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
+WRAPPERS = ("module", "_orig_mod", "_checkpoint_wrapped_module")  # DDP, torch.compile, checkpointing
+
+
 def _component(name: str) -> str:
-    return name.split(".", 1)[0]
+    """The component a parameter belongs to (`vision`, `connector`, `decoder`; the CLIP stage has
+    its own). A wrapper's prefix is refused: it would silently match no component's settings."""
+    comp = name.split(".", 1)[0]
+    if comp in WRAPPERS:
+        raise ValueError(f"parameter '{name}' is seen through a wrapper: build parameter groups from the "
+                         "unwrapped model (mm1.train.parallel.unwrap)")
+    return comp
+
+
+def freeze(model: nn.Module, components: ComponentConfig) -> None:
+    """requires_grad=False on frozen components; before any wrapping (DDP's reducer and FSDP2's
+    sharded parameters take requires_grad from the model as it is when wrapped)."""
+    for name, p in model.named_parameters():
+        if getattr(components, f"{_component(name)}_frozen", False):
+            p.requires_grad_(False)
 
 
 def param_groups(
@@ -71,8 +88,9 @@ def param_groups(
 ) -> list[dict]:
     """Parameter groups per component (vision / connector / decoder), decay only on matrices.
 
-    Frozen components get `requires_grad=False` and no group; each group's `lr_mult` is read by
-    the scheduler, so multipliers survive a resume.
+    `model` is the unwrapped model (names start with a component; `mm1.train.parallel.unwrap`).
+    Frozen components (see `freeze`) get no group; each group's `lr_mult` is read by the
+    scheduler, so multipliers survive a resume.
     """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():

@@ -45,14 +45,24 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # On GPUs, NCCL for CUDA tensors and gloo beside it for anything on the CPU (a stop flag, a
+        # metric): a CPU tensor handed to an NCCL-only group fails at the first step.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Sum over ranks, reduced on `device` (the training device: an NCCL-only group has no CPU
+    backend); the result stays there."""
+    x = x.to(device) if device is not None else x
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (FSDP2 shards in place and keeps the names)."""
+    return getattr(model, "module", model)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
@@ -65,9 +75,11 @@ def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Modu
     if train.activation_checkpointing:
         _checkpoint_blocks(model)
     kind = train.parallel
+    if info.world_size > 1 and kind == ParallelKind.NONE:
+        kind = ParallelKind.FSDP  # under torchrun with nothing chosen: shard (train.parallel=ddp to replicate)
+        if info.is_main:
+            print(f"train.parallel is unset under torchrun ({info.world_size} processes): using fsdp", flush=True)
     if info.world_size == 1 or kind == ParallelKind.NONE:
-        if info.world_size > 1:
-            raise ValueError("running under torchrun needs train.parallel=ddp or train.parallel=fsdp")
         return model
     if kind == ParallelKind.DDP:
         from torch.nn.parallel import DistributedDataParallel

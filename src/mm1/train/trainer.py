@@ -26,8 +26,8 @@ from mm1.data.stream import Batch, DataStream, load_tokenizer, make_loader
 from mm1.model.mllm import MLLM, lr_rule_parameters, upcycle_from_dense
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
-from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
-from mm1.train.parallel import DistInfo, all_reduce_sum, init_distributed, parallelize
+from mm1.train.optim import build_optimizer, freeze, lr_at, param_groups, resolve_lr
+from mm1.train.parallel import DistInfo, all_reduce_sum, init_distributed, parallelize, unwrap
 
 
 class NonFiniteError(RuntimeError):
@@ -146,18 +146,21 @@ class Trainer:
             load_vision(self.model, Path(cfg.model.vision_init))
         if init_from:
             init_weights(self.model, cfg, Path(init_from))
+        freeze(self.model, cfg.train.components)  # before wrapping: DDP and FSDP2 read requires_grad then
         self.model = parallelize(self.model, cfg.train, self.info)
-        groups = param_groups(self.model, lr=self.lr, weight_decay=cfg.train.optimizer.weight_decay,
+        groups = param_groups(unwrap(self.model), lr=self.lr, weight_decay=cfg.train.optimizer.weight_decay,
                               components=cfg.train.components)
         self.optimizer = build_optimizer(groups, cfg.train.optimizer, self.lr)
         self.start_step = 0
         ckpt.clean_partial(out)
         if resume:
             last = ckpt.latest(out)
-            if last is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-            meta = ckpt.load(last, self.model, self.optimizer)
-            self.start_step = meta["step"]
+            if last is None:  # a preempted job resubmitted before its first checkpoint: start over
+                if self.info.is_main:
+                    print(f"--resume: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
+                          flush=True)
+            else:
+                self.start_step = ckpt.load(last, self.model, self.optimizer)["step"]
         self.per_rank = cfg.train.batch_size // self.info.world_size
         micro = cfg.train.micro_batch_size or self.per_rank
         if self.per_rank % micro:
@@ -175,7 +178,8 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> StepResult:
         device = self.info.device
-        predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64))
+        predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64),
+                                   device)
         total_pred = max(1.0, float(predicted.item()))
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         S = len(self.stream.names)
@@ -200,10 +204,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        reduced = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), src_sum, src_cnt]).cpu())
+        reduced = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), src_sum, src_cnt]), device)
         loss_val = float(reduced[0]) / total_pred
         tokens, images = (int(x) for x in all_reduce_sum(torch.tensor(
-            [int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)])))
+            [int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)]), device))
         source_loss = {self.stream.names[i]: float(reduced[1 + i] / reduced[1 + S + i])
                        for i in range(S) if reduced[1 + S + i] > 0}
         result = StepResult(loss_val, grad_norm, tokens, images, int(total_pred), source_loss,
