@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -158,9 +159,11 @@ def test_golden_loss_curve(world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(world, tmp_path, kind):
-    cfg = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2", f"train.parallel={kind}")
+@pytest.mark.parametrize(("kind", "micro"), [("ddp", 0), ("fsdp", 0), ("ddp", 1), ("fsdp", 1)])
+def test_torchrun_two_processes_match_one(world, tmp_path, kind, micro):
+    """With micro=1 each rank accumulates its 2 sequences as 2 micro-batches, syncing gradients once."""
+    cfg = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2", f"train.parallel={kind}",
+                      f"train.micro_batch_size={micro}")
     save(cfg, tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -173,7 +176,7 @@ def test_torchrun_two_processes_match_one(world, tmp_path, kind):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(1, 5):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
-    if kind == "fsdp":  # a sharded checkpoint written by 2 ranks resumes in 1 process
+    if kind == "fsdp" and not micro:  # a sharded checkpoint written by 2 ranks resumes in 1 process
         resumed = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2")
         Trainer(resumed, tmp_path / "two", resume=True).run()
         ref = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2")
@@ -218,6 +221,53 @@ def test_torchrun_freezing_and_lr_multipliers_hold_through_the_wrapper(world, tm
     for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters(), strict=True):
         # vision frozen, connector at lr 0 (no decay either: it is a fraction of the lr), decoder trained
         assert torch.equal(p, q) == (not name.startswith("decoder.")), name
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(world, tmp_path):
+    cfg = tiny_config(world, *SMALL, "train.steps=400", "train.checkpoint.every=1000", "train.parallel=ddp",
+                      "train.checkpoint.keep_log_spaced=false", "train.logging.every=1")
+    save(cfg, tmp_path / "cfg.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29500 + random.randint(0, 500)), "-m", "mm1", "train", "--config", str(tmp_path / "cfg.json"),
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(ranks[-1]), signal.SIGTERM)  # one rank only
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "interrupted: saved" in out
+    assert 3 <= ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] < 400
+
+
+def test_gradient_sync_only_on_the_last_micro_batch(monkeypatch):
+    import torch.distributed as dist
+
+    from mm1.train.parallel import gradient_sync
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    calls = []
+
+    class DDPLike(torch.nn.Module):
+        @contextlib.contextmanager
+        def no_sync(self):
+            calls.append("no_sync")
+            yield
+
+    class FSDPLike(torch.nn.Module):
+        def set_requires_gradient_sync(self, on):
+            calls.append(on)
+
+    for model in (DDPLike(), FSDPLike()):
+        for last in (False, True):
+            with gradient_sync(model, last):
+                pass
+    assert calls == ["no_sync", False, True]
 
 
 def test_resume_without_a_checkpoint_starts_at_step_zero(world, tmp_path, capsys):

@@ -47,11 +47,12 @@ class EvalArm:
     fmt: PromptFormat
     high_res: bool
     tasks: tuple[str, ...] | None = None  # None: every task of eval.tasks
+    shots: tuple[int, ...] | None = None  # None: every shot count of eval.shots
 
 
 ARMS = (EvalArm("pretrain", "pretrain", PromptFormat.PRETRAIN, False),
         EvalArm("sft", "sft", PromptFormat.CHAT, True),
-        EvalArm("sft_one_view", "sft", PromptFormat.CHAT, False, (WORDS,)))
+        EvalArm("sft_one_view", "sft", PromptFormat.CHAT, False, (WORDS,), (0,)))
 
 
 def _world(cfg: Config, root: Path, seed: int) -> Path:
@@ -88,7 +89,8 @@ def _evaluate_arms(out: Path, cfg: Config, world: Path) -> dict[str, dict]:
             continue
         model, tok, stage_cfg = load_model(out / arm.stage)
         grid = inference_sub_image_grid(stage_cfg) if arm.high_res else 0
-        evaluation: Evaluation = evaluate(model, tok, [get_task(n, world=world) for n in wanted], shots, cfg.eval,
+        arm_shots = [s for s in shots if arm.shots is None or s in arm.shots] or shots[:1]
+        evaluation: Evaluation = evaluate(model, tok, [get_task(n, world=world) for n in wanted], arm_shots, cfg.eval,
                                           fmt=arm.fmt, sub_image_grid=grid)
         write_results(evaluation, out / f"eval_{arm.name}")
         results[arm.name] = evaluation.results
@@ -170,8 +172,8 @@ def report_notes(results: dict[str, dict]) -> list[str]:
     notes = learned_summary(results)
     high, low = _best(results, WORDS, ["sft"]), _best(results, WORDS, ["sft_one_view"])
     if high and low:
-        notes.append(f"High resolution on {WORDS}: {high[0]:.3f} with the overview and 2×2 sub-images vs "
-                     f"{low[0]:.3f} with one 64-px view, same fine-tuned model (best over shots).")
+        notes.append(f"High resolution on {WORDS}: {high[0]:.3f} with the overview and 2×2 sub-images (best over "
+                     f"shots) vs {low[0]:.3f} with one 64-px view (0-shot), same fine-tuned model.")
     notes += [
         "",
         "Prompts: the pre-trained model in MM1's pre-training format (`<image>Output:` / `Question: … Short "

@@ -11,6 +11,7 @@ Nothing in `mm1.model` knows about any of this.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,33 @@ def all_reduce_sum(x: torch.Tensor, device: torch.device | None = None) -> torch
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Inside, backward passes sync gradients across ranks only if `enabled`: gradient accumulation
+    syncs once, on its last micro-batch (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
+    if enabled or not dist.is_initialized():
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any (a stop request seen by one rank stops them all at the
+    same step, each saving its part of the checkpoint)."""
+    if not dist.is_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), device).item() > 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -27,7 +27,15 @@ from mm1.model.mllm import MLLM, lr_rule_parameters, upcycle_from_dense
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.optim import build_optimizer, freeze, lr_at, param_groups, resolve_lr
-from mm1.train.parallel import DistInfo, all_reduce_sum, init_distributed, parallelize, unwrap
+from mm1.train.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+    unwrap,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -186,17 +194,19 @@ class Trainer:
         src_sum = torch.zeros(S, device=device)
         src_cnt = torch.zeros(S, device=device)
         aux_acc: dict[str, float] = {}
-        for micro in batch.split(self.accum):
+        for i, micro in enumerate(batch.split(self.accum)):
             micro = micro.to(device)
-            with autocast(self.cfg, device):
-                out = self.model(**micro.model_inputs(), num_sources=S, vision_always=self.info.world_size > 1)
-            # Normalise by the step's predicted tokens over all ranks; DDP/FSDP average gradients over
-            # ranks, so multiply by the world size to get the sum-then-divide of one big batch.
-            loss = out.loss_sum * (self.info.world_size / total_pred)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss / self.accum
-                self._collect_moe(out, aux_acc)
-            loss.backward()
+            # Gradients are synced across ranks once per step, in the last micro-batch's backward.
+            with gradient_sync(self.model, i == self.accum - 1):
+                with autocast(self.cfg, device):
+                    out = self.model(**micro.model_inputs(), num_sources=S, vision_always=self.info.world_size > 1)
+                # Normalise by the step's predicted tokens over all ranks; DDP/FSDP average gradients over
+                # ranks, so multiply by the world size to get the sum-then-divide of one big batch.
+                loss = out.loss_sum * (self.info.world_size / total_pred)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss / self.accum
+                    self._collect_moe(out, aux_acc)
+                loss.backward()
             loss_sum += out.loss_sum.detach().double()
             src_sum += out.source_loss_sum_S
             src_cnt += out.source_count_S
@@ -291,7 +301,7 @@ class Trainer:
                         window_t, window_tokens, window_flops = now, 0, 0.0
                     if self._should_save(step) or step == steps:
                         self.save(step)
-                    if stop.requested:
+                    if any_rank(stop.requested, info.device):  # every rank stops at the same step
                         path = self.save(step)
                         logger.write(f"interrupted: saved {path}; continue with --resume")
                         break
