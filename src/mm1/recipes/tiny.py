@@ -56,11 +56,11 @@ def tiny() -> Config:
 
 def tiny_clip(base: Config) -> Config:
     """Stage 0: CLIP pre-training of the tiny ViT on the world's captions (MM1 starts from a CLIP
-    encoder; none ships offline). 80 steps of 128 pairs: the loss falls from 4.8 to ~1.2 (at 200 steps
-    ~1.0, not worth the minute it costs in the quickstart, measured to change the captioning score by 0.02)."""
+    encoder; none ships offline). 100 steps of 128 pairs: the loss falls from 4.8 to ~1.1. Measured in the
+    quickstart: 200 steps change the pre-trained captioning score by +0.02 CIDEr, 80 steps by -0.24."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.CLIP
-    cfg.train.steps, cfg.train.batch_size = 80, 128
+    cfg.train.steps, cfg.train.batch_size = 100, 128
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     return cfg
 
