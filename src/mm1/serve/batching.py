@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mm1.model.decoder import KVCache
-from mm1.serve.engine import Encoded, Engine, GenerationConfig
+from mm1.serve.engine import Encoded, Engine, GenerationConfig, pick
 
 SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
 
@@ -168,24 +168,13 @@ class ContinuousBatcher:
         finished = []
         for b, i in enumerate(rows):
             row = self.rows[i]
-            token = self._pick(logits_BV[b], row)
+            token = int(pick(logits_BV[b:b + 1], row.request.gen, row.generator)[0])
             self.last[i] = token
             reason = self._advance(row, token)
             if reason:
                 finished.append((i, reason))
         for i, reason in sorted(finished, reverse=True):  # from the back: moving rows keeps indices valid
             self._finish(i, reason)
-
-    def _pick(self, logits_V: torch.Tensor, row: _Running) -> int:
-        gen = row.request.gen
-        if gen.temperature <= 0:
-            return int(logits_V.argmax())
-        probs = torch.softmax(logits_V / gen.temperature, dim=-1)
-        if gen.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < gen.top_p)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=row.generator))
 
     def _advance(self, row: _Running, token: int) -> str | None:
         """Record a token; the finish reason if the row is done."""

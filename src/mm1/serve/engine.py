@@ -44,6 +44,19 @@ class GenerationConfig:
     seed: int = 0
 
 
+def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row [B]: greedy at temperature 0, else sampled with temperature and top-p."""
+    if cfg.temperature <= 0:
+        return logits_BV.argmax(-1)
+    probs = torch.softmax(logits_BV.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
 @dataclass
 class Encoded:
     ids: list[int]
@@ -106,17 +119,6 @@ class Engine:
         images = [im for e in encoded for im in e.images]
         return tokens, valid, positions, mask[:, None], (torch.stack(images) if images else None)
 
-    def _pick(self, logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
-        if cfg.temperature <= 0:
-            return logits_BV.argmax(-1)
-        probs = torch.softmax(logits_BV.float() / cfg.temperature, dim=-1)
-        if cfg.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-
     def _prefill(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor], slots_T: torch.Tensor) -> torch.Tensor:
         """The prompt pass: fill cache slots `slots_T`, return the last position's logits."""
@@ -166,7 +168,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for slot in slots:
-            nxt = self._pick(logits.cpu(), cfg, gen)
+            nxt = pick(logits.cpu(), cfg, gen)
             self._record(nxt, out, done, cfg)
             if all(done) or slot is slots[-1]:
                 break
