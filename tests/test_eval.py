@@ -262,7 +262,8 @@ def test_perplexity_batched_with_stride_equals_a_plain_loop(world):
     nll, begin, done = 0.0, 0, 0
     while done < len(ids) - 1:
         chunk = ids[begin:begin + window + 1]
-        logp = torch.log_softmax(model(tokens_BT=chunk[None, :-1]).logits_BTV[0].float(), -1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens_BT=chunk[None, :-1]).logits_BTV[0].float(), -1)
         for j in range(len(chunk) - 1):
             if begin + j + 1 > done:
                 nll -= float(logp[j, chunk[j + 1]])
