@@ -16,7 +16,7 @@ import base64
 import binascii
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -65,7 +65,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str = ""
-    images: list[Image.Image] = field(default_factory=list)
 
 
 def _require(ok: bool, message: str, param: str, code: str = "invalid_value", status: int = 400) -> None:
@@ -150,8 +149,8 @@ def _image(part: dict, param: str, limits: Limits) -> Image.Image:
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 
 
-def turns(messages: object, limits: Limits) -> tuple[list[Turn], list[Image.Image]]:
-    """OpenAI messages → turns (text and images in the order given) and the images."""
+def turns(messages: object, limits: Limits) -> list[Turn]:
+    """OpenAI messages → turns, text and images in the order given."""
     _require(isinstance(messages, list) and bool(messages), "'messages' must be a non-empty list", "messages")
     out, images = [], []
     for m, msg in enumerate(messages):
@@ -180,14 +179,14 @@ def turns(messages: object, limits: Limits) -> tuple[list[Turn], list[Image.Imag
                                    param=param)
         out.append(Turn(ROLES[msg["role"]], tuple(parts)))
     _require(out[-1].role != Role.ASSISTANT, "the last message must be from the user (or system)", "messages")
-    return out, images
+    return out
 
 
 def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTemplate, context: int) -> ChatRequest:
     """Validate a /v1/chat/completions body and encode its prompt; raises RequestError."""
     _require(isinstance(body, dict), "the request body must be a JSON object", "body")
     gen = generation(body, limits)
-    history, images = turns(body.get("messages"), limits)
+    history = turns(body.get("messages"), limits)
     encoded = engine.encode(template.render(history, generation_prompt=True))
     allowed = min(limits.max_prompt_tokens or context, context - gen.max_new_tokens)
     _require(len(encoded.ids) <= allowed, f"the prompt is {len(encoded.ids)} tokens (images included); at most "
@@ -196,4 +195,4 @@ def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTempl
     options = body.get("stream_options") or {}
     return ChatRequest(encoded, gen, stream=bool(body.get("stream", False)),
                        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-                       model=str(body.get("model", "")), images=images)
+                       model=str(body.get("model", "")))

@@ -136,7 +136,7 @@ def _usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-async def _complete(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRequest) -> JSONResponse:
+async def _complete(state: ServerState, sink: _Sink) -> JSONResponse:
     while True:
         item = await sink.next()
         if isinstance(item, BaseException):
@@ -222,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
         if chat.stream:
             return StreamingResponse(_stream(state, chat, sink, req), media_type="text/event-stream")
         try:
-            return await _complete(state, chat, sink, req)
+            return await _complete(state, sink)
         finally:
             req.cancelled.set()
 
