@@ -26,16 +26,34 @@ class WeightsError(ValueError):
 
 # ----------------------------------------------------------------------------- name maps
 
-DECODER_MAP = [  # (HF pattern, ours)
-    (r"model\.embed_tokens\.weight", "embed.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"layers.\1.attn.\2.\3"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attn.o.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.ffn.\2.weight"),
+# (HF name, ours) for a Llama/Qwen2 decoder, read both ways (import and export). `{i}` is a layer
+# index and `{a|b}` one of several names, carried over to the other side.
+DECODER_NAMES = [
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.self_attn.{q|k|v}_proj.{weight|bias}", "layers.{i}.attn.{q|k|v}.{weight|bias}"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o.weight"),
+    ("model.layers.{i}.mlp.{gate|up|down}_proj.weight", "layers.{i}.ffn.{gate|up|down}.weight"),
 ]
+
+
+def name_rules(pairs: list[tuple[str, str]], *, reverse: bool = False) -> list[tuple[str, str]]:
+    """(regex, replacement) rules for `map_names` from (source, target) name templates."""
+    rules = []
+    for src, dst in ((b, a) if reverse else (a, b) for a, b in pairs):
+        fields = re.findall(r"\{([^}]*)\}", src)
+        pattern = "".join(
+            re.escape(part) if k % 2 == 0 else (r"(\d+)" if part == "i" else f"({part})")
+            for k, part in enumerate(re.split(r"\{([^}]*)\}", src)))
+        replacement = re.sub(r"\{([^}]*)\}", lambda m, fields=fields: f"\\{fields.index(m.group(1)) + 1}", dst)
+        rules.append((pattern, replacement))
+    return rules
+
+
+DECODER_MAP = name_rules(DECODER_NAMES)
 DECODER_UNUSED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 VISION_MAP = [
@@ -223,16 +241,7 @@ def import_exported(folder: Path):
     return model, cfg
 
 
-EXPORT_DECODER_MAP = [  # (ours, HF): the inverse of DECODER_MAP
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.([qkv])\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"layers\.(\d+)\.attn\.o\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"layers\.(\d+)\.ffn\.(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-]
+EXPORT_DECODER_MAP = name_rules(DECODER_NAMES, reverse=True)
 
 
 def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | None) -> dict:
