@@ -52,6 +52,13 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group (a process that exits still holding one can abort at interpreter exit:
+    "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Sum over ranks, reduced on `device` (the training device: an NCCL-only group has no CPU
     backend); the result stays there."""

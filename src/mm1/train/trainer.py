@@ -34,6 +34,7 @@ from mm1.train.parallel import (
     gradient_sync,
     init_distributed,
     parallelize,
+    shutdown_distributed,
     unwrap,
 )
 
@@ -317,4 +318,7 @@ class Trainer:
 def train(cfg: Config, *, out: Path, resume: bool = False, init_from: str | None = None) -> dict:
     """Train per `cfg` into `out`; returns the last logged metrics."""
     out.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, out, resume=resume, init_from=init_from).run()
+    try:
+        return Trainer(cfg, out, resume=resume, init_from=init_from).run()
+    finally:
+        shutdown_distributed()
