@@ -36,7 +36,7 @@ from mm1.data.synth import language as lang
 from mm1.data.synth.scene import png_bytes, render, sample_scene
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
-from mm1.train.trainer import resolve_model_config
+from mm1.train.lm import resolve_model_config
 
 STARTUP = """
 import sys, time

@@ -25,7 +25,7 @@ from mm1.data.prepare import prepare
 from mm1.data.stream import DataStream, load_tokenizer
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
-from mm1.train.trainer import resolve_model_config
+from mm1.train.lm import resolve_model_config
 
 
 def hf_llava(cfg, image_token_id: int):

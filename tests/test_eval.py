@@ -137,7 +137,7 @@ def _engine(world, *, grid: int) -> Engine:
     from conftest import tiny_config
     from mm1.data.stream import load_tokenizer
     from mm1.model.mllm import MLLM
-    from mm1.train.trainer import resolve_model_config
+    from mm1.train.lm import resolve_model_config
 
     cfg = tiny_config(world)
     tok = load_tokenizer(cfg)
@@ -172,7 +172,7 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
     from mm1.config import EvalConfig
     from mm1.data.stream import load_tokenizer
     from mm1.model.mllm import MLLM
-    from mm1.train.trainer import resolve_model_config
+    from mm1.train.lm import resolve_model_config
 
     cfg = tiny_config(world)
     tok = load_tokenizer(cfg)

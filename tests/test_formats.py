@@ -186,5 +186,5 @@ def test_tuxpaint_captions_decode_every_mode(shared):
 
 
 def test_a_kind_refuses_files_it_cannot_read(tmp_path):
-    with pytest.raises(RecordError, match=r"a caption source reads .tar or .jsonl files \(got '.json'\)"):
-        open_reader(SourceKind.CAPTION, tmp_path / "x.json")
+    with pytest.raises(RecordError, match=r"a caption source reads .tar, .jsonl or COCO .json files \(got '.txt'\)"):
+        open_reader(SourceKind.CAPTION, tmp_path / "x.txt")

@@ -159,6 +159,10 @@ class _Tok:
     """A stand-in tokenizer over raw ids for engine tests."""
 
     pad_id, eos_id, image_id, end_id = 0, 1, 2, 5
+    chat_template = None  # mm1's own chat template
+
+    def control_id(self, token):
+        return {"<|end|>": self.end_id}[token]
 
     def encode(self, text):
         return [int(t) for t in text.split()]

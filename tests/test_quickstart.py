@@ -36,7 +36,7 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| synth_caption | cider |" in report and "loss_per_source.png" in report
     sft_cfg = json.loads((out / "sft" / "config.json").read_text())
-    assert sft_cfg["train"]["stage"] == "sft" and sft_cfg["model"]["vision_init"].endswith("vision.safetensors")
+    assert sft_cfg["train"]["stage"] == "sft" and sft_cfg["model"]["vision"]["init"].endswith("clip")
     # a second run reuses every finished stage
     again = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
                            sft_overrides=("train.steps=3",))

@@ -267,7 +267,7 @@ def test_engine_sees_images_as_the_sft_model_was_trained(world):
 
     from mm1.model.mllm import MLLM
     from mm1.serve.engine import Engine
-    from mm1.train.trainer import resolve_model_config
+    from mm1.train.lm import resolve_model_config
 
     cfg = tiny_config(world, prepared=False)
     tok = load_tokenizer(cfg)

@@ -82,7 +82,7 @@ def test_gradient_accumulation_matches_one_big_batch(world, tmp_path):
     small = Trainer(tiny_config(world, *base, "train.micro_batch_size=1"), tmp_path / "b")
     small.model.load_state_dict(big.model.state_dict())
     for step in range(2):
-        batch = big.stream.batch(step)
+        batch = big.objective.batch(step)
         for t in (big, small):
             t._set_lr(step)
         ra, rb = big.train_step(batch), small.train_step(batch)
@@ -332,7 +332,7 @@ def test_a_checkpoint_loads_into_another_resolution_with_interpolated_position_t
     torch.testing.assert_close(trainer.model.connector.pos_embed,
                                resize_pos_embed(low.connector.pos_embed, 12, num_prefix=0))
     torch.testing.assert_close(trainer.model.decoder.embed.weight, low.decoder.embed.weight)
-    assert trainer.stream.batch(0).images_NCHW.shape[-1] == 96
+    assert trainer.objective.batch(0).images_NCHW.shape[-1] == 96
     trainer.run()
 
 
@@ -340,7 +340,7 @@ def test_activation_checkpointing_gives_the_same_loss(world, tmp_path):
     plain = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path / "a")
     ac = Trainer(tiny_config(world, *SMALL, "train.steps=2", "train.activation_checkpointing=true"), tmp_path / "b")
     ac.model.load_state_dict(plain.model.state_dict())
-    batch = plain.stream.batch(0)
+    batch = plain.objective.batch(0)
     for t in (plain, ac):
         t._set_lr(0)
     a, b = plain.train_step(batch), ac.train_step(batch)

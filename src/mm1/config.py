@@ -41,6 +41,21 @@ class Activation(str, enum.Enum):
     QUICK_GELU = "quick_gelu"
 
 
+class ImageNorm(str, enum.Enum):
+    """How pixels are normalised for the image encoder: as its pre-training did."""
+
+    CLIP = "clip"  # OpenAI CLIP's mean/std (also our CLIP stage)
+    SIGLIP = "siglip"  # 0.5 / 0.5: pixels in [-1, 1]
+
+
+class RopeScaling(str, enum.Enum):
+    """RoPE frequency scaling of the pre-trained decoders mm1 imports (Llama 3.1's is `llama3`)."""
+
+    NONE = "none"
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+
+
 class Stage(str, enum.Enum):
     """CLIP pre-trains the image encoder alone; PRETRAIN and SFT train the whole MLLM."""
 
@@ -88,8 +103,15 @@ class OnNonFinite(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class VisionConfig:
-    """A pre-norm ViT image encoder (CLIP-style by default)."""
+    """A pre-norm ViT image encoder (CLIP-style by default).
 
+    `init` starts it from pre-trained weights: an HF CLIP or SigLIP folder, or the output of
+    `mm1 train --stage clip` (its run folder or `vision.safetensors`). The tower's shape and pixel
+    normalisation are then read from there (`mm1.model.pretrained`); `image_size` stays this config's
+    (MM1 chooses the resolution; the position table is interpolated).
+    """
+
+    init: str = ""
     image_size: int = 336
     patch_size: int = 14
     width: int = 1024
@@ -102,6 +124,7 @@ class VisionConfig:
     post_norm: bool = False  # SigLIP's `post_layernorm` on every patch; CLIP applies it to CLS only
     norm_eps: float = 1e-5
     patch_bias: bool = False
+    norm: ImageNorm = ImageNorm.CLIP
 
 
 @dataclass(kw_only=True)
@@ -117,21 +140,43 @@ class ConnectorConfig:
 
 
 @dataclass(kw_only=True)
-class DecoderConfig:
-    """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+class RopeScalingConfig:
+    """RoPE scaling as HF configs give it (`rope_scaling`); `none` for plain RoPE."""
 
+    kind: RopeScaling = RopeScaling.NONE
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_len: int = 8192  # llama3 only
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    `init` starts it from a pre-trained HF text model's folder (Llama, Qwen2, SmolLM families); its
+    shape, tokenizer and chat template are then read from there (`mm1.model.pretrained`).
+    """
+
+    init: str = ""
     vocab_size: int = 32000
     width: int = 2048
     depth: int = 24
     heads: int = 16
     kv_heads: int = 16
     ffn_hidden: int = 5632
+    head_dim: int = 0  # 0: width / heads
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v
     max_seq_len: int = 4096
     init_std: float = 0.02
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.width // self.heads
 
 
 @dataclass(kw_only=True)
@@ -152,7 +197,6 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     image_token_id: int = 2  # the tokenizer's `<image>` placeholder (mm1.data.tokenizer.IMAGE); -1: text only
-    vision_init: str = ""  # a vision.safetensors from `mm1 train --stage clip` to start the encoder from
 
 
 # ----------------------------------------------------------------------------- data
@@ -404,6 +448,7 @@ ALIASES = {
     "data.interleaved_shards": "data.sources.interleaved.paths",
     "data.text_shards": "data.sources.text.paths",
     "data.sft_json": "data.sft_sources.sft.paths",
+    "model.vision_init": "model.vision.init",
 }
 
 
@@ -484,9 +529,11 @@ def _validate_model(m: ModelConfig) -> None:
              f"{v.image_size} is not a multiple of the patch size {v.patch_size}")
     _require(v.width % v.heads == 0, "model.vision.heads",
              f"{v.heads} heads do not divide the width {v.width}")
-    _require(d.width % d.heads == 0, "model.decoder.heads",
+    _require(d.head_dim >= 0, "model.decoder.head_dim", "must be >= 0 (0: width / heads)")
+    _require(bool(d.head_dim) or d.width % d.heads == 0, "model.decoder.heads",
              f"{d.heads} heads do not divide the width {d.width}")
-    _require((d.width // d.heads) % 2 == 0, "model.decoder.heads", "head dimension must be even for RoPE")
+    _require(d.head_size % 2 == 0, "model.decoder.heads", "head dimension must be even for RoPE")
+    _require(d.rope_scaling.factor >= 1, "model.decoder.rope_scaling.factor", "must be >= 1")
     _require(d.heads % d.kv_heads == 0, "model.decoder.kv_heads",
              f"{d.kv_heads} key/value heads do not divide the {d.heads} query heads")
     _require(_is_square(c.num_tokens), "model.connector.num_tokens",
@@ -628,9 +675,22 @@ def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+MOVED = {("model", "vision_init"): ("model", "vision", "init")}  # keys of configs saved by earlier versions
+
+
+def from_saved(data: dict[str, Any]) -> Config:
+    """A `Config` from a saved config.json, keys that have moved since it was written moved too."""
+    for old, new in MOVED.items():
+        section = data.get(old[0])
+        if isinstance(section, dict) and old[1] in section:
+            value = section.pop(old[1])
+            section.setdefault(new[1], {}).setdefault(new[2], value)
+    return from_dict(Config, data)
+
+
 def load(path: str | Path) -> Config:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
-    return validate(from_dict(Config, data))
+    return validate(from_saved(data))

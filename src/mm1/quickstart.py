@@ -31,7 +31,6 @@ from mm1.recipes.tiny import tiny_clip, tiny_sft
 from mm1.report import read_metrics, write_report
 from mm1.serve.loading import inference_sub_image_grid, load_model
 from mm1.train import checkpoint as ckpt
-from mm1.train.clip import train_clip
 from mm1.train.trainer import train
 
 STEPS = 7
@@ -118,9 +117,8 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
 
     t = time.perf_counter()
     print(f"[3/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
-    if not (out / "clip" / "vision.safetensors").exists():
-        train_clip(clip_cfg, out / "clip")
-    cfg.model.vision_init = sft.model.vision_init = str(out / "clip" / "vision.safetensors")
+    _train_stage(clip_cfg, out / "clip", None)
+    cfg.model.vision.init = sft.model.vision.init = str(out / "clip")
     timings["clip"] = time.perf_counter() - t
 
     runs = {"pretrain": (cfg, None), "sft": (sft, out / "pretrain")}

@@ -16,11 +16,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from mm1.config import ImageNorm
 from mm1.data.errors import ImageError
 
-# CLIP's normalisation; SigLIP towers use 0.5/0.5 (set per encoder when importing weights).
+# The pixel normalisation of the encoder's pre-training (`model.vision.norm`, read from an imported tower).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMS = {ImageNorm.CLIP: (CLIP_MEAN, CLIP_STD), ImageNorm.SIGLIP: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def mean_colour(norm: ImageNorm = ImageNorm.CLIP) -> tuple[int, int, int]:
+    """The colour that normalises to zero: what padding and a missing image are filled with."""
+    r, g, b = (int(255 * m) for m in NORMS[norm][0])
+    return r, g, b
 
 MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
 MAX_BYTES = 50_000_000
@@ -84,31 +92,33 @@ def load_image(path: str | Path) -> Image.Image:
     return decode_image(data, where=str(path))
 
 
-def square(img: Image.Image, size: int) -> Image.Image:
-    """Resize to size×size: pad the shorter side (keeps the whole picture, like LLaVA's 'pad')."""
+def square(img: Image.Image, size: int, norm: ImageNorm = ImageNorm.CLIP) -> Image.Image:
+    """Resize to size×size: pad the shorter side with the mean colour (keeps the whole picture, like
+    LLaVA's 'pad')."""
     w, h = img.size
     side = max(w, h)
     if w != h:
-        canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in CLIP_MEAN))
+        canvas = Image.new("RGB", (side, side), mean_colour(norm))
         canvas.paste(img, ((side - w) // 2, (side - h) // 2))
         img = canvas
     return img.resize((size, size), Image.Resampling.BICUBIC) if side != size else img
 
 
-def to_tensor(img: Image.Image, size: int, *, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """An RGB image → a normalised [3, size, size] float tensor."""
-    arr = np.asarray(square(img, size), dtype=np.float32) / 255.0
+def to_tensor(img: Image.Image, size: int, norm: ImageNorm = ImageNorm.CLIP) -> torch.Tensor:
+    """An RGB image → a [3, size, size] float tensor normalised as the encoder's pre-training did."""
+    mean, std = NORMS[norm]
+    arr = np.asarray(square(img, size, norm), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def sub_images(img: Image.Image, size: int, grid: int = 2) -> list[Image.Image]:
+def sub_images(img: Image.Image, size: int, grid: int = 2, norm: ImageNorm = ImageNorm.CLIP) -> list[Image.Image]:
     """High-resolution decomposition for SFT (SPHINX / MM1 §4): an overview plus grid×grid crops.
 
     The image is first made square at grid·size pixels; the result is the downsized overview
     followed by the crops in reading order, each size×size.
     """
-    big = square(img, size * grid)
+    big = square(img, size * grid, norm)
     crops = [big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
              for r in range(grid) for c in range(grid)]
     return [big.resize((size, size), Image.Resampling.BICUBIC), *crops]

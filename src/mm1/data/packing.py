@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mm1.data.template import Control, Segment, Text
+from mm1.data.template import Control, Markup, Segment, Text
 from mm1.data.tokenizer import Tokenizer
 
 
@@ -50,6 +50,10 @@ def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int,
         elif isinstance(seg, Control):
             ids.append(tok.control_id(seg.token))
             loss.append(seg.loss)
+        elif isinstance(seg, Markup):
+            piece = tok.encode_markup(seg.text)
+            ids += piece
+            loss += [seg.loss] * len(piece)
         else:
             images.append(seg)
             starts.append(len(ids))

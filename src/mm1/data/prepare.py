@@ -46,8 +46,8 @@ from mm1.data.errors import ImageError, RecordError
 from mm1.data.formats import Reader, open_reader
 from mm1.data.packing import Chunk, Tokenized, layout, pack, split_chunks, tokenize
 from mm1.data.records import CaptionRecord, DocumentRecord, ImageRef, Record, record_images
-from mm1.data.sources import resolve_files, stage_sources
-from mm1.data.template import ChatTemplate, render_record
+from mm1.data.sources import expand, resolve_files, stage_sources
+from mm1.data.template import render_record, template_for
 from mm1.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -66,6 +66,7 @@ class SourceSpec:
     max_images: int
     image_tokens: int  # slots per image view
     views: int  # views per image (1 + grid² with sub-image decomposition)
+    chat: bool  # SFT: caption pairs rendered as captioning conversations
     template: str
     tokenizer: str
     check_images: bool
@@ -92,10 +93,10 @@ def source_specs(cfg: Config, stage: Stage, tok: Tokenizer) -> dict[str, SourceS
     for name, src in stage_sources(cfg, stage).items():
         out[name] = SourceSpec(
             name=name, kind=src.kind.value, files=resolve_files(src, cfg.data.root, name),
-            images=src.images.replace("{root}", cfg.data.root), seq_len=cfg.data.packing.seq_len,
+            images=expand(src.images, cfg.data.root), seq_len=cfg.data.packing.seq_len,
             max_images=cfg.data.packing.max_images, image_tokens=cfg.model.connector.num_tokens, views=views,
-            template=ChatTemplate.name, tokenizer=tok.fingerprint, check_images=cfg.data.prepare.check_images,
-            unit_records=cfg.data.prepare.unit_records)
+            chat=stage == Stage.SFT, template=template_for(tok).name, tokenizer=tok.fingerprint,
+            check_images=cfg.data.prepare.check_images, unit_records=cfg.data.prepare.unit_records)
     return out
 
 
@@ -202,13 +203,13 @@ def _records(spec: SourceSpec, unit: Unit, stats: UnitStats):
 
 
 def _items(spec: SourceSpec, unit: Unit, stats: UnitStats, tok: Tokenizer):
-    template = ChatTemplate()
+    template = template_for(tok)
     block = spec.image_tokens * spec.views
     for i, record in _records(spec, unit, stats):
         if isinstance(record, DocumentRecord) and not any(isinstance(p, str) and p.strip() for p in record.parts):
             stats.note(stats.skipped, RecordError(f"{spec.files[unit.file]}:{i}", "document has no text"))
             continue
-        t = tokenize(render_record(record, template), tok, image_tokens=spec.image_tokens,
+        t = tokenize(render_record(record, template, chat=spec.chat), tok, image_tokens=spec.image_tokens,
                      views_per_image=spec.views)
         chunks, dropped = split_chunks(t, seq_len=spec.seq_len, max_images=spec.max_images, block=block)
         stats.too_large_images += dropped

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mm1.config import Config, Stage
 from mm1.data.errors import ImageError
-from mm1.data.images import CLIP_MEAN, sub_images, to_tensor
+from mm1.data.images import mean_colour, sub_images, to_tensor
 from mm1.data.mixture import Mixture
 from mm1.data.packing import labels_from
 from mm1.data.prepare import views_per_image
@@ -87,7 +87,7 @@ class DataStream:
         self.names = list(self.sources)
         weights = [stage_sources(cfg, self.stage)[n].weight for n in self.names]
         self.mixture = Mixture([len(s) for s in self.sources.values()], weights, seed=cfg.data.seed)
-        self.image_size = cfg.model.vision.image_size
+        self.image_size, self.norm = cfg.model.vision.image_size, cfg.model.vision.norm
         self.grid = cfg.data.sub_image_grid if views_per_image(cfg, self.stage) > 1 else 0
         self.global_batch = cfg.train.batch_size
         self.seq_len = cfg.data.packing.seq_len
@@ -104,8 +104,8 @@ class DataStream:
         return dict(zip(self.names, self.mixture.epochs((step + 1) * self.global_batch), strict=True))
 
     def _image_views(self, img: Image.Image) -> list[torch.Tensor]:
-        views = sub_images(img, self.image_size, self.grid) if self.grid else [img]
-        return [to_tensor(v, self.image_size) for v in views]
+        views = sub_images(img, self.image_size, self.grid, self.norm) if self.grid else [img]
+        return [to_tensor(v, self.image_size, self.norm) for v in views]
 
     def _load_images(self, name: str, refs, skipped: Counter) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -115,7 +115,7 @@ class DataStream:
             except ImageError as err:  # changed since prepare checked it: a blank stands in, counted
                 self.stats.skip(name, err.where, f"image unreadable at load: {err.reason}")
                 skipped[f"{name}/image unreadable at load"] += 1
-                img = Image.new("RGB", (self.image_size, self.image_size), tuple(int(255 * m) for m in CLIP_MEAN))
+                img = Image.new("RGB", (self.image_size, self.image_size), mean_colour(self.norm))
             out += self._image_views(img)
         return out
 

@@ -23,7 +23,7 @@ from PIL import Image
 from mm1.config import PromptFormat
 from mm1.data.images import load_image
 from mm1.data.records import Role, Turn
-from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER, ChatTemplate, Control, Text, user_turn
+from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER, ChatTemplate, Control, Markup, Text, user_turn
 from mm1.eval.tasks.base import CaptionItem, Task
 from mm1.serve.engine import LowRes, Part
 
@@ -85,7 +85,7 @@ def prompt_text(parts: list[Part]) -> str:
     for p in parts:
         if isinstance(p, str):
             out.append(p)
-        elif isinstance(p, Text):
+        elif isinstance(p, Text | Markup):
             out.append(p.text)
         elif isinstance(p, Control):
             out.append(p.token)

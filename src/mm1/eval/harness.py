@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mm1.config import EvalConfig, PromptFormat
+from mm1.data.template import template_for
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.fewshot import STOP, build_prompt, prompt_text
 from mm1.eval.metrics import cider_d, normalize_answer, vqa_accuracy
@@ -73,12 +74,13 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
     n = len(task.test) if cfg.limit <= 0 else min(cfg.limit, len(task.test))
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, stop=STOP[fmt])
     high_res_last = cfg.high_res_last if engine.grid else None
+    template = template_for(engine.tok)
     scores, rows = {}, []
     for k in shots:
         preds, prompts = [], []
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"{task.name} {k}-shot", disable=not progress,
                           leave=False):
-            batch = [build_prompt(task, i, k, seed=cfg.seed, fmt=fmt, high_res_last=high_res_last)
+            batch = [build_prompt(task, i, k, seed=cfg.seed, fmt=fmt, high_res_last=high_res_last, template=template)
                      for i in range(start, min(n, start + cfg.batch_size))]
             preds += engine.generate(batch, gen)
             prompts += batch

@@ -2,9 +2,10 @@
 
 MM1 starts from a ViT trained with a CLIP loss (DFN-5B + VeCap). With no pretrained encoder on
 hand (none ships offline), `mm1 train --stage clip` trains our ViT contrastively on the caption
-data first; the MLLM then starts its vision tower from it (`model.vision_init`). The text side is a
-small pre-norm transformer over caption tokens, mean-pooled; the loss is the symmetric InfoNCE of
-Radford et al. (2021) with a learned temperature.
+data first; the MLLM then starts its vision tower from it (`model.vision.init`). The text side is a
+small pre-norm transformer over caption tokens, mean-pooled. `forward` gives both embeddings and
+the learned temperature; the symmetric InfoNCE loss of Radford et al. (2021), with negatives
+gathered across ranks, is the CLIP stage's objective (`mm1.train.clip`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from mm1.model.vision import VisionBlock, VisionEncoder
 
 
 @dataclass
-class CLIPOutput:
-    loss: torch.Tensor
-    accuracy: float  # share of images whose own caption scores highest in the batch
+class CLIPEmbeddings:
+    image_ND: torch.Tensor  # unit-norm image embeddings
+    text_ND: torch.Tensor  # unit-norm caption embeddings
+    logit_scale: torch.Tensor  # exp(learned log-temperature), at most 100
 
 
 class TextEncoder(nn.Module):
@@ -53,13 +55,9 @@ class CLIP(nn.Module):
         self.text = TextEncoder(vocab, text_width, text_depth, text_heads, max_len)
         self.vision_proj = nn.Linear(vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-D: FSDP2 shards no scalars
 
-    def forward(self, images_BCHW: torch.Tensor, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> CLIPOutput:
+    def forward(self, images_BCHW: torch.Tensor, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> CLIPEmbeddings:
         img = F.normalize(self.vision_proj(self.vision(images_BCHW).mean(1)), dim=-1)
         txt = F.normalize(self.text_proj(self.text(ids_BL, valid_BL)), dim=-1)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
-        target = torch.arange(len(img), device=img.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        acc = float((logits.argmax(1) == target).float().mean())
-        return CLIPOutput(loss, acc)
+        return CLIPEmbeddings(img, txt, self.logit_scale.clamp(max=math.log(100)).exp())

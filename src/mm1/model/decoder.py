@@ -9,13 +9,14 @@ Nothing here is distributed: `mm1.train.parallel` wraps these modules from the o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm1.config import DecoderConfig, MoEConfig
+from mm1.config import DecoderConfig, MoEConfig, RopeScaling
 from mm1.model.moe import MoEFFN, MoEStats
 
 
@@ -29,10 +30,27 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, theta: float, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: DecoderConfig, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim / 2], with the scaling of the imported model (HF's
+    `rope_scaling`: `linear` divides every frequency, Llama 3.1's `llama3` only the low ones)."""
+    d = cfg.head_size
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    rs = cfg.rope_scaling
+    if rs.kind == RopeScaling.LINEAR:
+        return inv_freq / rs.factor
+    if rs.kind == RopeScaling.LLAMA3:
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = rs.original_max_len / rs.low_freq_factor, rs.original_max_len / rs.high_freq_factor
+        smooth = (rs.original_max_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        mid = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        return torch.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), mid, scaled)
+    return inv_freq
+
+
+def rope_tables(inv_freq: torch.Tensor, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [B, 1, T, head_dim] for the given (per-row) positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim))
-    angles_BTh = positions_BT.float()[..., None] * inv_freq
+    angles_BTh = positions_BT.float()[..., None] * inv_freq.float()
     angles_BTd = torch.cat([angles_BTh, angles_BTh], dim=-1)
     return angles_BTd.cos()[:, None], angles_BTd.sin()[:, None]
 
@@ -62,7 +80,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, max_len: int, *, device, dtype) -> KVCache:
-        shape = (batch, cfg.kv_heads, max_len, cfg.width // cfg.heads)
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_size)
 
         def zeros() -> list[torch.Tensor]:
             return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
@@ -74,7 +92,7 @@ class Attention(nn.Module):
         super().__init__()
         qkv_bias = cfg.qkv_bias
         self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
-        self.head_dim = cfg.width // cfg.heads
+        self.head_dim = cfg.head_size
         self.q = nn.Linear(cfg.width, cfg.heads * self.head_dim, bias=qkv_bias)
         self.k = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
         self.v = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
@@ -172,6 +190,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # derived: not in checkpoints
 
     def forward(
         self,
@@ -182,7 +201,7 @@ class Decoder(nn.Module):
     ) -> DecoderOutput:
         """`mask` is boolean [B, 1, T, S] (True = may attend; S = cache length with a cache) or None
         for plain causal attention."""
-        rope = rope_tables(self.cfg.width // self.cfg.heads, self.cfg.rope_theta, positions_BT)
+        rope = rope_tables(self.inv_freq, positions_BT)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
             x_BTD = layer(x_BTD, rope, mask, cache, i, stats)

@@ -17,7 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mm1.config import Activation, Config, DecoderConfig, ModelConfig, VisionConfig, from_dict, to_dict
+from mm1.config import (
+    Activation,
+    Config,
+    DecoderConfig,
+    ImageNorm,
+    ModelConfig,
+    RopeScaling,
+    RopeScalingConfig,
+    VisionConfig,
+    from_saved,
+    to_dict,
+)
 
 
 class WeightsError(ValueError):
@@ -145,16 +156,43 @@ def fit_position_tables(state: dict[str, torch.Tensor], model: nn.Module, *, pre
 # ----------------------------------------------------------------------------- configs
 
 
+def _rope_scaling_from_hf(hf: dict) -> RopeScalingConfig:
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
+    kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else "default"
+    if kind == "default":
+        return RopeScalingConfig()
+    if kind == "linear":
+        return RopeScalingConfig(kind=RopeScaling.LINEAR, factor=float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScalingConfig(kind=RopeScaling.LLAMA3, factor=float(rs["factor"]),
+                                 low_freq_factor=float(rs["low_freq_factor"]),
+                                 high_freq_factor=float(rs["high_freq_factor"]),
+                                 original_max_len=int(rs["original_max_position_embeddings"]))
+    raise WeightsError(f"rope_scaling type '{kind}' is not supported (none, linear, llama3)")
+
+
 def decoder_config_from_hf(hf: dict) -> DecoderConfig:
+    """Our decoder config for an HF Llama / Qwen2 / Mistral (SmolLM is Llama) config.json; anything
+    our decoder would compute differently is refused here, by name, rather than loaded wrongly."""
     if hf.get("model_type") not in ("llama", "qwen2", "mistral"):
         raise WeightsError(f"unsupported decoder model_type '{hf.get('model_type')}' (llama, qwen2, mistral)")
+    unsupported = [f"{key}={hf[key]!r}" for key, ok in (
+        ("hidden_act", lambda v: v == "silu"), ("mlp_bias", lambda v: not v),
+        ("sliding_window", lambda v: not v or not hf.get("use_sliding_window", hf.get("model_type") == "mistral")),
+        ("attention_bias", lambda v: not v or hf.get("model_type") == "qwen2"),
+    ) if key in hf and not ok(hf[key])]
+    if unsupported:
+        raise WeightsError(f"the decoder uses what mm1's does not implement: {', '.join(unsupported)}")
     heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or 0
     return DecoderConfig(
         vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
         rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        rope_scaling=_rope_scaling_from_hf(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=hf.get("model_type") == "qwen2",
         max_seq_len=hf.get("max_position_embeddings", 4096),
     )
 
@@ -170,16 +208,32 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
         depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
         mlp_ratio=hf["intermediate_size"] / hf["hidden_size"], activation=act, cls_token=not siglip,
         pre_norm=not siglip, post_norm=siglip, norm_eps=hf.get("layer_norm_eps", 1e-5), patch_bias=siglip,
+        norm=ImageNorm.SIGLIP if siglip else ImageNorm.CLIP,
     )
 
 
 # ----------------------------------------------------------------------------- import
 
 
+def grow_rows(weight_VD: torch.Tensor, rows: int, *, what: str) -> torch.Tensor:
+    """An embedding (or output head) with rows added up to `rows`, each the mean of the existing ones:
+    tokens the pre-trained model never saw (`<image>`, chat tokens) start as its average token."""
+    have = weight_VD.shape[0]
+    if have > rows:
+        raise WeightsError(f"{what}: {have} rows do not fit a vocabulary of {rows}")
+    if have == rows:
+        return weight_VD
+    return torch.cat([weight_VD, weight_VD.mean(0, keepdim=True).expand(rows - have, -1)])
+
+
 def import_hf_decoder(decoder: nn.Module, folder: Path) -> None:
+    """An HF decoder's weights into ours; a larger vocabulary (tokens we added) grows by mean rows."""
     state = map_names(read_safetensors(folder), DECODER_MAP, DECODER_UNUSED)
     if decoder.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state:
+            state[name] = grow_rows(state[name], decoder.cfg.vocab_size, what=f"{folder} {name}")
     load_strict(decoder, state, what=f"decoder from {folder}")
 
 
@@ -233,7 +287,7 @@ def export(model: nn.Module, cfg: Config, folder: Path) -> Path:
 def import_exported(folder: Path):
     from mm1.model.mllm import MLLM
 
-    cfg = from_dict(Config, json.loads((folder / "mm1_config.json").read_text()))
+    cfg = from_saved(json.loads((folder / "mm1_config.json").read_text()))
     model = MLLM(cfg.model)
     state = load_file(str(folder / "model.safetensors"))
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
@@ -252,11 +306,21 @@ def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | N
         "model_type": "qwen2" if qwen else "llama",
         "vocab_size": dec.vocab_size, "hidden_size": dec.width, "num_hidden_layers": dec.depth,
         "num_attention_heads": dec.heads, "num_key_value_heads": dec.kv_heads, "intermediate_size": dec.ffn_hidden,
-        "head_dim": dec.width // dec.heads, "hidden_act": "silu", "rms_norm_eps": dec.norm_eps,
-        "rope_theta": dec.rope_theta, "max_position_embeddings": dec.max_seq_len,
+        "head_dim": dec.head_size, "hidden_act": "silu", "rms_norm_eps": dec.norm_eps,
+        "rope_theta": dec.rope_theta, "rope_scaling": _rope_scaling_to_hf(dec.rope_scaling),
+        "max_position_embeddings": dec.max_seq_len,
         "tie_word_embeddings": dec.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
     }
+
+
+def _rope_scaling_to_hf(rs: RopeScalingConfig) -> dict | None:
+    if rs.kind == RopeScaling.NONE:
+        return None
+    if rs.kind == RopeScaling.LINEAR:
+        return {"rope_type": "linear", "factor": rs.factor}
+    return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_len}
 
 
 def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer_file: Path | None = None,

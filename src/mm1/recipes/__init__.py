@@ -23,10 +23,16 @@ from mm1.recipes.paper import (
     mm1_30b,
     mm1_30b_sft,
 )
-from mm1.recipes.tiny import tiny
+from mm1.recipes.smol import smol, smol_clip, smol_sft
+from mm1.recipes.tiny import tiny, tiny_clip, tiny_sft
 
 RECIPES: dict[str, Callable[[], Config]] = {
     "tiny": tiny,
+    "tiny_clip": lambda: tiny_clip(tiny()),
+    "tiny_sft": lambda: tiny_sft(tiny()),
+    "smol": smol,
+    "smol_clip": smol_clip,
+    "smol_sft": smol_sft,
     "ablation": ablation,
     "mm1_3b": mm1_3b,
     "mm1_7b": mm1_7b,

@@ -17,7 +17,7 @@ from PIL import Image
 from mm1.data.errors import ImageError
 from mm1.data.images import load_image
 from mm1.data.records import Role, Turn
-from mm1.data.template import ChatTemplate, user_turn
+from mm1.data.template import ChatTemplate, template_for, user_turn
 from mm1.serve.engine import Engine, GenerationConfig, Part
 
 HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
@@ -49,7 +49,7 @@ def load_images(paths: list[str]) -> list[Image.Image]:
 
 def chat_loop(engine: Engine, gen: GenerationConfig, *, first_images: list[str] | None = None,
               read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> Conversation:
-    conv = Conversation()
+    conv = Conversation(template=template_for(engine.tok))
     pending: list[Image.Image] = []
     for path in first_images or []:
         pending += _attach(path, write)
@@ -65,7 +65,7 @@ def chat_loop(engine: Engine, gen: GenerationConfig, *, first_images: list[str] 
         if line in ("/quit", "/exit"):
             return conv
         if line == "/reset":
-            conv, pending = Conversation(), []
+            conv, pending = Conversation(template=conv.template), []
             write("(history cleared)")
             continue
         if line.startswith("/image"):
@@ -96,4 +96,4 @@ def generate_once(engine: Engine, *, prompt: str, images: list[str], gen: Genera
     imgs = load_images(images)
     if raw:
         return engine.generate([[*imgs, prompt]], gen)[0]
-    return respond(engine, Conversation(), imgs, prompt, gen)
+    return respond(engine, Conversation(template=template_for(engine.tok)), imgs, prompt, gen)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mm1.data.images import sub_images, to_tensor
 from mm1.data.packing import tokenize
-from mm1.data.template import Control, Text
+from mm1.data.template import Control, Markup, Text, template_for
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
@@ -30,9 +30,9 @@ class LowRes:
     image: Image.Image
 
 
-# A prompt is a list of text pieces (always encoded as text), control tokens (from a template) and
-# images, in order.
-Part = str | Control | Image.Image | LowRes
+# A prompt is a list of text pieces (always encoded as text), control tokens and markup (from a
+# template) and images, in order.
+Part = str | Control | Markup | Image.Image | LowRes
 
 
 @dataclass
@@ -70,8 +70,9 @@ class Engine:
         self.tok = tok
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.image_size = model.cfg.vision.image_size
-        self.stop_ids = {tok.eos_id, tok.end_id}
+        self.image_size, self.norm = model.cfg.vision.image_size, model.cfg.vision.norm
+        # The end of text, and what ends an assistant turn in the model's chat template.
+        self.stop_ids = {tok.eos_id, *(tok.control_id(t) for t in template_for(tok).stop_tokens)}
         # Padding is masked out, so any id will do, but it must be one the embedding has: an HF
         # decoder's vocabulary may lack the special tokens our tokenizer adds.
         self.pad_id = tok.pad_id if tok.pad_id < model.cfg.decoder.vocab_size else 0
@@ -94,14 +95,14 @@ class Engine:
         """The views the model sees of an image: the overview and crops of sub-image decomposition."""
         if isinstance(image, LowRes) or not self.grid:
             return [image.image if isinstance(image, LowRes) else image]
-        return sub_images(image, self.image_size, self.grid)
+        return sub_images(image, self.image_size, self.grid, self.norm)
 
     def encode(self, prompt: list[Part]) -> Encoded:
         segments = [Text(p) if isinstance(p, str) else p for p in prompt]
         views = {id(p): self.views(p) for p in prompt if isinstance(p, Image.Image | LowRes)}
         t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens,
                      views_per_image=lambda img: len(views[id(img)]), end_of_text=False)
-        images = [to_tensor(v, self.image_size) for img in t.images for v in views[id(img)]]
+        images = [to_tensor(v, self.image_size, self.norm) for img in t.images for v in views[id(img)]]
         return Encoded(t.tokens.tolist(), images)
 
     def _prefill_inputs(self, encoded: list[Encoded], T: int, max_len: int):

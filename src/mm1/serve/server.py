@@ -21,13 +21,13 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from mm1.data.template import ChatTemplate
+from mm1.data.template import ChatTemplate, template_for
 from mm1.serve.batching import Completion, ContinuousBatcher
 from mm1.serve.batching import Request as GenRequest
 from mm1.serve.engine import Engine
@@ -43,9 +43,13 @@ class ServerState:
     limits: Limits
     model_name: str
     api_key: str | None = None
-    template: ChatTemplate = field(default_factory=ChatTemplate)
+    template: ChatTemplate | None = None  # None: the model's own (`template_for(engine.tok)`)
     stop: threading.Event | None = None
     mailbox: _Mailbox | None = None  # made on the first request, in the server's event loop
+
+    def __post_init__(self) -> None:
+        if self.template is None:
+            self.template = template_for(self.engine.tok)
 
 
 def _error(err: RequestError) -> JSONResponse:

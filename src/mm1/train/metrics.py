@@ -1,7 +1,8 @@
 """Run logging: a progress bar, `metrics.jsonl`, TensorBoard, and W&B when configured.
 
 Every logged step becomes one JSON object in `DIR/metrics.jsonl` (step, loss, lr, grad_norm,
-tokens_per_s, mfu, per-source losses, MoE aux losses and expert shares, skipped data), the same
+tokens_per_s (images_per_s in the CLIP stage), mfu, per-source losses, MoE aux losses and expert
+shares, skipped data), the same
 scalars go to TensorBoard under `DIR/tensorboard/`, and to W&B when `train.logging.wandb_project`
 is set (offline mode works without a network). Only rank 0 writes.
 """
@@ -29,8 +30,8 @@ def default_peak_flops(device_name: str, threads: int) -> float:
 
 class RunLogger:
     def __init__(self, out: Path, cfg: LoggingConfig, *, total_steps: int, start_step: int, enabled: bool,
-                 run_config: dict, desc: str = "train") -> None:
-        self.enabled = enabled
+                 run_config: dict, desc: str = "train", rate: str = "tokens_per_s") -> None:
+        self.enabled, self.rate = enabled, rate
         self.cfg = cfg
         self.tb = None
         self.wandb = None
@@ -71,8 +72,8 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 lr=f"{record['lr']:.1e}", refresh=False)
+            rate = {self.rate.replace("_per_s", "/s"): f"{record[self.rate]:.0f}"}  # tokens/s or images/s
+            self.bar.set_postfix({"loss": f"{record['loss']:.3f}", **rate, "lr": f"{record['lr']:.1e}"}, refresh=False)
 
     def write(self, message: str) -> None:
         if self.enabled:

@@ -3,8 +3,8 @@
 `torchrun --nproc_per_node=N -m mm1 train ...` sets RANK / WORLD_SIZE; `init_distributed` joins the
 process group (NCCL on GPU, gloo on CPU) and `parallelize` wraps the model:
 - DDP: replicated weights, averaged gradients;
-- FSDP2 (`fully_shard`): the vision encoder as one unit, each decoder block as its own unit,
-  then the root (connector, embeddings, head);
+- FSDP2 (`fully_shard`): the vision encoder (and the CLIP stage's text encoder) as one unit each,
+  each decoder block as its own unit, then the root (connector, embeddings, head);
 - optional activation checkpointing of each decoder block (and ViT block).
 Nothing in `mm1.model` knows about any of this.
 """
@@ -100,8 +100,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _blocks(model: nn.Module) -> list[nn.ModuleList]:
+    """The repeated blocks of the MLLM (decoder layers, ViT blocks) or of the CLIP stage's model."""
+    names = ("decoder.layers", "vision.blocks", "text.blocks")
+    return [model.get_submodule(n) for n in names if _has(model, n)]
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _checkpoint_blocks(model: nn.Module) -> None:
-    for container in (model.decoder.layers, model.vision.blocks):
+    for container in _blocks(model):
         for i, block in enumerate(container):
             container[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
@@ -126,8 +140,11 @@ def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Modu
     if info.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp else {}
-    fully_shard(model.vision, **kw)
-    for layer in model.decoder.layers:
-        fully_shard(layer, **kw)
+    for name in ("vision", "text"):  # the image encoder; the CLIP stage's text encoder
+        if _has(model, name):
+            fully_shard(model.get_submodule(name), **kw)
+    if _has(model, "decoder.layers"):
+        for layer in model.decoder.layers:
+            fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model

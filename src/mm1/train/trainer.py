@@ -1,35 +1,33 @@
-"""One trainer for MM1 pre-training and SFT, from 2 CPU cores to many GPUs.
+"""One trainer for every stage of MM1 (CLIP, pre-training, SFT), from 2 CPU cores to many GPUs.
 
-The loop: a step batch of `train.batch_size` sequences (split over ranks and micro-batches), loss
-summed over predicted tokens and divided by their count over the *whole* step (all micro-batches,
-all ranks), MoE aux losses added, gradients clipped, AdamW (or Adafactor) with the paper's LR rule,
-warm-up and cosine decay. Checkpoints are atomic and resume exactly: the data stream is a pure
-function of the step, and model, optimizer and RNG states are restored bit for bit.
+The loop: a step batch of `train.batch_size` samples (split over ranks and micro-batches), the
+stage's loss (`mm1.train.objective`: next-token loss normalised over the whole step's predicted
+tokens, or the contrastive loss of the CLIP stage), gradients synced once per step and clipped,
+AdamW (or Adafactor) with the paper's LR rule, warm-up and cosine decay. Checkpoints are atomic and
+resume exactly: the data is a pure function of the step, and model, optimizer and RNG states are
+restored bit for bit. A stop request (SIGTERM, Ctrl-C) on any rank stops every rank at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mm1.config import Config, ConfigError, OnNonFinite, Precision, save, to_dict
-from mm1.data.packing import IGNORE
-from mm1.data.stats import DataStats
-from mm1.data.stream import Batch, DataStream, load_tokenizer, make_loader
-from mm1.model.mllm import MLLM, lr_rule_parameters, upcycle_from_dense
+from mm1.config import Config, ConfigError, OnNonFinite, Precision, Stage, save, to_dict
+from mm1.data.stream import load_tokenizer
+from mm1.model.pretrained import resolve_pretrained
 from mm1.train import checkpoint as ckpt
 from mm1.train.metrics import RunLogger, default_peak_flops
+from mm1.train.objective import Objective
 from mm1.train.optim import build_optimizer, freeze, lr_at, param_groups, resolve_lr
 from mm1.train.parallel import (
     DistInfo,
-    all_reduce_sum,
     any_rank,
     gradient_sync,
     init_distributed,
@@ -47,11 +45,9 @@ class NonFiniteError(RuntimeError):
 class StepResult:
     loss: float
     grad_norm: float
-    tokens: int  # real (non-padding) tokens in the step, all ranks
-    images: int  # images in the step, all ranks (views after sub-image decomposition)
-    predicted: int
-    source_loss: dict[str, float]
-    aux: dict[str, float]
+    count: int  # tokens (real, not padding) or images of the step, all ranks: see `Objective.unit`
+    flops: float
+    extra: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
 
 
@@ -78,85 +74,40 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
-def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
-    dec = cfg.model.decoder
-    if dec.vocab_size < vocab:
-        raise ConfigError(f"model.decoder.vocab_size: {dec.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-    cfg.model.image_token_id = image_id
-
-
-def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
-    """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
-    upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
-    378-px pre-training checkpoint)."""
-    from mm1.config import load
-    from mm1.model.weights import fit_position_tables, load_strict
-
-    run, ck = ckpt.resolve(path)
-    source = MLLM(load(run / "config.json").model)
-    ckpt.load_model_weights(ck, source)
-    state = fit_position_tables(source.state_dict(), model)
-    if cfg.model.moe.num_experts and not source.cfg.moe.num_experts:
-        upcycle_from_dense(model, state)
-    else:
-        load_strict(model, state, what=f"weights from {ck}")
-
-
-def load_vision(model: MLLM, path: Path) -> None:
-    """Start the image encoder from CLIP pre-training (strict: every tensor must match; the position
-    table is interpolated when the resolutions differ)."""
-    from safetensors.torch import load_file
-
-    from mm1.model.weights import fit_position_tables, load_strict
-
-    if not path.exists():
-        raise ConfigError(f"model.vision_init: {path} does not exist (train it with `mm1 train --stage clip`)")
-    state = fit_position_tables(load_file(str(path)), model.vision)
-    load_strict(model.vision, state, what=f"vision encoder from {path}")
-
-
 def autocast(cfg: Config, device: torch.device):
     bf16 = cfg.train.precision == Precision.BF16 or (cfg.train.precision == Precision.AUTO and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def step_flops(cfg: Config, *, tokens: int, images: int) -> float:
-    """Training FLOPs of a step: 6 per parameter use (forward + backward) for the decoder's matmuls
-    on every token (experts: top-k only), the ViT's and connector's on every patch, and causal
-    attention's 6·L·d·T per token (T: the packed sequence length)."""
-    m, d = cfg.model, cfg.model.decoder
-    per_layer_attn = d.width * (2 * d.width + 2 * d.kv_heads * (d.width // d.heads))
-    ffn = 3 * d.width * d.ffn_hidden
-    moe_layers = d.depth // m.moe.every if m.moe.num_experts else 0
-    decoder = d.depth * per_layer_attn + (d.depth - moe_layers) * ffn + moe_layers * m.moe.top_k * ffn
-    decoder += d.vocab_size * d.width  # the output head
-    v = m.vision
-    patches = (v.image_size // v.patch_size) ** 2
-    vit = v.depth * (4 * v.width**2 + 2 * v.width * int(v.width * v.mlp_ratio))
-    attention = 6 * d.depth * d.width * cfg.data.packing.seq_len
-    return tokens * (6 * decoder + attention) + images * patches * 6 * vit
+def make_objective(cfg: Config, tok, *, world_size: int, fresh: bool, init_from: str | None) -> Objective:
+    if cfg.train.stage == Stage.CLIP:
+        from mm1.train.clip import CLIPObjective
+
+        return CLIPObjective(cfg, tok, world_size=world_size, fresh=fresh)
+    from mm1.train.lm import LMObjective
+
+    return LMObjective(cfg, tok, world_size=world_size, fresh=fresh, init_from=init_from)
 
 
 class Trainer:
+    """The training loop of every stage: `Trainer(cfg, out).run()`; the stage's `Objective` says what."""
+
     def __init__(self, cfg: Config, out: Path, *, resume: bool = False, init_from: str | None = None) -> None:
         self.cfg, self.out = cfg, out
         self.info: DistInfo = init_distributed()
         torch.manual_seed(cfg.train.seed)
+        if not resume:  # a resumed run's saved config is resolved already (its folders may be gone)
+            resolve_pretrained(cfg)
         self.tok = load_tokenizer(cfg)
-        resolve_model_config(cfg, len(self.tok), self.tok.image_id)
-        self.stats = DataStats()
-        self.stream = DataStream(cfg, self.tok, stats=self.stats)  # first: missing data fails before any work
-        self.lr = resolve_lr(cfg.train.optimizer, lr_rule_parameters(cfg.model))
+        self.objective = make_objective(cfg, self.tok, world_size=self.info.world_size, fresh=not resume,
+                                        init_from=init_from)
+        self.lr = resolve_lr(cfg.train.optimizer, self.objective.rule_parameters())
         if self.info.is_main:
             save(cfg, out / "config.json")
             self.tok.save(out / "tokenizer.json")  # the run is self-contained for eval and chat
-        self.model = MLLM(cfg.model).to(self.info.device)
-        if cfg.model.vision_init and not resume and not init_from:
-            load_vision(self.model, Path(cfg.model.vision_init))
-        if init_from:
-            init_weights(self.model, cfg, Path(init_from))
-        freeze(self.model, cfg.train.components)  # before wrapping: DDP and FSDP2 read requires_grad then
-        self.model = parallelize(self.model, cfg.train, self.info)
+        model = self.objective.model.to(self.info.device)
+        freeze(model, cfg.train.components)  # before wrapping: DDP and FSDP2 read requires_grad then
+        self.model = parallelize(model, cfg.train, self.info)
         groups = param_groups(unwrap(self.model), lr=self.lr, weight_decay=cfg.train.optimizer.weight_decay,
                               components=cfg.train.components)
         self.optimizer = build_optimizer(groups, cfg.train.optimizer, self.lr)
@@ -185,67 +136,33 @@ class Trainer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
 
-    def train_step(self, batch: Batch) -> StepResult:
+    def train_step(self, batch) -> StepResult:
         device = self.info.device
-        predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64),
-                                   device)
-        total_pred = max(1.0, float(predicted.item()))
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        S = len(self.stream.names)
-        src_sum = torch.zeros(S, device=device)
-        src_cnt = torch.zeros(S, device=device)
-        aux_acc: dict[str, float] = {}
-        for i, micro in enumerate(batch.split(self.accum)):
-            micro = micro.to(device)
+        micros = self.objective.begin_step(batch, accum=self.accum, device=device)
+        for i, micro in enumerate(micros):
             # Gradients are synced across ranks once per step, in the last micro-batch's backward.
             with gradient_sync(self.model, i == self.accum - 1):
                 with autocast(self.cfg, device):
-                    out = self.model(**micro.model_inputs(), num_sources=S, vision_always=self.info.world_size > 1)
-                # Normalise by the step's predicted tokens over all ranks; DDP/FSDP average gradients over
-                # ranks, so multiply by the world size to get the sum-then-divide of one big batch.
-                loss = out.loss_sum * (self.info.world_size / total_pred)
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss / self.accum
-                    self._collect_moe(out, aux_acc)
+                    loss = self.objective.loss(self.model, micro.to(device))
                 loss.backward()
-            loss_sum += out.loss_sum.detach().double()
-            src_sum += out.source_loss_sum_S
-            src_cnt += out.source_count_S
         clip = self.cfg.train.optimizer.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        reduced = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), src_sum, src_cnt]), device)
-        loss_val = float(reduced[0]) / total_pred
-        tokens, images = (int(x) for x in all_reduce_sum(torch.tensor(
-            [int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)]), device))
-        source_loss = {self.stream.names[i]: float(reduced[1 + i] / reduced[1 + S + i])
-                       for i in range(S) if reduced[1 + S + i] > 0}
-        result = StepResult(loss_val, grad_norm, tokens, images, int(total_pred), source_loss,
-                            {k: v / self.accum for k, v in aux_acc.items()})
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+        m = self.objective.end_step()
+        result = StepResult(m.loss, grad_norm, m.count, m.flops, m.extra)
+        if not (math.isfinite(m.loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.on_non_finite == OnNonFinite.STOP:
                 raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at step {batch.step + 1} "
-                    f"(loss={loss_val}, grad_norm={grad_norm}); the last good checkpoint is kept. "
+                    f"non-finite {'loss' if not math.isfinite(m.loss) else 'gradient'} at step {batch.step + 1} "
+                    f"(loss={m.loss}, grad_norm={grad_norm}); the last good checkpoint is kept. "
                     "Lower train.optimizer.lr or set train.on_non_finite=skip.")
             result.skipped = True
             return result
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
-
-    @staticmethod
-    def _collect_moe(out, acc: dict[str, float]) -> None:
-        n = len(out.moe_stats)
-        lb = sum(s.load_balance_loss.item() for s in out.moe_stats) / n
-        z = sum(s.z_loss.item() for s in out.moe_stats) / n
-        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + lb
-        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + z
-        share = torch.stack([s.expert_share_E for s in out.moe_stats]).mean(0)
-        for e, v in enumerate(share.tolist()):
-            acc[f"expert_share.{e}"] = acc.get(f"expert_share.{e}", 0.0) + v
 
     # ------------------------------------------------------------------ the loop
     def _meta(self, step: int) -> dict:
@@ -260,15 +177,16 @@ class Trainer:
         return step % c.every == 0 or (c.keep_log_spaced and step & (step - 1) == 0 and step < c.every)
 
     def run(self) -> dict:
-        cfg, info = self.cfg, self.info
+        cfg, info, unit = self.cfg, self.info, self.objective.unit
         steps = cfg.train.steps
         logger = RunLogger(self.out, cfg.train.logging, total_steps=steps, start_step=self.start_step,
-                           enabled=info.is_main, run_config=to_dict(cfg), desc=f"{cfg.train.stage.value}")
-        loader = make_loader(self.stream, start=self.start_step, stop=steps, rank=info.rank,
-                             world_size=info.world_size, num_workers=cfg.data.num_workers)
+                           enabled=info.is_main, run_config=to_dict(cfg), desc=f"{cfg.train.stage.value}",
+                           rate=f"{unit}_per_s")
+        loader = self.objective.loader(start=self.start_step, stop=steps, rank=info.rank,
+                                       world_size=info.world_size, num_workers=cfg.data.num_workers)
         skipped: dict[str, int] = {}
         last = {"step": self.start_step}
-        window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+        window_t, window_count, window_flops = time.perf_counter(), 0, 0.0
         step = self.start_step
         self.model.train()
         try:
@@ -285,21 +203,19 @@ class Trainer:
                             "train.micro_batch_size or data.packing.seq_len") from None
                     for k, v in batch.skipped.items():
                         skipped[k] = skipped.get(k, 0) + v
-                    window_tokens += res.tokens
-                    window_flops += step_flops(cfg, tokens=res.tokens, images=res.images)
+                    window_count += res.count
+                    window_flops += res.flops
                     step += 1
                     logger.step()
                     if step % cfg.train.logging.every == 0 or step == steps:
                         now = time.perf_counter()
-                        tps = window_tokens / max(1e-9, now - window_t)
-                        mfu = window_flops / max(1e-9, now - window_t) / self.peak_flops
+                        seconds = max(1e-9, now - window_t)
                         last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                                "tokens_per_s": tps, "mfu": mfu,
-                                **{f"loss.{k}": v for k, v in res.source_loss.items()}, **res.aux,
-                                **{f"epochs.{k}": v for k, v in self.stream.epochs(step - 1).items()},
+                                f"{unit}_per_s": window_count / seconds,
+                                "mfu": window_flops / seconds / self.peak_flops, **res.extra,
                                 "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
                         logger.log(last)
-                        window_t, window_tokens, window_flops = now, 0, 0.0
+                        window_t, window_count, window_flops = now, 0, 0.0
                     if self._should_save(step) or step == steps:
                         self.save(step)
                     if any_rank(stop.requested, info.device):  # every rank stops at the same step
@@ -308,10 +224,8 @@ class Trainer:
                         break
         finally:
             logger.close()
-            if info.is_main:
-                stats = {"prepared": self.stream.manifests(), "at_load": self.stats.to_dict(),
-                         "skipped_in_batches": skipped}
-                (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+            self.objective.finish(unwrap(self.model), self.out, is_main=info.is_main, completed=step >= steps,
+                                  skipped=skipped)
         return last
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mm1.config import SourceKind
 from mm1.data.errors import RecordError
 from mm1.data.formats.base import Reader
-from mm1.data.formats.coco import CaptionJsonl
+from mm1.data.formats.coco import CaptionJsonl, CocoCaptionsJson
 from mm1.data.formats.interleaved import Mmc4Jsonl, ObelicsParquet
 from mm1.data.formats.llava import LlavaJson
 from mm1.data.formats.text import open_text
@@ -25,6 +25,8 @@ def open_reader(kind: SourceKind, path: Path, images_dir: Path | None = None) ->
             return WebDatasetShard(path)
         if suffix == ".jsonl":
             return CaptionJsonl(path)
+        if suffix == ".json":
+            return CocoCaptionsJson(path, images_dir)
     elif kind == SourceKind.INTERLEAVED:
         if suffix == ".parquet":
             return ObelicsParquet(path)
@@ -34,7 +36,7 @@ def open_reader(kind: SourceKind, path: Path, images_dir: Path | None = None) ->
         return open_text(path)
     elif kind == SourceKind.CONVERSATION and suffix == ".json":
         return LlavaJson(path, images_dir)
-    expected = {SourceKind.CAPTION: ".tar or .jsonl", SourceKind.INTERLEAVED: ".parquet or .jsonl",
+    expected = {SourceKind.CAPTION: ".tar, .jsonl or COCO .json", SourceKind.INTERLEAVED: ".parquet or .jsonl",
                 SourceKind.CONVERSATION: ".json"}[kind]
     raise RecordError(str(path), f"a {kind.value} source reads {expected} files", f"got '{suffix}'")
 

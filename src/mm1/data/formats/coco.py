@@ -1,9 +1,14 @@
 """COCO caption annotations (`captions_*.json`) and caption jsonl files.
 
-`read_coco_captions` gives images with their reference captions (for evaluation). `CaptionJsonl`
-reads one-record-per-line caption files as a training source, as used by `../shared/data` and by
-our custom tasks: `{"image": "path", "caption": "..."}` or `{"image": "path", "captions": [...]}`
-(the first caption is trained on). Image paths are relative to the file's folder.
+`read_coco_captions` gives images with their reference captions (for evaluation). Two training
+sources of image-text pairs:
+- `CocoCaptionsJson`, a COCO `captions_*.json`: one record per caption (COCO has five per image),
+  images read from the source's `images` folder (default: `../<split>/` beside the annotations,
+  COCO's own layout); annotations whose image file is absent are left out. The file is read
+  whole, as COCO's tools do (train2017's is 91 MB).
+- `CaptionJsonl`, one record per line, as used by `../shared/data` and by our custom tasks:
+  `{"image": "path", "caption": "..."}` or `{"image": "path", "captions": [...]}` (the first caption
+  is trained on). Image paths are relative to the file's folder.
 """
 
 from __future__ import annotations
@@ -73,3 +78,22 @@ class CaptionJsonl(Reader):
         if not item.captions or not item.captions[0]:
             raise RecordError(self.where(i), "empty caption")
         return CaptionRecord(ImageRef(item.image), item.captions[0])
+
+
+class CocoCaptionsJson(Reader):
+    """A COCO captions json as a training source: record i is the i-th (image, caption) pair."""
+
+    def __init__(self, path: Path, images_dir: Path | None = None) -> None:
+        super().__init__(path)
+        split = self.path.stem.removeprefix("captions_")
+        self.images_dir = images_dir or self.path.parent.parent / split
+        self.pairs = [(item.image, c) for item in read_coco_captions(self.path, self.images_dir) for c in item.captions]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, i: int) -> CaptionRecord:
+        image, caption = self.pairs[i]
+        if not caption:
+            raise RecordError(self.where(i), "empty caption")
+        return CaptionRecord(ImageRef(image), caption)

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mm1.data.errors import RecordError
 from mm1.data.formats.coco import read_caption_jsonl, read_coco_captions
+from mm1.data.sources import shared_data_dir
 from mm1.eval.tasks.base import CaptionItem, Metric, Task, VQAItem
 
 SYNTH_TASKS = ("synth_caption", "synth_vqa", "synth_words")
-
-
-def shared_data_dir() -> Path:
-    """`../shared/data` beside the checkout (or $MM1_SHARED_DATA)."""
-    env = os.environ.get("MM1_SHARED_DATA")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[4]):
-        if (base.parent / "shared" / "data").exists():
-            return base.parent / "shared" / "data"
-    return Path.cwd().parent / "shared" / "data"
 
 
 def read_items(path: Path) -> tuple[Metric, list]:

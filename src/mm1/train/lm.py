@@ -1,0 +1,155 @@
+"""What pre-training and SFT optimise: next-token loss of the MLLM on the packed stream.
+
+The trainer (`mm1.train.trainer`) runs the same loop for every stage; this objective supplies the
+MLLM (pre-trained weights loaded, or a checkpoint's), the batches (`mm1.data.stream`), and the
+loss: summed over predicted tokens and divided by their count over the *whole* step (every
+micro-batch on every rank), so that accumulation and data parallelism give the loss of one big
+batch; MoE auxiliary losses are added, per-source losses and expert shares are reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mm1.config import Config, ConfigError, load
+from mm1.data.packing import IGNORE
+from mm1.data.stats import DataStats
+from mm1.data.stream import Batch, DataStream, make_loader
+from mm1.data.tokenizer import Tokenizer
+from mm1.model.mllm import MLLM, MLLMOutput, lr_rule_parameters, upcycle_from_dense
+from mm1.model.pretrained import load_pretrained
+from mm1.train import checkpoint as ckpt
+from mm1.train.objective import StepMetrics
+from mm1.train.parallel import all_reduce_sum
+
+
+def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
+    dec = cfg.model.decoder
+    if dec.vocab_size < vocab:
+        raise ConfigError(f"model.decoder.vocab_size: {dec.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+    cfg.model.image_token_id = image_id
+
+
+def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
+    """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
+    upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
+    378-px pre-training checkpoint)."""
+    from mm1.model.weights import fit_position_tables, load_strict
+
+    run, ck = ckpt.resolve(path)
+    source = MLLM(load(run / "config.json").model)
+    ckpt.load_model_weights(ck, source)
+    state = fit_position_tables(source.state_dict(), model)
+    if cfg.model.moe.num_experts and not source.cfg.moe.num_experts:
+        upcycle_from_dense(model, state)
+    else:
+        load_strict(model, state, what=f"weights from {ck}")
+
+
+def step_flops(cfg: Config, *, tokens: int, images: int) -> float:
+    """Training FLOPs of a step: 6 per parameter use (forward + backward) for the decoder's matmuls
+    on every token (experts: top-k only), the ViT's and connector's on every patch, and causal
+    attention's 6·L·d·T per token (T: the packed sequence length)."""
+    m, d = cfg.model, cfg.model.decoder
+    per_layer_attn = d.width * d.head_size * (2 * d.heads + 2 * d.kv_heads)
+    ffn = 3 * d.width * d.ffn_hidden
+    moe_layers = d.depth // m.moe.every if m.moe.num_experts else 0
+    decoder = d.depth * per_layer_attn + (d.depth - moe_layers) * ffn + moe_layers * m.moe.top_k * ffn
+    decoder += d.vocab_size * d.width  # the output head
+    attention = 6 * d.depth * d.heads * d.head_size * cfg.data.packing.seq_len
+    return tokens * (6 * decoder + attention) + images * vision_flops_per_image(cfg)
+
+
+def vision_flops_per_image(cfg: Config) -> float:
+    """Forward + backward FLOPs of the ViT's matmuls on one image."""
+    v = cfg.model.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    return 6 * patches * v.depth * (4 * v.width**2 + 2 * v.width * int(v.width * v.mlp_ratio))
+
+
+class LMObjective:
+    """Next-token prediction of the MLLM on the stage's packed sequences (pre-training and SFT)."""
+
+    unit = "tokens"
+
+    def __init__(self, cfg: Config, tok: Tokenizer, *, world_size: int, fresh: bool, init_from: str | None) -> None:
+        resolve_model_config(cfg, len(tok), tok.image_id)
+        self.cfg, self.world = cfg, world_size
+        self.stats = DataStats()
+        self.stream = DataStream(cfg, tok, stats=self.stats)  # first: missing data fails before any work
+        self.model = MLLM(cfg.model)
+        if init_from:
+            init_weights(self.model, cfg, Path(init_from))
+        elif fresh:
+            load_pretrained(self.model, cfg)
+        self.names = self.stream.names
+
+    def rule_parameters(self) -> int:
+        return lr_rule_parameters(self.cfg.model)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        return self.stream.batch(step, rank, world_size)
+
+    def loader(self, *, start: int, stop: int, rank: int, world_size: int, num_workers: int):
+        return make_loader(self.stream, start=start, stop=stop, rank=rank, world_size=world_size,
+                           num_workers=num_workers)
+
+    # ------------------------------------------------------------------ one step
+    def begin_step(self, batch: Batch, *, accum: int, device: torch.device) -> list[Batch]:
+        """The step's micro-batches; the predicted-token count over all ranks normalises the loss."""
+        predicted = all_reduce_sum(torch.tensor([(batch.labels_BT != IGNORE).sum().item()], dtype=torch.float64),
+                                   device)
+        self.total_pred = max(1.0, float(predicted.item()))
+        self.step, self.accum, self.device = batch.step, accum, device
+        S = len(self.names)
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.src_sum, self.src_cnt = torch.zeros(S, device=device), torch.zeros(S, device=device)
+        self.aux: dict[str, float] = {}
+        self.tokens, self.images = int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)
+        return batch.split(accum)
+
+    def loss(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
+        """This micro-batch's share of the step loss (what its backward needs)."""
+        out: MLLMOutput = model(**micro.model_inputs(), num_sources=len(self.names), vision_always=self.world > 1)
+        # DDP/FSDP average gradients over ranks: times the world size, it is the sum-then-divide of one
+        # big batch.
+        loss = out.loss_sum * (self.world / self.total_pred)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss / self.accum
+            self._collect_moe(out)
+        self.loss_sum += out.loss_sum.detach().double()
+        self.src_sum += out.source_loss_sum_S
+        self.src_cnt += out.source_count_S
+        return loss
+
+    def end_step(self) -> StepMetrics:
+        S, device = len(self.names), self.device
+        reduced = all_reduce_sum(torch.cat([self.loss_sum.float().reshape(1), self.src_sum, self.src_cnt]), device)
+        tokens, images = (int(x) for x in all_reduce_sum(torch.tensor([self.tokens, self.images]), device))
+        extra = {f"loss.{self.names[i]}": float(reduced[1 + i] / reduced[1 + S + i])
+                 for i in range(S) if reduced[1 + S + i] > 0}
+        extra |= {k: v / self.accum for k, v in self.aux.items()}
+        extra |= {f"epochs.{k}": v for k, v in self.stream.epochs(self.step).items()}
+        return StepMetrics(loss=float(reduced[0]) / self.total_pred, count=tokens,
+                           flops=step_flops(self.cfg, tokens=tokens, images=images), extra=extra)
+
+    def _collect_moe(self, out: MLLMOutput) -> None:
+        n, acc = len(out.moe_stats), self.aux
+        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + sum(
+            s.load_balance_loss.item() for s in out.moe_stats) / n
+        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + sum(s.z_loss.item() for s in out.moe_stats) / n
+        share = torch.stack([s.expert_share_E for s in out.moe_stats]).mean(0)
+        for e, v in enumerate(share.tolist()):
+            acc[f"expert_share.{e}"] = acc.get(f"expert_share.{e}", 0.0) + v
+
+    def finish(self, model: torch.nn.Module, out: Path, *, is_main: bool, completed: bool,
+               skipped: dict[str, int]) -> None:
+        """After the last step (or a stop): what the data stream read and left out."""
+        if is_main:
+            import json
+
+            stats = {"prepared": self.stream.manifests(), "at_load": self.stats.to_dict(),
+                     "skipped_in_batches": skipped}
+            (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
