@@ -188,3 +188,21 @@ def test_tuxpaint_captions_decode_every_mode(shared):
 def test_a_kind_refuses_files_it_cannot_read(tmp_path):
     with pytest.raises(RecordError, match=r"a caption source reads .tar, .jsonl or COCO .json files \(got '.txt'\)"):
         open_reader(SourceKind.CAPTION, tmp_path / "x.txt")
+
+
+def test_coco_captions_json_is_a_caption_source(shared, tmp_path):
+    reader = open_reader(SourceKind.CAPTION, shared / "coco_mini" / "annotations" / "captions_train2017.json")
+    assert len(reader) == 400  # 80 photos × 5 captions, images from ../train2017 beside the annotations
+    first = reader.read(0)
+    assert first.caption and first.image.load().mode == "RGB"
+    # an annotation whose image file is absent is left out; an images folder can be named
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(Path(first.image.path).read_bytes())
+    ann = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "missing.jpg"}],
+           "annotations": [{"image_id": 1, "caption": " A cat. "}, {"image_id": 2, "caption": "A dog."}]}
+    (tmp_path / "captions_x.json").write_text(json.dumps(ann))
+    reader = open_reader(SourceKind.CAPTION, tmp_path / "captions_x.json", tmp_path / "imgs")
+    assert len(reader) == 1 and reader.read(0).caption == "A cat."
+    (tmp_path / "captions_bad.json").write_text("{")
+    with pytest.raises(RecordError, match="not a COCO captions file"):
+        open_reader(SourceKind.CAPTION, tmp_path / "captions_bad.json", tmp_path / "imgs")

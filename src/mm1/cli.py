@@ -202,7 +202,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     tok.save(out / "tokenizer.json")
     print(f"whole model (mm1 format; `mm1 chat/eval/serve --checkpoint {out}` load it): {out}")
     try:
-        export_hf_decoder(model.decoder, out / "decoder", tokenizer_file=out / "tokenizer.json", eos_id=tok.eos_id)
+        export_hf_decoder(model.decoder, out / "decoder", tokenizer=tok)
         print(f"decoder as a transformers folder (AutoModelForCausalLM): {out / 'decoder'}")
     except WeightsError as err:
         print(f"decoder not exported as a transformers folder: {err}")

@@ -56,9 +56,13 @@ def _existing(path: str, key: str, hint: str) -> Path:
     return p
 
 
+def _decoder_folder(dec: DecoderConfig) -> Path:
+    return _existing(dec.init, "model.decoder.init", "an HF text-model folder with config.json, *.safetensors "
+                     "and tokenizer.json; `mm1 weights from-gguf` writes one for SmolLM2")
+
+
 def _decoder_shape(dec: DecoderConfig, tok: Tokenizer) -> DecoderConfig:
-    folder = _existing(dec.init, "model.decoder.init", "an HF text-model folder with config.json, *.safetensors "
-                       "and tokenizer.json; `mm1 weights from-gguf` writes one for SmolLM2")
+    folder = _decoder_folder(dec)
     hf = hf_config(folder)
     if hf is None:
         raise ConfigError(f"model.decoder.init: {folder} is not an HF model folder (no config.json with a model_type)")
@@ -90,7 +94,7 @@ def resolve_pretrained(cfg: Config) -> Config:
     """Fill in (in place) what `model.decoder.init` and `model.vision.init` decide; idempotent."""
     if cfg.model.decoder.init:
         if not cfg.data.tokenizer:
-            cfg.data.tokenizer = str(Path(cfg.model.decoder.init) / "tokenizer.json")
+            cfg.data.tokenizer = str(_decoder_folder(cfg.model.decoder) / "tokenizer.json")
         tok = Tokenizer.from_file(cfg.data.tokenizer)
         cfg.model.decoder = _decoder_shape(cfg.model.decoder, tok)
         cfg.model.image_token_id = tok.image_id

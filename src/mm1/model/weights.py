@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,9 @@ from mm1.config import (
     from_saved,
     to_dict,
 )
+
+if TYPE_CHECKING:
+    from mm1.data.tokenizer import Tokenizer
 
 
 class WeightsError(ValueError):
@@ -298,7 +302,7 @@ def import_exported(folder: Path):
 EXPORT_DECODER_MAP = name_rules(DECODER_NAMES, reverse=True)
 
 
-def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | None) -> dict:
+def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | list[int] | None) -> dict:
     """Our decoder's shape as a transformers config.json: Qwen2 when q/k/v have biases, else Llama."""
     qwen = dec.qkv_bias
     return {
@@ -323,8 +327,7 @@ def _rope_scaling_to_hf(rs: RopeScalingConfig) -> dict | None:
             "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_len}
 
 
-def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer_file: Path | None = None,
-                      eos_id: int | None = None) -> Path:
+def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:
     """The decoder as a standard HF causal-LM folder (config.json, model.safetensors, tokenizer.json)
     that `transformers.AutoModelForCausalLM` loads with our logits. An MoE decoder has no such
     standard form here and is refused."""
@@ -338,7 +341,12 @@ def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer_file: Path 
     hf_state = {k: v.detach().contiguous().cpu() for k, v in map_names(state, EXPORT_DECODER_MAP, []).items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    eos_id: int | list[int] | None = None
+    if tokenizer is not None:  # the end of text, and what ends a turn in the model's chat template
+        from mm1.data.template import template_for
+
+        eos_id = sorted({tokenizer.eos_id, *(tokenizer.control_id(t) for t in template_for(tokenizer).stop_tokens)})
     (folder / "config.json").write_text(json.dumps(hf_decoder_config(cfg, bos_id=None, eos_id=eos_id), indent=2))
-    if tokenizer_file is not None:
-        (folder / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
+    if tokenizer is not None:  # with our added tokens, and the chat template the model was tuned with
+        tokenizer.save(folder / "tokenizer.json")
     return folder

@@ -6,12 +6,13 @@ from our CLIP stage, trained on the same captions (no CLIP weights ship offline)
 joins them. Pre-training mixes real data from `{shared}` (../shared/data) with the synthetic world,
 in MM1's shares of sequences:
 
-    captions 45%      COCO-mini train (80 photos × 5 captions) 15, Tux Paint photo cut-outs 15, world 15
-    interleaved 45%   mmc4 web documents 10 (text only: their images are URLs), world pages 35
+    captions 45%      COCO-mini train (80 photos × 5 captions) 25, Tux Paint photo cut-outs 20
+    interleaved 45%   mmc4 web documents 15 (text only: their images are URLs), world pages 30
     text 10%          Tiny Shakespeare 5, world texts 5
 
-SFT mixes the world's conversations with the real captions as captioning conversations (LLaVA's
-prompt) and text-only conversations. Evaluation: COCO val2017 captioning (CIDEr, 0/4/8 shots) and
+(the world's pages are the only interleaved documents with images at hand). SFT mixes the real
+captions as captioning conversations (LLaVA's prompt) with the world's conversations and
+text-only ones. Evaluation: COCO val2017 captioning (CIDEr, 0/4/8 shots) and
 WikiText-2 perplexity (never trained on). Step counts are small (the whole recipe runs in under 30
 minutes on 2 cores: `scripts/smol.sh`); for real runs raise them, and the resolution.
 
@@ -53,11 +54,10 @@ STAMPS = "{shared}/tuxpaint_stamps/captions.jsonl"
 
 def _pretrain_sources() -> dict[str, SourceConfig]:
     return {
-        "coco": SourceConfig(kind=SourceKind.CAPTION, paths=COCO_TRAIN, weight=15.0),
-        "stamps": SourceConfig(kind=SourceKind.CAPTION, paths=STAMPS, weight=15.0),
-        "caption": SourceConfig(kind=SourceKind.CAPTION, paths="{root}/captions/*.tar", weight=15.0),
-        "mmc4": SourceConfig(kind=SourceKind.INTERLEAVED, paths="{shared}/mmc4_shard151_partial/*.jsonl", weight=10.0),
-        "interleaved": SourceConfig(kind=SourceKind.INTERLEAVED, paths="{root}/interleaved/*.parquet", weight=35.0),
+        "coco": SourceConfig(kind=SourceKind.CAPTION, paths=COCO_TRAIN, weight=25.0),
+        "stamps": SourceConfig(kind=SourceKind.CAPTION, paths=STAMPS, weight=20.0),
+        "mmc4": SourceConfig(kind=SourceKind.INTERLEAVED, paths="{shared}/mmc4_shard151_partial/*.jsonl", weight=15.0),
+        "interleaved": SourceConfig(kind=SourceKind.INTERLEAVED, paths="{root}/interleaved/*.parquet", weight=30.0),
         "shakespeare": SourceConfig(kind=SourceKind.TEXT, paths="{shared}/tinyshakespeare/input.txt", weight=5.0),
         "text": SourceConfig(kind=SourceKind.TEXT, paths="{root}/text/*.jsonl", weight=5.0),
     }
@@ -65,9 +65,9 @@ def _pretrain_sources() -> dict[str, SourceConfig]:
 
 def _sft_sources() -> dict[str, SourceConfig]:
     return {
-        "sft": SourceConfig(kind=SourceKind.CONVERSATION, paths="{root}/sft/conversations.json", weight=60.0),
-        "coco": SourceConfig(kind=SourceKind.CAPTION, paths=COCO_TRAIN, weight=15.0),
-        "stamps": SourceConfig(kind=SourceKind.CAPTION, paths=STAMPS, weight=15.0),
+        "coco": SourceConfig(kind=SourceKind.CAPTION, paths=COCO_TRAIN, weight=40.0),
+        "stamps": SourceConfig(kind=SourceKind.CAPTION, paths=STAMPS, weight=20.0),
+        "sft": SourceConfig(kind=SourceKind.CONVERSATION, paths="{root}/sft/conversations.json", weight=30.0),
         "sft_text": SourceConfig(kind=SourceKind.CONVERSATION, paths="{root}/sft/text_conversations.json",
                                  weight=10.0),
     }
@@ -83,7 +83,7 @@ def smol() -> Config:
     data = DataConfig(
         root="runs/data/world", sources=_pretrain_sources(), sft_sources=_sft_sources(),
         packing=PackingConfig(seq_len=192, max_images=8),
-        synth=SynthConfig(captions=4000, interleaved=1000, text=1000, sft=1500, sft_text=300, eval_scenes=100,
+        synth=SynthConfig(captions=500, interleaved=1000, text=1000, sft=1500, sft_text=300, eval_scenes=100,
                           image_size=128),
     )
     train = TrainConfig(

@@ -181,7 +181,7 @@ class CLIPObjective:
     def end_step(self) -> StepMetrics:
         loss, pairs, correct = all_reduce_sum(self.sums.clone(), self.device).tolist()
         tokens = int(all_reduce_sum(torch.tensor([self.text_tokens]), self.device).item())
-        text_params = sum(p.numel() for p in self.model.text.parameters())
+        text_params = sum(p.numel() for n, p in self.model.text.named_parameters() if not n.startswith("embed"))
         flops = pairs * vision_flops_per_image(self.cfg) + 6 * tokens * text_params
         return StepMetrics(loss=loss, count=int(pairs), flops=flops, extra={"clip_accuracy": correct / max(1, pairs)})
 

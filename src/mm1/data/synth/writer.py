@@ -17,6 +17,8 @@ world is a pure function of the seed, and no evaluation scene is also a training
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import random
 from pathlib import Path
 
@@ -60,29 +62,71 @@ class SceneSource:
                 return scene
 
 
-def _save(scene: Scene, path: Path, size: int) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(render(scene, size)))
-    return path.name
+def _png(job: tuple[Scene, int]) -> bytes:
+    return png_bytes(render(*job))
 
 
-def write_captions(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+def _write_png(job: tuple[Scene, int, str]) -> None:
+    Path(job[2]).write_bytes(_png(job[:2]))
+
+
+class Painter:
+    """Renders scenes to PNG, in worker processes: drawing and encoding are most of the world's cost.
+
+    Scenes are still drawn from the random streams in order in this process, and every picture
+    lands where it would otherwise, so the world's bytes do not depend on the number of workers.
+    """
+
+    def __init__(self, size: int, workers: int) -> None:
+        self.size = size
+        self.pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        self.pending: list = []
+
+    def save(self, scene: Scene, path: Path) -> str:
+        """Write `scene` as `path` (maybe later: `close` waits for every file); returns its name."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        job = (scene, self.size, str(path))
+        if self.pool is None:
+            _write_png(job)
+        else:
+            self.pending.append(self.pool.apply_async(_write_png, (job,)))
+            if len(self.pending) > 4096:  # bound what waits in memory
+                self.pending.pop(0).get()
+        return path.name
+
+    def pngs(self, scenes: list[Scene]):
+        """The PNG bytes of `scenes`, in order."""
+        jobs = [(s, self.size) for s in scenes]
+        return self.pool.imap(_png, jobs, chunksize=32) if self.pool else map(_png, jobs)
+
+    def close(self) -> None:
+        for result in self.pending:
+            result.get()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def write_captions(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
+    drawn = []
+    for _ in range(n):
+        scene = scenes.train(rng)
+        dense = rng.random() < 0.5  # MM1 mixes alt-text and VeCap-style synthetic captions
+        drawn.append((scene, dense, lang.dense_caption(scene) if dense else lang.short_caption(scene, rng)))
+
     def records():
-        for i in range(n):
-            scene = scenes.train(rng)
-            dense = rng.random() < 0.5  # MM1 mixes alt-text and VeCap-style synthetic captions
-            text = lang.dense_caption(scene) if dense else lang.short_caption(scene, rng)
+        for i, ((_, dense, text), png) in enumerate(zip(drawn, painter.pngs([d[0] for d in drawn]), strict=True)):
             bar.update()
-            yield f"{i:08d}", png_bytes(render(scene, size)), "png", text, {"style": "dense" if dense else "short"}
+            yield f"{i:08d}", png, "png", text, {"style": "dense" if dense else "short"}
 
     write_shards(records(), root / "captions", per_shard=2000)
 
 
-def write_interleaved(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+def write_interleaved(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
     docs = []
     for i in range(n):
         doc_scenes = [scenes.train(rng) for _ in range(pages.images_on_page(rng))]
-        names = [_save(s, root / "interleaved" / "images" / f"{i:07d}_{k}.png", size)
+        names = [painter.save(s, root / "interleaved" / "images" / f"{i:07d}_{k}.png")
                  for k, s in enumerate(doc_scenes)]
         parts = pages.web_page(doc_scenes, rng)
         # OBELICS layout: texts and images side by side; paragraphs end in a newline, as on a web page
@@ -92,12 +136,12 @@ def write_interleaved(root: Path, n: int, size: int, scenes: SceneSource, rng: r
     write_obelics(docs, root / "interleaved" / "docs.parquet")
 
 
-def write_sft(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Random, bar) -> None:
+def write_sft(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
     records = []
     for i in range(n):
         if rng.random() < 0.15:  # two images, one comparison question
             a, b = scenes.train(rng), scenes.train(rng)
-            names = [_save(s, root / "sft" / "images" / f"{i:07d}_{k}.png", size) for k, s in enumerate((a, b))]
+            names = [painter.save(s, root / "sft" / "images" / f"{i:07d}_{k}.png") for k, s in enumerate((a, b))]
             na, nb = len(a.shapes), len(b.shapes)
             answer = ("The first picture." if na > nb else "The second picture." if nb > na
                       else "Neither, they have the same number.")
@@ -105,7 +149,7 @@ def write_sft(root: Path, n: int, size: int, scenes: SceneSource, rng: random.Ra
                     {"from": "gpt", "value": answer}]
         else:
             scene = scenes.train(rng)
-            names = [_save(scene, root / "sft" / "images" / f"{i:07d}.png", size)]
+            names = [painter.save(scene, root / "sft" / "images" / f"{i:07d}.png")]
             conv = []
             for t, (q, a) in enumerate(lang.conversation(scene, rng)):
                 conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
@@ -135,7 +179,7 @@ def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[d
     return [{"image": f"images/{name}", "question": wq[0], "answers": [wq[1]], "type": "word"}] if wq else []
 
 
-def write_tasks(root: Path, n_test: int, size: int, scenes: SceneSource, seed: int, bar) -> None:
+def write_tasks(root: Path, n_test: int, painter: Painter, scenes: SceneSource, seed: int, bar) -> None:
     """Evaluation tasks; `train` splits (for few-shot demonstrations) draw training scenes."""
     for task, kind in (("synth_caption", "caption"), ("synth_vqa", "vqa"), ("synth_words", "word")):
         for split, count in (("train", 2 * n_test), ("test", n_test)):
@@ -150,7 +194,7 @@ def write_tasks(root: Path, n_test: int, size: int, scenes: SceneSource, seed: i
                 name = f"{split}_{i:06d}.png"
                 new = _task_rows(kind, scene, name, rng)
                 if new:
-                    _save(scene, root / "tasks" / task / "images" / name, size)
+                    painter.save(scene, root / "tasks" / task / "images" / name)
                     rows += new
                     i += 1
             path = root / "tasks" / task / f"{split}.jsonl"
@@ -158,23 +202,29 @@ def write_tasks(root: Path, n_test: int, size: int, scenes: SceneSource, seed: i
             bar.update(count)
 
 
-def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = False) -> Path:
-    """Write the whole world under `root` (deterministic in `seed`); returns `root`."""
+def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = False,
+                workers: int = 0) -> Path:
+    """Write the whole world under `root` (deterministic in `seed`, whatever the number of rendering
+    `workers`; 0: one per CPU core); returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
+    painter = Painter(sizes.image_size, workers or os.cpu_count() or 1)
     total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 9 * sizes.eval_scenes
-    with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
-        write_captions(root, sizes.captions, sizes.image_size, scenes, _rng(seed, "captions"), bar)
-        write_interleaved(root, sizes.interleaved, sizes.image_size, scenes, _rng(seed, "interleaved"), bar)
-        text_rng = _rng(seed, "text")
-        docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
-        if sizes.real_text:  # real prose beside the world's own: as many documents again, at most
-            reader = open_text(Path(sizes.real_text))
-            docs += [reader.read(i).text for i in range(min(len(reader), sizes.text))]
-        write_jsonl(docs, root / "text" / "docs.jsonl")
-        write_sft(root, sizes.sft, sizes.image_size, scenes, _rng(seed, "sft"), bar)
-        write_sft_text(root, sizes.sft_text, _rng(seed, "sft-text"), bar)
-        write_tasks(root, sizes.eval_scenes, sizes.image_size, scenes, seed, bar)
+    try:
+        with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
+            write_captions(root, sizes.captions, painter, scenes, _rng(seed, "captions"), bar)
+            write_interleaved(root, sizes.interleaved, painter, scenes, _rng(seed, "interleaved"), bar)
+            text_rng = _rng(seed, "text")
+            docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
+            if sizes.real_text:  # real prose beside the world's own: as many documents again, at most
+                reader = open_text(Path(sizes.real_text))
+                docs += [reader.read(i).text for i in range(min(len(reader), sizes.text))]
+            write_jsonl(docs, root / "text" / "docs.jsonl")
+            write_sft(root, sizes.sft, painter, scenes, _rng(seed, "sft"), bar)
+            write_sft_text(root, sizes.sft_text, _rng(seed, "sft-text"), bar)
+            write_tasks(root, sizes.eval_scenes, painter, scenes, seed, bar)
+    finally:
+        painter.close()
     meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
     (root / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root
