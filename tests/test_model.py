@@ -80,6 +80,54 @@ def test_document_mask_equals_separate_sequences():
     assert not mask[7:, :7].any() and mask[6, :7].all()
 
 
+def _packed_batch(B: int = 3, T: int = 160):
+    """Documents crossing 128-token blocks, padding (-1) at the end of a row, labels on real tokens."""
+    doc = torch.tensor([[0] * 50 + [1] * 90 + [-1] * 20, [0] * 160, [0] * 10 + [1] * 10 + [2] * 130 + [3] * 10])
+    pos = torch.stack([torch.cat([torch.arange((row == d).sum()) for d in row.unique_consecutive()]) for row in doc])
+    tokens = torch.randint(3, 64, (B, T))
+    labels = torch.where(doc >= 0, torch.randint(3, 64, (B, T)), -100)
+    return {"tokens_BT": tokens, "labels_BT": labels, "positions_BT": pos, "doc_ids_BT": doc}
+
+
+def test_flex_attention_document_mask_equals_sdpa_with_the_dense_mask():
+    """The CUDA path (flex attention over a BlockMask) run eagerly on the CPU: the same logits and loss.
+    (Flex has no CPU backward; gradients are compared in the GPU test.)"""
+    from mm1.model.mllm import document_block_mask
+
+    torch.manual_seed(1)
+    sdpa, flex = tiny_model("model.decoder.attention=sdpa"), tiny_model("model.decoder.attention=flex")
+    flex.load_state_dict(sdpa.state_dict())
+    batch = _packed_batch()
+    with torch.no_grad():
+        a = sdpa(**batch, return_logits=True)
+        b = flex(**batch, return_logits=True)
+    torch.testing.assert_close(b.logits_BTV, a.logits_BTV, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-6, rtol=1e-6)
+    doc = batch["doc_ids_BT"]
+    blocks = document_block_mask(doc).to_dense()  # [B, 1, T/128, T/128]: blocks some query may see
+    assert blocks.shape[-1] == 2 and not blocks[:, 0, 0, 1].any()  # the future is never computed
+    flex.train()
+    with pytest.raises(ValueError, match="flex attention has no backward on the CPU; use sdpa"):
+        flex(**batch).loss.backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_flex_attention_loss_and_gradients_equal_sdpa():
+    torch.manual_seed(1)
+    sdpa = tiny_model("model.decoder.attention=sdpa").cuda().train()
+    flex = tiny_model("model.decoder.attention=flex").cuda().train()
+    flex.load_state_dict(sdpa.state_dict())
+    batch = {k: v.cuda() for k, v in _packed_batch().items()}
+    grads = []
+    for model in (sdpa, flex):
+        out = model(**batch)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_images_are_scattered_into_placeholders_in_order():
     model = tiny_model()
     n = model.num_image_tokens
@@ -136,6 +184,25 @@ def test_moe_grouped_dispatch_equals_per_token_reference():
     z = torch.logsumexp(moe.router(x.reshape(-1, 16)).float(), -1).square().mean().detach()
     lb = float(stats.load_balance_loss.detach())
     assert float(stats.aux_loss.detach()) == pytest.approx(0.01 * lb + 0.001 * float(z), rel=1e-5)
+
+
+def test_grouped_gemm_layout_equals_the_per_expert_loop(monkeypatch):
+    """The CUDA grouped-GEMM path's padding and offsets, checked on the CPU with a reference grouped
+    matmul standing in for torch._grouped_mm (which the GPU test then checks for real)."""
+    from mm1.model import moe as moe_module
+
+    def reference_grouped_mm(a_PD, b_EDH, offs):
+        assert a_PD.shape[0] == int(offs[-1]) and all(int(o) % moe_module.GROUP_ALIGN == 0 for o in offs)
+        starts = [0, *offs[:-1].tolist()]
+        return torch.cat([a_PD[s:e] @ b_EDH[g] for g, (s, e) in enumerate(zip(starts, offs.tolist(), strict=True))])
+
+    monkeypatch.setattr(torch, "_grouped_mm", reference_grouped_mm, raising=False)
+    torch.manual_seed(0)
+    moe = MoEFFN(16, 32, MoEConfig(num_experts=5, top_k=2))
+    x_AD = torch.randn(37, 16)
+    counts_E = torch.tensor([9, 0, 17, 1, 10])  # empty and odd-sized groups
+    got = moe_module._grouped_swiglu(x_AD, counts_E, moe.w_gate_up, moe.w_down)
+    torch.testing.assert_close(got, moe._experts(x_AD, counts_E), atol=1e-5, rtol=1e-5)
 
 
 def test_upcycled_moe_equals_the_dense_ffn():

@@ -231,6 +231,17 @@ def test_world_is_deterministic_in_the_seed(tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_world_caption_styles_follow_the_vecap_share(world):
+    """MM1's captions are 2B alt-text and 300M VeCap pairs: the world writes 13% dense captions."""
+    from mm1.data.formats.webdataset import WebDatasetShard
+
+    styles = []
+    for shard in sorted((world / "captions").glob("*.tar")):
+        reader = WebDatasetShard(shard)
+        styles += [reader.read(i).caption.startswith("An image with ") for i in range(len(reader))]
+    assert len(styles) == 600 and abs(sum(styles) / len(styles) - 0.13) < 0.04
+
+
 def test_world_can_mix_in_real_text(tmp_path, shared):
     from conftest import SMALL_WORLD
     from mm1.config import SynthConfig

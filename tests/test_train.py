@@ -347,6 +347,19 @@ def test_activation_checkpointing_gives_the_same_loss(world, tmp_path):
     assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager_ones(world, tmp_path):
+    plain = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path / "a")
+    compiled = Trainer(tiny_config(world, *SMALL, "train.steps=2", "train.compile=true"), tmp_path / "b")
+    compiled.model.load_state_dict(plain.model.state_dict())  # names unchanged by compiling
+    for step in range(2):
+        batch = plain.objective.batch(step)
+        for t in (plain, compiled):
+            t._set_lr(step)
+        a, b = plain.train_step(batch), compiled.train_step(batch)
+        assert b.loss == pytest.approx(a.loss, rel=1e-4) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3)
+
+
 def test_out_of_memory_names_batch_and_sequence_length(world, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path)
 

@@ -56,6 +56,15 @@ class RopeScaling(str, enum.Enum):
     LLAMA3 = "llama3"
 
 
+class AttentionImpl(str, enum.Enum):
+    """How the decoder attends within documents of a packed sequence. AUTO: FLEX on CUDA (block-sparse:
+    SDPA with a dense boolean mask falls back to a slow kernel there), SDPA elsewhere."""
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    FLEX = "flex"
+
+
 class Stage(str, enum.Enum):
     """CLIP pre-trains the image encoder alone; PRETRAIN and SFT train the whole MLLM."""
 
@@ -171,6 +180,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v
+    attention: AttentionImpl = AttentionImpl.AUTO
     max_seq_len: int = 4096
     init_std: float = 0.02
 
@@ -188,6 +198,7 @@ class MoEConfig:
     top_k: int = 2
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    grouped_mm: bool = True  # on CUDA in bf16: one grouped GEMM for all experts (torch._grouped_mm)
 
 
 @dataclass(kw_only=True)
@@ -271,6 +282,7 @@ class SynthConfig:
     sft_text: int = 1000
     eval_scenes: int = 300
     image_size: int = 256
+    dense_captions: float = 0.13  # VeCap-style share of captions: MM1's 300M VeCap beside 2B alt-text pairs
     real_text: str = ""  # optional text file (e.g. ../shared/data WikiText-2) mixed into the text-only documents
 
 
@@ -363,6 +375,7 @@ class TrainConfig:
     precision: Precision = Precision.AUTO
     parallel: ParallelKind = ParallelKind.NONE
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each repeated block (decoder layers, ViT blocks): fused kernels
     on_non_finite: OnNonFinite = OnNonFinite.STOP
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -578,6 +591,7 @@ def _validate_data(d: DataConfig) -> None:
     _require(d.prepare.workers >= 1, "data.prepare.workers", "must be >= 1")
     _require(d.prepare.unit_records >= 1, "data.prepare.unit_records", "must be >= 1")
     _require(0 <= d.sub_image_grid <= 4, "data.sub_image_grid", "must lie in 0..4")
+    _require(0 <= d.synth.dense_captions <= 1, "data.synth.dense_captions", "must lie in [0, 1]")
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -3,18 +3,22 @@
 It takes input *embeddings* rather than token ids, so the MLLM can place image tokens among the
 text tokens before the first layer. Attention goes through `F.scaled_dot_product_attention` with
 either plain causal masking or a boolean mask (document-causal for packed sequences, padding-aware
-for batched decoding). Every `moe.every`-th layer may swap its FFN for a mixture of experts.
+for batched decoding), or through flex attention when the mask is a `BlockMask` (document masks on
+CUDA, where only the blocks a document can see are computed). Every `moe.every`-th layer may swap
+its FFN for a mixture of experts.
 Nothing here is distributed: `mm1.train.parallel` wraps these modules from the outside.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from mm1.config import DecoderConfig, MoEConfig, RopeScaling
 from mm1.model.moe import MoEFFN, MoEStats
@@ -125,11 +129,31 @@ class Attention(nn.Module):
             # shapes), only the prompt's own slots in the prefill pass.
             S = mask.shape[-1]
             k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
-        causal = mask is None
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
-        )
+        if isinstance(mask, BlockMask):
+            y = _flex_attention(q, k, v, mask, self.kv_heads != self.heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.kv_heads != self.heads)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
+    """Flex attention, compiled on CUDA (its fast kernel); eager elsewhere, which computes the same
+    values slowly (forward only: it has no CPU backward) and is what the CPU tests check against SDPA."""
+    global _COMPILED_FLEX
+    if q.device.type != "cuda":
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("model.decoder.attention=flex: flex attention has no backward on the CPU; use sdpa "
+                             "(auto chooses flex on CUDA only)")
+        with warnings.catch_warnings():  # eager flex warns that it is for debugging: here it is for tests
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class SwiGLU(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm1.config import ModelConfig
+from mm1.config import AttentionImpl, ModelConfig
 from mm1.model.connector import build_connector
 from mm1.model.decoder import Decoder, KVCache
 from mm1.model.moe import MoEFFN, MoEStats
@@ -42,6 +42,22 @@ def document_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     same_doc = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
     return (same_doc & causal)[:, None]
+
+
+def document_block_mask(doc_ids_BT: torch.Tensor):
+    """The same rule as `document_causal_mask`, as a flex-attention BlockMask: blocks of the T×T
+    square that no query may see (other documents, the future) are skipped, not computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids_BT[b, q] == doc_ids_BT[b, kv]) & (q >= kv)
+
+    B, T = doc_ids_BT.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids_BT.device)
+
+
+def uses_flex(impl: AttentionImpl, device: torch.device) -> bool:
+    return impl == AttentionImpl.FLEX or (impl == AttentionImpl.AUTO and device.type == "cuda")
 
 
 class MLLM(nn.Module):
@@ -122,7 +138,10 @@ class MLLM(nn.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
-        mask = document_causal_mask(doc_ids_BT) if doc_ids_BT is not None else None
+        mask = None
+        if doc_ids_BT is not None:
+            flex = uses_flex(self.cfg.decoder.attention, doc_ids_BT.device)
+            mask = (document_block_mask if flex else document_causal_mask)(doc_ids_BT)
         x_BTD = self.embed(tokens_BT, images_NCHW, vision_always=vision_always)
         dec = self.decoder(x_BTD, positions_BT, mask)
         out = MLLMOutput(moe_stats=dec.moe_stats)

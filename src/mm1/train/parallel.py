@@ -5,7 +5,9 @@ process group (NCCL on GPU, gloo on CPU) and `parallelize` wraps the model:
 - DDP: replicated weights, averaged gradients;
 - FSDP2 (`fully_shard`): the vision encoder (and the CLIP stage's text encoder) as one unit each,
   each decoder block as its own unit, then the root (connector, embeddings, head);
-- optional activation checkpointing of each decoder block (and ViT block).
+- optional activation checkpointing of each decoder block (and ViT block);
+- optional `torch.compile` of each such block (`train.compile`; regional, as torchtitan does: one
+  compiled graph serves every layer, and parameter names are unchanged).
 Nothing in `mm1.model` knows about any of this.
 """
 
@@ -123,6 +125,10 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Module:
     if train.activation_checkpointing:
         _checkpoint_blocks(model)
+    if train.compile:
+        for container in _blocks(model):
+            for block in container:
+                block.compile()
     kind = train.parallel
     if info.world_size > 1 and kind == ParallelKind.NONE:
         kind = ParallelKind.FSDP  # under torchrun with nothing chosen: shard (train.parallel=ddp to replicate)

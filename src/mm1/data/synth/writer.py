@@ -33,7 +33,7 @@ from mm1.data.synth import language as lang
 from mm1.data.synth import pages
 from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
 
-VERSION = 5
+VERSION = 6
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -107,11 +107,12 @@ class Painter:
             self.pool.join()
 
 
-def write_captions(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
+def write_captions(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar, *,
+                   dense_share: float) -> None:
     drawn = []
     for _ in range(n):
         scene = scenes.train(rng)
-        dense = rng.random() < 0.5  # MM1 mixes alt-text and VeCap-style synthetic captions
+        dense = rng.random() < dense_share  # MM1 mixes alt-text and VeCap-style synthetic captions
         drawn.append((scene, dense, lang.dense_caption(scene) if dense else lang.short_caption(scene, rng)))
 
     def records():
@@ -212,7 +213,8 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 9 * sizes.eval_scenes
     try:
         with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
-            write_captions(root, sizes.captions, painter, scenes, _rng(seed, "captions"), bar)
+            write_captions(root, sizes.captions, painter, scenes, _rng(seed, "captions"), bar,
+                           dense_share=sizes.dense_captions)
             write_interleaved(root, sizes.interleaved, painter, scenes, _rng(seed, "interleaved"), bar)
             text_rng = _rng(seed, "text")
             docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
