@@ -47,10 +47,13 @@ class MoEFFN(nn.Module):
         """Each expert's SwiGLU on its rows (x_AD sorted by expert, counts_E rows each)."""
         if self.cfg.grouped_mm and x_AD.is_cuda and x_AD.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             return _grouped_swiglu(x_AD, counts_E, self.w_gate_up, self.w_down)
+        # unbind, not w[e]: indexing one expert's slice makes its backward fill a zero tensor the size of
+        # all experts' weights and add it, once per expert; unbind's backward stacks the E gradients once.
         outs = []
-        for e, x_CD in enumerate(x_AD.split(counts_E.tolist())):  # contiguous rows per expert
-            gate, up = F.linear(x_CD, self.w_gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.w_down[e]))
+        for x_CD, w_gu, w_d in zip(x_AD.split(counts_E.tolist()), self.w_gate_up.unbind(0), self.w_down.unbind(0),
+                                   strict=True):  # contiguous rows per expert
+            gate, up = F.linear(x_CD, w_gu).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_d))
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -74,7 +77,9 @@ class MoEFFN(nn.Module):
         order_A = expert_A.argsort(stable=True)
         token_A = order_A // K
         counts_E = torch.bincount(expert_A, minlength=E)
-        y_AD = self._experts(x_ND[token_A], counts_E) * weight_NK.reshape(-1)[order_A, None].to(x_ND.dtype)
+        # index_select: its backward is one index_add (a plain index's is an accumulating index_put)
+        y_AD = self._experts(x_ND.index_select(0, token_A), counts_E) * weight_NK.reshape(-1)[order_A, None].to(
+            x_ND.dtype)
         out_ND = torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
         share_E = counts_E.float() / (N * K)
