@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,9 +129,21 @@ def test_from_dict_rejects_unknown_keys():
         from_dict(Config, data)
 
 
-def test_every_recipe_validates_and_config_show_prints_counts(capsys):
+def test_every_recipe_validates_and_config_show_prints_counts(capsys, tmp_path):
+    from test_pretrained import hf_decoder_folder
+
+    hf_decoder_folder(tmp_path / "llm")
     for name in RECIPES:
-        assert main(["config", "show", "--recipe", name]) == 0
+        init = get_recipe(name).model.decoder.init
+        # a recipe that starts from a pre-trained folder is shown with a small one in its place (a fresh
+        # clone has no SmolLM2 folder); without it, one line says what is missing and what writes it
+        overrides = [f"model.decoder.init={tmp_path / 'llm'}"] if init else []
+        if init and not Path(init).exists():
+            assert main(["config", "show", "--recipe", name]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"mm1: error: model.decoder.init: {init} does not exist") and "\n" not in err
+            assert "mm1 weights from-gguf" in err
+        assert main(["config", "show", "--recipe", name, *overrides]) == 0
         out = capsys.readouterr().out
         cfg = json.loads(out[: out.rindex("}") + 1])
         assert cfg["recipe"] == name
