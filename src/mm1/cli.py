@@ -8,7 +8,9 @@ function. Heavy imports happen inside handlers so that `mm1 --help` answers at o
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +63,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
     from mm1.train.trainer import NonFiniteError
 
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:  # a rank that dies in C++ (SIGABRT, SIGSEGV) prints where its Python was
+        faulthandler.enable()
     try:
         last = train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
     except NonFiniteError as err:  # the message says what happened and what to change
@@ -68,6 +73,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 1
     if cfg.train.stage == Stage.CLIP and last["step"] >= cfg.train.steps:
         print(f"vision encoder written to {Path(a.out) / 'vision.safetensors'} (model.vision.init={a.out})")
+    if torchrun:
+        # The run is saved and the process group left. A rank could still abort in interpreter teardown
+        # ("terminate called without an active exception": a C++ thread destroyed at exit; about 1 in 30
+        # two-process runs here, always after the last checkpoint), failing a finished job; skip teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -257,6 +269,36 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(a: argparse.Namespace) -> int:
+    import time
+
+    from mm1.ablate.report import write_report
+    from mm1.ablate.runner import run_ablation
+
+    t0 = time.perf_counter()
+    out = Path(a.out)
+    only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+    try:
+        findings, scores, scale = run_ablation(out, quick=a.quick, only=only, jobs=a.jobs, seeds=a.seeds,
+                                               overrides=tuple(a.overrides))
+    except ValueError as err:  # an unknown finding, or an output folder of other settings
+        raise ConfigError(str(err)) from None
+    verdicts = write_report(out, findings, scores, scale, time.perf_counter() - t0)
+    for name, outcome in verdicts.items():
+        print(f"{name:22s} {outcome}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    from mm1.ablate.sweep import run_sweep
+
+    fit = run_sweep(Path(a.out), quick=a.quick, jobs=a.jobs, overrides=tuple(a.overrides))
+    print(f"fit: ln(lr) = {fit['a']:.4f} ln(N) + {fit['b']:.4f}   (MM1: -0.4214 ln(N) - 0.5535)")
+    print(f"report: {Path(a.out) / 'sweep.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm1", description="MM1-style multimodal LLMs: data, train, eval, serve.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -267,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for the tiny recipe")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("ablate", help="MM1's findings reproduced on the synthetic world, with seeds and intervals",
+                       description="Runs the arms of each finding (resolution vs encoder size, image tokens, "
+                                   "connector, caption and interleaved data, text-only data, MoE) as ordinary run "
+                                   "folders under OUT/arms, reusing finished ones, and writes OUT/report.md.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="2 seeds, short arms: under an hour on 2 CPU cores")
+    p.add_argument("--only", help="comma-separated findings: resolution, image_tokens, connector, caption_zero_shot, "
+                                  "interleaved_few_shot, text_only, moe")
+    p.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 4 full)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every arm's tiny recipe")
+    p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("sweep", help="MM1's learning-rate rule refitted: an LR grid over small decoder sizes",
+                       description="Trains every (decoder size, learning rate) of a grid, takes the best rate per "
+                                   "size and fits ln(lr) = a ln(N) + b beside MM1's (a = -0.4214, b = -0.5535).")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="3 sizes × 5 rates, short runs")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every run's tiny recipe")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("train", help="pre-train or fine-tune (SFT) a model; torchrun-ready")
     _config_args(p)
