@@ -120,6 +120,19 @@ def test_adafactor_takes_absolute_steps():
     assert (w0 - ref.detach()).abs().mean() < (w0 - w.detach()).abs().mean() / 20
 
 
+def test_adafactor_leaves_a_weight_with_no_gradient_finite():
+    """A matrix whose gradient is zero (a dead unit) has moments of eps = 1e-30; formed naively,
+    row·col underflows to 0 and the update is 0/0 (seen in SFT of the smol recipe)."""
+    from mm1.train.adafactor import Adafactor
+
+    w = torch.nn.Parameter(torch.ones(4, 6))
+    opt = Adafactor([w], lr=1e-4, beta1=0.9)
+    for _ in range(3):
+        w.grad = torch.zeros(4, 6)
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(4, 6))
+
+
 @pytest.mark.parametrize("name", ["mm1_3b_sft", "mm1_7b_sft", "mm1_30b_sft", "mm1_3b_moe_sft", "mm1_7b_moe_sft",
                                   "ablation_sft"])
 def test_sft_recipes_follow_the_paper(name):

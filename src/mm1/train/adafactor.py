@@ -55,10 +55,11 @@ class Adafactor(torch.optim.Optimizer):
             row, col = state["row"], state["col"]
             row.mul_(beta2).add_(g2.mean(-1), alpha=1 - beta2)
             col.mul_(beta2).add_(g2.mean(-2), alpha=1 - beta2)
-            v = row[..., :, None] * col[..., None, :] / row.mean(-1, keepdim=True)[..., None]
+            # v = row·col / mean(row), formed as Shazeer & Stern's code does: row normalised first, so that
+            # a (near-)zero gradient, whose moments are ~eps = 1e-30, does not underflow to 0 (1e-60) and divide
+            u = g * (row / row.mean(-1, keepdim=True)).rsqrt()[..., :, None] * col.rsqrt()[..., None, :]
         else:
-            v = state["v"].mul_(beta2).add_(g2, alpha=1 - beta2)
-        u = g / v.sqrt()
+            u = g / state["v"].mul_(beta2).add_(g2, alpha=1 - beta2).sqrt()
         u = u / (u.square().mean().sqrt() / group["clip_threshold"]).clamp(min=1.0)
         if group["beta1"] > 0:
             u = state["m"].mul_(group["beta1"]).add_(u, alpha=1 - group["beta1"])
