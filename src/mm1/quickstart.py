@@ -18,20 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.config import Config, PromptFormat, apply_overrides, to_dict
+from mm1.config import Config, PromptFormat, apply_overrides
 from mm1.data.prepare import prepare
-from mm1.data.sources import iter_texts
 from mm1.data.stream import load_tokenizer
-from mm1.data.synth.writer import VERSION, write_world
-from mm1.data.tokenizer import train_tokenizer
+from mm1.data.synth.writer import ensure_world
 from mm1.eval.harness import Evaluation, evaluate, write_results
 from mm1.eval.tasks import get_task
 from mm1.recipes import get_recipe
 from mm1.recipes.tiny import tiny_clip, tiny_sft
 from mm1.report import read_metrics, write_report
 from mm1.serve.loading import inference_sub_image_grid, load_model
-from mm1.train import checkpoint as ckpt
-from mm1.train.trainer import train
+from mm1.train.trainer import train_or_resume
 
 STEPS = 7
 WORDS = "synth_words"  # the task that needs resolution: its printed words are barely legible at 64 px
@@ -52,30 +49,6 @@ class EvalArm:
 ARMS = (EvalArm("pretrain", "pretrain", PromptFormat.PRETRAIN, False),
         EvalArm("sft", "sft", PromptFormat.CHAT, True),
         EvalArm("sft_one_view", "sft", PromptFormat.CHAT, False, (WORDS,), (0,)))
-
-
-def _world(cfg: Config, root: Path, seed: int) -> Path:
-    meta = root / "world.json"
-    want = {"version": VERSION, "seed": seed, "sizes": to_dict(cfg)["data"]["synth"]}
-    if meta.exists():
-        have = json.loads(meta.read_text())
-        if all(have.get(k) == v for k, v in want.items()) and (root / "tokenizer.json").exists():
-            return root
-    write_world(root, seed=seed, sizes=cfg.data.synth, progress=True)
-    train_tokenizer(iter_texts(cfg), vocab_size=cfg.model.decoder.vocab_size, out=root / "tokenizer.json")
-    return root
-
-
-def _finished(run: Path, steps: int) -> bool:
-    last = ckpt.latest(run)
-    return last is not None and ckpt.load_meta(last)["step"] >= steps
-
-
-def _train_stage(cfg: Config, run_dir: Path, init: Path | None) -> None:
-    if _finished(run_dir, cfg.train.steps):
-        return
-    resume = ckpt.latest(run_dir) is not None
-    train(cfg, out=run_dir, resume=resume, init_from=None if resume or init is None else str(ckpt.latest(init)))
 
 
 def _evaluate_arms(out: Path, cfg: Config, world: Path) -> dict[str, dict]:
@@ -103,7 +76,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     timings: dict[str, float] = {}
     cfg = apply_overrides(get_recipe("tiny"), [f"data.root={out / 'world'}", *overrides])
     print(f"[1/{STEPS}] synthetic world → {cfg.data.root}")
-    world = _world(cfg, Path(cfg.data.root), seed)
+    world = ensure_world(cfg, Path(cfg.data.root), seed)
     timings["world + tokenizer"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -117,7 +90,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
 
     t = time.perf_counter()
     print(f"[3/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
-    _train_stage(clip_cfg, out / "clip", None)
+    train_or_resume(clip_cfg, out / "clip")
     cfg.model.vision.init = sft.model.vision.init = str(out / "clip")
     timings["clip"] = time.perf_counter() - t
 
@@ -125,7 +98,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     for i, (stage, (stage_cfg, init)) in enumerate(runs.items(), start=4):
         t = time.perf_counter()
         print(f"[{i}/{STEPS}] {stage}: {stage_cfg.train.steps} steps → {out / stage}")
-        _train_stage(stage_cfg, out / stage, init)
+        train_or_resume(stage_cfg, out / stage, init)
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()

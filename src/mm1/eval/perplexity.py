@@ -58,3 +58,35 @@ def perplexity(model: MLLM, tok: Tokenizer, text: str, *, max_tokens: int = 0, w
         nll += float(out.loss_sum)
         count += out.num_predicted
     return math.exp(nll / max(1, count))
+
+
+@torch.inference_mode()
+def caption_loss(model: MLLM, tok: Tokenizer, items: list, *, batch_size: int = 16) -> float:
+    """Mean next-token loss of held-out captions given their image, in the pre-training format (the
+    image, then its first caption and end of text): the validation loss that MM1 finds does not
+    predict few-shot scores."""
+    from mm1.data.images import load_image, to_tensor
+    from mm1.data.packing import tokenize
+    from mm1.data.template import Text
+
+    dev = next(model.parameters()).device
+    size, norm = model.cfg.vision.image_size, model.cfg.vision.norm
+    nll, count = 0.0, 0
+    pad = tok.pad_id if tok.pad_id < model.cfg.decoder.vocab_size else 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        pictures = [load_image(it.image) for it in batch]
+        rows = [tokenize([img, Text(it.captions[0], loss=True)], tok, image_tokens=model.num_image_tokens)
+                for img, it in zip(pictures, batch, strict=True)]
+        T = max(len(r.tokens) for r in rows)
+        tokens = torch.full((len(rows), T), pad, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids, loss = torch.from_numpy(r.tokens), torch.from_numpy(r.loss)
+            tokens[b, : len(ids)] = ids
+            labels[b, : len(ids) - 1] = torch.where(loss[1:], ids[1:], IGNORE)
+        images = torch.stack([to_tensor(img, size, norm) for img in pictures])
+        out = model(tokens_BT=tokens.to(dev), labels_BT=labels.to(dev), images_NCHW=images.to(dev))
+        nll += float(out.loss_sum)
+        count += out.num_predicted
+    return nll / max(1, count)

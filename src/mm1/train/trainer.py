@@ -236,3 +236,13 @@ def train(cfg: Config, *, out: Path, resume: bool = False, init_from: str | None
         return Trainer(cfg, out, resume=resume, init_from=init_from).run()
     finally:
         shutdown_distributed()
+
+
+def train_or_resume(cfg: Config, out: Path, init_from: Path | None = None) -> dict | None:
+    """One stage of a pipeline run again: skipped when `out` has reached `train.steps`, resumed when it
+    has a checkpoint, started (from `init_from`'s latest checkpoint, if given) otherwise."""
+    last = ckpt.latest(out)
+    if last is not None and ckpt.load_meta(last)["step"] >= cfg.train.steps:
+        return None
+    init = None if last is not None or init_from is None else str(ckpt.latest(init_from))
+    return train(cfg, out=out, resume=last is not None, init_from=init)

@@ -8,6 +8,7 @@ Layout of a world directory (every part documented in docs/data-formats.md):
     sft/conversations.json           LLaVA-format conversations; images in sft/images/
     sft/text_conversations.json      LLaVA-format text-only conversations (no image)
     tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
+    tasks/synth_text/test.txt        held-out text documents (perplexity: `ppl:...`)
     world.json                       seed, sizes and counts
 
 Each part draws from its own random stream (seeded by the world seed and the part's name), so the
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mm1.config import SynthConfig
+from mm1.config import Config, SynthConfig
 from mm1.data.formats.interleaved import write_obelics
 from mm1.data.formats.llava import write_llava
 from mm1.data.formats.text import open_text, write_jsonl
@@ -33,7 +34,7 @@ from mm1.data.synth import language as lang
 from mm1.data.synth import pages
 from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
 
-VERSION = 6
+VERSION = 7
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -203,6 +204,14 @@ def write_tasks(root: Path, n_test: int, painter: Painter, scenes: SceneSource, 
             bar.update(count)
 
 
+def write_text_task(root: Path, n: int, rng: random.Random) -> None:
+    """Held-out text documents (`tasks/synth_text/test.txt`, blank-line separated) for perplexity: the
+    text ability that MM1 finds text-only pre-training data preserves."""
+    path = root / "tasks" / "synth_text" / "test.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(lang.text_document(rng) for _ in range(n)) + "\n")
+
+
 def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = False,
                 workers: int = 0) -> Path:
     """Write the whole world under `root` (deterministic in `seed`, whatever the number of rendering
@@ -225,8 +234,27 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
             write_sft(root, sizes.sft, painter, scenes, _rng(seed, "sft"), bar)
             write_sft_text(root, sizes.sft_text, _rng(seed, "sft-text"), bar)
             write_tasks(root, sizes.eval_scenes, painter, scenes, seed, bar)
+            write_text_task(root, sizes.eval_scenes, _rng(seed, "text-test"))
     finally:
         painter.close()
     meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
     (root / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return root
+
+
+def ensure_world(cfg: Config, root: Path, seed: int, *, progress: bool = True) -> Path:
+    """The world of `cfg.data.synth` at `root` with its tokenizer: reused when it is this version's
+    with these sizes and seed, written (and the tokenizer trained) otherwise."""
+    from mm1.config import to_dict
+    from mm1.data.sources import iter_texts
+    from mm1.data.tokenizer import train_tokenizer
+
+    meta = root / "world.json"
+    want = {"version": VERSION, "seed": seed, "sizes": to_dict(cfg)["data"]["synth"]}
+    if meta.exists():
+        have = json.loads(meta.read_text())
+        if all(have.get(k) == v for k, v in want.items()) and (root / "tokenizer.json").exists():
+            return root
+    write_world(root, seed=seed, sizes=cfg.data.synth, progress=progress)
+    train_tokenizer(iter_texts(cfg), vocab_size=cfg.model.decoder.vocab_size, out=root / "tokenizer.json")
     return root
