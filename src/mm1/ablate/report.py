@@ -1,0 +1,112 @@
+"""The ablation report: per finding, its arms' scores with 95% intervals over seeds, the comparison
+it is judged on, and a verdict; validation loss beside the few-shot scores; one PNG per finding.
+
+The tables follow the paper's: one row per arm, columns for 0- and 8-shot captioning and VQA, with
+the validation loss and held-out text perplexity next to them (MM1 found that loss does not predict
+few-shot scores: the report gives the rank correlation across arms) and each arm's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from mm1.ablate.findings import Claim, Finding
+from mm1.ablate.runner import ARM_METRICS, Scale
+from mm1.ablate.stats import Verdict, judged, mean_interval, pooled_sd, spearman, verdict
+
+COLUMNS = {"synth_caption@0": "caption 0-shot", "synth_caption@8": "caption 8-shot", "synth_vqa@0": "VQA 0-shot",
+           "synth_vqa@8": "VQA 8-shot", "val_loss": "val loss", "text_ppl": "text ppl"}
+
+
+def _values(scores: dict[str, list[dict]], arm: str, key: str) -> list[float]:
+    return [s[key] for s in scores.get(arm, [])]
+
+
+def judge(finding: Finding, scores: dict[str, list[dict]]) -> Verdict | None:
+    """The verdict of one finding, its spread pooled over every arm's seeds on the judged scale."""
+    if any(len(scores.get(a, [])) == 0 for a in finding.arms):
+        return None
+    key = finding.metric.key
+    sd, df = pooled_sd([judged(finding, _values(scores, a, key)) for a in scores])
+    return verdict(finding, {a: judged(finding, _values(scores, a, key)) for a in finding.arms}, sd, df)
+
+
+def _arm_table(finding: Finding, scores: dict[str, list[dict]]) -> list[str]:
+    spreads = {k: pooled_sd([_values(scores, a, k) for a in scores]) for k in ARM_METRICS}
+    head = "| arm | " + " | ".join(COLUMNS[k] + (" ◆" if k == finding.metric.key else "") for k in ARM_METRICS)
+    lines = [head + " | minutes |", "|---|" + "---|" * (len(ARM_METRICS) + 1)]
+    for arm in finding.arms:
+        cells = [str(mean_interval(_values(scores, arm, k), *spreads[k])) if scores.get(arm) else "—"
+                 for k in ARM_METRICS]
+        minutes = statistics.fmean((s["train_s"] + s["eval_s"]) / 60 for s in scores[arm]) if scores.get(arm) else 0
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return lines
+
+
+def _comparison(finding: Finding, v: Verdict) -> list[str]:
+    scale = ("log " if finding.metric.log else "") + COLUMNS[finding.metric.key]
+    sign = " (lower is better: the difference is of minus it)" if finding.metric.lower_is_better else ""
+    lines = []
+    for a, b, d in v.comparisons:
+        lines.append(f"- {a} − {b} on {scale}{sign}: {d}  (95% interval {d.low:.3f} to {d.high:.3f})")
+    if finding.claim == Claim.EQUIVALENT:
+        lines.append(f"- margin of equivalence: ±{v.margin:.3f} ({finding.margin:.0%} of {finding.arms[0]})")
+    return lines
+
+
+def plot_finding(finding: Finding, scores: dict[str, list[dict]], out: Path) -> Path:
+    key = finding.metric.key
+    spread = pooled_sd([_values(scores, a, key) for a in scores])
+    arms = [a for a in finding.arms if scores.get(a)]
+    ivs = [mean_interval(_values(scores, a, key), *spread) for a in arms]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(arms), 3.2))
+    errs = [iv.half if math.isfinite(iv.half) else 0 for iv in ivs]
+    ax.bar(arms, [iv.mean for iv in ivs], yerr=errs, capsize=6, color="#4c72b0")
+    for i, arm in enumerate(arms):
+        ax.scatter([i] * len(scores[arm]), _values(scores, arm, key), color="black", s=12, zorder=3)
+    ax.set_ylabel(COLUMNS[key])
+    ax.set_title(finding.statement, fontsize=9)
+    fig.tight_layout()
+    path = out / f"{finding.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, findings: list[Finding], scores: dict[str, list[dict]], scale: Scale,
+                 wall_s: float) -> dict:
+    """DIR/report.md, DIR/<finding>.png and DIR/verdicts.json; returns the verdicts by finding."""
+    lines = ["# mm1 ablate: MM1's findings on the synthetic world", "",
+             f"{scale.seeds} seeds per arm, {scale.steps} steps of {scale.batch_size} sequences per arm (equal "
+             f"samples), CLIP {scale.clip_steps} steps; {scale.eval_limit} held-out items per task; wall time "
+             f"{wall_s / 60:.1f} minutes. Scores are means ± the half-width of a 95% interval over seeds (the "
+             "seed spread pooled over all arms); ◆ marks the metric a finding is judged on, fixed before the runs "
+             "(`mm1.ablate.findings`). The world is small and regular: a verdict here says what this scale shows, "
+             "not what MM1's scale does.", "", "| finding | verdict |", "|---|---|"]
+    verdicts, sections = {}, []
+    for f in findings:
+        v = judge(f, scores)
+        verdicts[f.name] = v.outcome if v else "not run"
+        lines.append(f"| {f.statement} | **{verdicts[f.name]}** |")
+        sections += ["", f"## {f.statement}", "", *_arm_table(f, scores), ""]
+        if v is not None:
+            plot = plot_finding(f, scores, out)
+            sections += [*_comparison(f, v), "", f"Verdict: **{v.outcome}**.", "", f"![{f.name}]({plot.name})"]
+    lines += sections
+    arms = sorted(scores)
+    loss = [statistics.fmean(_values(scores, a, "val_loss")) for a in arms]
+    for key in ("synth_caption@0", "synth_vqa@8"):
+        rho = spearman([-x for x in loss], [statistics.fmean(_values(scores, a, key)) for a in arms])
+        lines.append(f"\nRank correlation across arms of (−validation loss) with {COLUMNS[key]}: {rho:.2f} "
+                     f"({len(arms)} arms).")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "verdicts.json").write_text(json.dumps(verdicts, indent=2) + "\n")
+    return verdicts

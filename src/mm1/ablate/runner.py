@@ -1,0 +1,232 @@
+"""`mm1 ablate`: every arm of every finding as an ordinary run directory, then their scores.
+
+Layout of the output folder (each piece reused when `mm1 ablate` runs again with the same settings):
+
+    DIR/world/                              the synthetic world and its tokenizer
+    DIR/clip/<vision key>/seed_<s>/         a CLIP stage per vision tower and seed
+    DIR/arms/<arm>/seed_<s>/spec.json       what the arm is (overrides, scale, seed)
+    DIR/arms/<arm>/seed_<s>/pretrain/       its pre-training run (config, metrics, checkpoints)
+    DIR/arms/<arm>/seed_<s>/scores.json     its scores, validation loss, perplexity and wall times
+    DIR/report.md, DIR/*.png                written by `mm1.ablate.report`
+
+Every arm trains for the same steps and batch (equal samples, as MM1 compares at equal steps) and
+is scored the same way: captioning and VQA at 0 and 8 shots on held-out scenes, the loss of
+held-out captions, and the perplexity of held-out text. Jobs run in `jobs` processes, each with its
+share of the CPU cores (or on the GPU when there is one); a job that fails is reported and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mm1.ablate.findings import Arm, Finding, arm_overrides, select
+from mm1.config import Config, apply_overrides, from_saved, to_dict
+
+ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl")
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each arm is: the quick mode fits in an hour on 2 CPU cores."""
+
+    seeds: int
+    steps: int
+    batch_size: int
+    clip_steps: int
+    eval_limit: int
+
+    @classmethod
+    def of(cls, quick: bool, seeds: int | None = None) -> Scale:
+        scale = cls(2, 120, 8, 60, 60) if quick else cls(4, 200, 16, 100, 100)
+        return cls(seeds or scale.seeds, scale.steps, scale.batch_size, scale.clip_steps, scale.eval_limit)
+
+
+def base_config(world: Path, scale: Scale, *, workers: int, overrides: tuple[str, ...] = ()) -> Config:
+    """The tiny recipe at this scale (every arm starts from it), then the user's overrides."""
+    from mm1.recipes import get_recipe
+
+    return apply_overrides(get_recipe("tiny"), [
+        f"data.root={world}", f"train.steps={scale.steps}", f"train.batch_size={scale.batch_size}",
+        f"train.schedule.warmup_steps={max(1, scale.steps // 10)}", f"train.checkpoint.every={scale.steps}",
+        "train.checkpoint.keep_log_spaced=false", "train.logging.progress=false", "train.logging.tensorboard=false",
+        f"data.num_workers={workers}", f"eval.limit={scale.eval_limit}", "eval.shots=0,8", *overrides])
+
+
+def arm_config(base: Config, arm: Arm, seed: int) -> Config:
+    """The arm's config; every arm keeps the base's learning rate (the MoE arm's narrower experts would
+    otherwise change the rule's N), so that arms differ in what the finding names only."""
+    from mm1.model.mllm import lr_rule_parameters
+    from mm1.train.optim import resolve_lr
+
+    lr = resolve_lr(base.train.optimizer, lr_rule_parameters(base.model))
+    cfg = apply_overrides(from_saved(to_dict(base)), [*arm_overrides(arm), f"train.seed={seed}", f"data.seed={seed}",
+                                                      f"train.optimizer.lr={lr!r}"])
+    cfg.recipe = f"ablate:{arm.name}"
+    return cfg
+
+
+def clip_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
+    from mm1.recipes.tiny import tiny_clip
+
+    cfg = apply_overrides(tiny_clip(from_saved(to_dict(base))), [
+        *arm.vision_overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={scale.clip_steps}",
+        f"train.checkpoint.every={scale.clip_steps}", f"train.schedule.warmup_steps={max(1, scale.clip_steps // 10)}"])
+    cfg.recipe = f"ablate:clip:{arm.vision_key}"
+    return cfg
+
+
+# ----------------------------------------------------------------------------- jobs (run in worker processes)
+
+
+def _threads(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def clip_job(cfg_dict: dict, out: str, threads: int) -> str:
+    from mm1.train.trainer import train_or_resume
+
+    _threads(threads)
+    train_or_resume(from_saved(cfg_dict), Path(out))
+    return out
+
+
+def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
+    """Pre-train one arm (or resume it), score it, write scores.json; returns the scores."""
+    from mm1.config import PromptFormat
+    from mm1.eval.harness import evaluate
+    from mm1.eval.perplexity import caption_loss, perplexity
+    from mm1.eval.tasks import get_task
+    from mm1.serve.loading import load_model
+    from mm1.train.trainer import train_or_resume
+
+    _threads(threads)
+    cfg, folder = from_saved(cfg_dict), Path(out)
+    t0 = time.perf_counter()
+    train_or_resume(cfg, folder / "pretrain")
+    t1 = time.perf_counter()
+    model, tok, _ = load_model(folder / "pretrain")
+    world = Path(cfg.data.root)
+    tasks = [get_task(n, world=world) for n in ("synth_caption", "synth_vqa")]
+    results = evaluate(model, tok, tasks, [0, 8], cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False).results
+    scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
+    caption_test = tasks[0].test[: cfg.eval.limit]
+    scores["val_loss"] = caption_loss(model, tok, caption_test)
+    text = (world / "tasks" / "synth_text" / "test.txt").read_text()
+    scores["text_ppl"] = perplexity(model, tok, text, window=cfg.data.packing.seq_len, progress=False)
+    scores |= {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
+               "baselines": {name: t["baseline"] for name, t in results["tasks"].items()}}
+    (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+# ----------------------------------------------------------------------------- the whole ablation
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    arm: Arm
+    seed: int
+    folder: Path
+
+    @property
+    def scores_file(self) -> Path:
+        return self.folder / "scores.json"
+
+
+def _spec(arm: Arm, seed: int, scale: Scale) -> dict:
+    return {"version": VERSION, "arm": asdict(arm), "overrides": list(arm_overrides(arm)), "seed": seed,
+            "scale": asdict(scale)}
+
+
+def _claim_folder(run: ArmRun, scale: Scale) -> bool:
+    """True when `run` is finished already; writes its spec, or refuses a folder of other settings."""
+    spec = json.loads(json.dumps(_spec(run.arm, run.seed, scale)))  # as it reads back: lists, not tuples
+    spec_file = run.folder / "spec.json"
+    if spec_file.exists():
+        have = json.loads(spec_file.read_text())
+        if have != spec:
+            what = ", ".join(f"{k}: {have.get(k)} here, {spec[k]} asked" for k in spec if have.get(k) != spec[k])
+            raise ValueError(f"{run.folder} holds arm '{run.arm.name}' run with other settings ({what}); "
+                             "use another --out")
+        return run.scores_file.exists()
+    run.folder.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec, indent=2) + "\n")
+    return False
+
+
+def run_jobs(jobs: list[tuple], workers: int, what: str, log) -> list:
+    """Run (function, args...) jobs in `workers` processes (in this one when 1); failures are reported."""
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            try:
+                results.append(job[0](*job[1:]))
+            except Exception as err:  # one failed arm must not lose the others
+                log(f"{what} failed: {job[2]}: {type(err).__name__}: {err}")
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(job[0], *job[1:]): job for job in jobs}
+        for done in as_completed(futures):
+            try:
+                results.append(done.result())
+            except Exception as err:
+                log(f"{what} failed: {futures[done][2]}: {type(err).__name__}: {err}")
+    return results
+
+
+def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
+                 overrides: tuple[str, ...] = (), scale: Scale | None = None,
+                 log=print) -> tuple[list[Finding], dict[str, list[dict]], Scale]:
+    """Run (or reuse) every arm the chosen findings need; returns the findings, each arm's per-seed
+    scores, and the scale they ran at. `overrides` apply to every arm (e.g. the world's sizes)."""
+    from mm1.data.prepare import prepare
+    from mm1.data.stream import load_tokenizer
+    from mm1.data.synth.writer import ensure_world
+
+    findings, arms = select(only, quick=quick)
+    scale = scale or Scale.of(quick, seeds)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    world = out / "world"
+    base = base_config(world, scale, workers=2 if jobs <= 1 else 1, overrides=overrides)
+    ensure_world(base, world, seed=0, progress=True)
+    tok = load_tokenizer(base)
+    runs = [ArmRun(a, s, out / "arms" / a.name / f"seed_{s}") for a in arms for s in range(scale.seeds)]
+    todo = [r for r in runs if not _claim_folder(r, scale)]
+    clips: dict[tuple[str, int], tuple[Arm, Path]] = {}
+    for r in todo:  # data is prepared here, once per spec, before any job (jobs must not race to write it)
+        clip_dir = out / "clip" / r.arm.vision_key / f"seed_{r.seed}"
+        clips.setdefault((r.arm.vision_key, r.seed), (r.arm, clip_dir))
+        prepare(arm_config(base, r.arm, r.seed), base.train.stage, tok, progress=False)
+    for (_, seed), (arm, _) in clips.items():
+        clip_cfg = clip_config(base, arm, seed, scale)
+        prepare(clip_cfg, clip_cfg.train.stage, tok, progress=False)
+    log(f"ablate: {len(findings)} findings, {len(arms)} arms × {scale.seeds} seeds ({len(runs) - len(todo)} done), "
+        f"{len(clips)} CLIP stages; {scale.steps} steps of {scale.batch_size} sequences per arm; {jobs} job(s)")
+    t0 = time.perf_counter()
+    run_jobs([(clip_job, to_dict(clip_config(base, arm, seed, scale)), str(d), threads)
+               for (_, seed), (arm, d) in clips.items()], jobs, "CLIP stage", log)
+    log(f"ablate: CLIP stages done in {time.perf_counter() - t0:.0f} s")
+    arm_jobs = []
+    for r in todo:
+        cfg = arm_config(base, r.arm, r.seed)
+        cfg.model.vision.init = str(out / "clip" / r.arm.vision_key / f"seed_{r.seed}")
+        arm_jobs.append((arm_job, to_dict(cfg), str(r.folder), threads))
+    run_jobs(arm_jobs, jobs, "arm", log)
+    scores: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.scores_file.exists():
+            scores.setdefault(r.arm.name, []).append(json.loads(r.scores_file.read_text()))
+        else:
+            log(f"ablate: {r.folder} has no scores (its job failed); it is left out of the report")
+    return findings, scores, scale

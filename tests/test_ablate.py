@@ -1,0 +1,124 @@
+"""`mm1 ablate` and `mm1 sweep`: the statistics, the verdicts, arm reuse and the report, on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mm1.ablate.findings import FINDINGS, Claim, Finding, Metric, select
+from mm1.ablate.runner import Scale, run_ablation
+from mm1.ablate.stats import diff_interval, mean_interval, pooled_sd, spearman, t975, verdict
+from mm1.ablate.sweep import best_log_lr, fit_line
+
+TINY = Scale(seeds=2, steps=2, batch_size=2, clip_steps=2, eval_limit=2)
+SMALL_WORLD = ("data.synth.captions=300", "data.synth.interleaved=60", "data.synth.text=60", "data.synth.sft=20",
+               "data.synth.sft_text=10", "data.synth.eval_scenes=10", "data.synth.image_size=64",
+               "data.packing.seq_len=128", "data.packing.max_images=4", "data.num_workers=0", "eval.max_new_tokens=3",
+               "data.prepare.workers=1")
+
+
+def test_intervals_against_hand_computed_values():
+    sd, df = pooled_sd([[1.0, 3.0], [2.0, 2.0], [5.0, 7.0]])
+    assert df == 3 and sd == pytest.approx(math.sqrt((2 + 0 + 2) / 3))
+    iv = mean_interval([1.0, 3.0], sd, df)
+    assert iv.mean == 2.0 and iv.half == pytest.approx(3.182 * sd / math.sqrt(2))
+    d = diff_interval([5.0, 7.0], [1.0, 3.0], sd, df)
+    assert d.mean == 4.0 and d.half == pytest.approx(3.182 * sd * 1.0)
+    assert t975(1) == 12.706 and t975(100) == 1.96 and math.isinf(t975(0))
+    assert math.isinf(mean_interval([1.0], *pooled_sd([[1.0]])).half)  # one seed: no interval
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(("a", "b", "outcome"), [
+    ([10.0, 10.2], [5.0, 5.2], "reproduced"), ([5.0, 5.2], [10.0, 10.2], "not reproduced"),
+    ([5.0, 9.0], [4.0, 8.0], "inconclusive")])
+def test_ordered_claims(a, b, outcome):
+    f = Finding("x", "a beats b", ("a", "b"), Metric("m"))
+    sd, df = pooled_sd([a, b])
+    assert verdict(f, {"a": a, "b": b}, sd, df).outcome == outcome
+
+
+def test_a_claim_of_no_difference_needs_intervals_inside_the_margin():
+    f = Finding("c", "no difference", ("ref", "x"), Metric("m"), Claim.EQUIVALENT, margin=0.2)
+    close = {"ref": [1.0, 1.01], "x": [1.02, 1.03]}
+    assert verdict(f, close, *pooled_sd(list(close.values()))).outcome == "reproduced"
+    far = {"ref": [1.0, 1.01], "x": [2.0, 2.01]}
+    assert verdict(f, far, *pooled_sd(list(far.values()))).outcome == "not reproduced"
+    noisy = {"ref": [1.0, 1.5], "x": [1.1, 0.6]}
+    assert verdict(f, noisy, *pooled_sd(list(noisy.values()))).outcome == "inconclusive"
+
+
+def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
+    names = [f.name for f in FINDINGS]
+    assert names == ["resolution", "image_tokens", "connector", "caption_zero_shot", "interleaved_few_shot",
+                     "text_only", "moe"]
+    _, arms = select(None, quick=True)
+    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "avg_pool", "attn_pool", "cap100",
+                                     "cap0", "text0", "moe"}
+    full, full_arms = select(["image_tokens"], quick=False)
+    assert full[0].arms == ("tok64", "base", "tok4") and {a.name for a in full_arms} == {"tok64", "base", "tok4"}
+    with pytest.raises(ValueError, match="unknown finding"):
+        select(["nope"], quick=True)
+
+
+def test_sweep_fit_recovers_a_known_line():
+    # losses with their minimum at ln lr = a ln N + b for a = -0.5, b = -1: the fit finds the line
+    a, b = -0.5, -1.0
+    best = []
+    for n in (1e5, 1e6, 1e7):
+        opt = a * math.log(n) + b
+        pts = [(opt + d, (d - 0.1) ** 2) for d in (-1.4, -0.7, 0.0, 0.7, 1.4)]
+        best.append(best_log_lr(pts))
+    got_a, got_b = fit_line([math.log(n) for n in (1e5, 1e6, 1e7)], best)
+    assert got_a == pytest.approx(a, abs=1e-6) and got_b == pytest.approx(b + 0.1, abs=1e-6)  # the parabola's 0.1
+    assert best_log_lr([(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]) == 0.0  # at the grid's edge: the edge
+
+
+def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
+    from mm1.ablate.report import write_report
+
+    out = tmp_path / "abl"
+    findings, scores, scale = run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD, scale=TINY,
+                                           log=lambda s: None)
+    assert set(scores) == {"base", "text0"} and all(len(v) == 2 for v in scores.values())
+    run = out / "arms" / "text0" / "seed_1"
+    cfg = json.loads((run / "pretrain" / "config.json").read_text())
+    assert cfg["data"]["sources"]["text"]["weight"] == 0 and cfg["train"]["seed"] == 1 and cfg["data"]["seed"] == 1
+    assert cfg["model"]["vision"]["init"].endswith("seed_1")  # its own seed's CLIP encoder
+    s = scores["text0"][0]
+    for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl", "train_s"):
+        assert key in s and math.isfinite(s[key]), key
+    # a second call reuses every finished arm: nothing is trained again
+    stamp = (run / "scores.json").stat().st_mtime_ns
+    lines = []
+    again = run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD, scale=TINY, log=lines.append)
+    assert (run / "scores.json").stat().st_mtime_ns == stamp and again[1] == scores
+    assert "(4 done)" in lines[0]
+    verdicts = write_report(out, findings, scores, scale, wall_s=60.0)
+    report = (out / "report.md").read_text()
+    assert verdicts["text_only"] in ("reproduced", "not reproduced", "inconclusive")
+    assert "text-only data preserves text ability" in report and "95% interval" in report
+    assert (out / "text_only.png").exists() and "val loss" in report
+    # the same folder with other settings is refused, not mixed
+    with pytest.raises(ValueError, match="other settings"):
+        run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD,
+                     scale=Scale(2, 3, 2, 2, 2), log=lambda s: None)
+
+
+def test_sweep_runs_a_grid_as_run_folders_and_fits_a_line(tmp_path):
+    from mm1.ablate.sweep import FACTORS, Size, run_sweep
+
+    out = tmp_path / "sweep"
+    sizes = (Size(32, 1), Size(64, 2))
+    fit = run_sweep(out, quick=True, overrides=SMALL_WORLD, scale=TINY, sizes=sizes, log=lambda s: None)
+    assert math.isfinite(fit["a"]) and math.isfinite(fit["b"]) and set(fit["best"]) == {"32x1", "64x2"}
+    lrs = {json.loads((out / "runs" / f"w64_d2_x{f}" / "scores.json").read_text())["lr"] for f in FACTORS}
+    assert len(lrs) == len(FACTORS)  # each run trained at its own rate
+    cfg = json.loads((out / "runs" / "w64_d2_x1.0" / "config.json").read_text())
+    assert cfg["model"]["decoder"]["width"] == 64 and cfg["model"]["decoder"]["depth"] == 2
+    report = (out / "sweep.md").read_text()
+    assert "-0.4214" in report and "| 64×2 |" in report and (out / "sweep.png").exists()
+    assert "—" not in report.split("| 64×2 |")[1].splitlines()[0]  # every rate of the grid has its loss
