@@ -81,8 +81,11 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     from mm1.ablate.report import write_report
 
     out = tmp_path / "abl"
+    first: list[str] = []
     findings, scores, scale = run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD, scale=TINY,
-                                           log=lambda s: None)
+                                           log=first.append)
+    assert sum(line.startswith("arm ") and " done: " in line for line in first) == 4  # each arm's end is told
+    assert any(line.startswith("arm 4/4 done: ") for line in first)
     assert set(scores) == {"base", "text0"} and all(len(v) == 2 for v in scores.values())
     run = out / "arms" / "text0" / "seed_1"
     cfg = json.loads((run / "pretrain" / "config.json").read_text())

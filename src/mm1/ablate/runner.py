@@ -166,22 +166,30 @@ def _claim_folder(run: ArmRun, scale: Scale) -> bool:
 
 
 def run_jobs(jobs: list[tuple], workers: int, what: str, log) -> list:
-    """Run (function, args...) jobs in `workers` processes (in this one when 1); failures are reported."""
-    results = []
+    """Run (function, args...) jobs in `workers` processes (in this one when 1); each job's end is
+    logged with the count and the time so far (a quick ablation runs for most of an hour); failures
+    are reported and the other jobs go on."""
+    results: list = []
+    ended, t0 = 0, time.perf_counter()
+
+    def collect(job: tuple, get) -> None:
+        nonlocal ended
+        ended += 1
+        try:
+            results.append(get())
+            state = "done"
+        except Exception as err:  # one failed arm must not lose the others
+            state = f"failed: {type(err).__name__}: {err}"
+        log(f"{what} {ended}/{len(jobs)} {state}: {job[2]} ({time.perf_counter() - t0:.0f} s)")
+
     if workers <= 1:
         for job in jobs:
-            try:
-                results.append(job[0](*job[1:]))
-            except Exception as err:  # one failed arm must not lose the others
-                log(f"{what} failed: {job[2]}: {type(err).__name__}: {err}")
+            collect(job, lambda job=job: job[0](*job[1:]))
         return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(job[0], *job[1:]): job for job in jobs}
         for done in as_completed(futures):
-            try:
-                results.append(done.result())
-            except Exception as err:
-                log(f"{what} failed: {futures[done][2]}: {type(err).__name__}: {err}")
+            collect(futures[done], done.result)
     return results
 
 
