@@ -125,3 +125,33 @@ def test_sweep_runs_a_grid_as_run_folders_and_fits_a_line(tmp_path):
     report = (out / "sweep.md").read_text()
     assert "-0.4214" in report and "| 64×2 |" in report and (out / "sweep.png").exists()
     assert "—" not in report.split("| 64×2 |")[1].splitlines()[0]  # every rate of the grid has its loss
+
+
+def test_a_worker_stops_when_its_ablate_process_is_killed(tmp_path):
+    """`kill` reaches only the parent; its workers must not train on into the run folders."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, time\n"
+        "from mm1.ablate.runner import job_setup\n"
+        "def child(q):\n    job_setup(0)\n    import os\n    q.put(os.getpid())\n    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = mp.get_context('spawn')\n    q = ctx.Queue()\n    ctx.Process(target=child, args=(q,)).start()\n"
+        "    print(q.get(), flush=True)\n    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, 9)
+    pytest.fail("the worker outlived its killed parent")

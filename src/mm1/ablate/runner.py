@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ class Scale:
 
     @classmethod
     def of(cls, quick: bool, seeds: int | None = None) -> Scale:
-        scale = cls(2, 120, 8, 60, 60) if quick else cls(4, 200, 16, 100, 100)
+        scale = cls(2, 200, 8, 60, 60) if quick else cls(4, 200, 16, 100, 100)
         return cls(seeds or scale.seeds, scale.steps, scale.batch_size, scale.clip_steps, scale.eval_limit)
 
 
@@ -86,17 +87,33 @@ def clip_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
 # ----------------------------------------------------------------------------- jobs (run in worker processes)
 
 
-def _threads(threads: int) -> None:
+def job_setup(threads: int) -> None:
+    """A job's set-up in its process: its share of the cores, and, in a worker, an exit with its parent."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if mp.parent_process() is not None:
+        _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """A worker whose `mm1 ablate` was killed (Ctrl-C reaches every process; a `kill` only the parent)
+    stops too, instead of training on into folders that a rerun will write."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def clip_job(cfg_dict: dict, out: str, threads: int) -> str:
     from mm1.train.trainer import train_or_resume
 
-    _threads(threads)
+    job_setup(threads)
     train_or_resume(from_saved(cfg_dict), Path(out))
     return out
 
@@ -110,7 +127,7 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     from mm1.serve.loading import load_model
     from mm1.train.trainer import train_or_resume
 
-    _threads(threads)
+    job_setup(threads)
     cfg, folder = from_saved(cfg_dict), Path(out)
     t0 = time.perf_counter()
     train_or_resume(cfg, folder / "pretrain")

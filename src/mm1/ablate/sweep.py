@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mm1.ablate.findings import ARMS
-from mm1.ablate.runner import Scale, base_config, clip_config, clip_job, run_jobs
+from mm1.ablate.runner import Scale, base_config, clip_config, clip_job, job_setup, run_jobs
 from mm1.config import apply_overrides, from_saved, to_dict
 
 PAPER_A, PAPER_B = -0.4214, -0.5535
@@ -58,10 +58,7 @@ def sweep_job(cfg_dict: dict, out: str, threads: int) -> dict:
     from mm1.serve.loading import load_model
     from mm1.train.trainer import train_or_resume
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    job_setup(threads)
     cfg, folder = from_saved(cfg_dict), Path(out)
     train_or_resume(cfg, folder)
     model, tok, _ = load_model(folder)
