@@ -245,6 +245,44 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(world, 
     assert 3 <= ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] < 400
 
 
+INJECT_OOM = """\
+import os
+if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its 4th step; rank 0 does not
+    import torch
+    from mm1.train import trainer
+    real = trainer.Trainer.train_step
+    def train_step(self, batch):
+        if batch.step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real(self, batch)
+    trainer.Trainer.train_step = train_step
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_torchrun_out_of_memory_on_one_rank_ends_the_job_and_the_same_command_resumes(world, tmp_path, kind):
+    """An OOM seen by one rank cannot be agreed on at that step (its peers wait inside collectives of a step
+    it will not finish), so the job must end, not hang, saying why, and resubmitting resumes."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT_OOM)
+    cfg = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2", f"train.parallel={kind}",
+                      "train.checkpoint.keep_log_spaced=false")
+    save(cfg, tmp_path / "cfg.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29500 + random.randint(0, 500)), "-m", "mm1", "train", "--config", str(tmp_path / "cfg.json"),
+           "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(tmp_path / "inject")})
+    assert proc.returncode != 0
+    assert "out of memory at step 3" in proc.stderr and "lower train.micro_batch_size" in proc.stderr
+    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 2
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 6
+
+
 def test_gradient_sync_only_on_the_last_micro_batch(monkeypatch):
     import torch.distributed as dist
 
