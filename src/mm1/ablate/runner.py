@@ -118,11 +118,22 @@ def clip_job(cfg_dict: dict, out: str, threads: int) -> str:
     return out
 
 
+def held_out_losses(model, tok, cfg: Config) -> dict[str, float]:
+    """The validation loss of held-out captions (given their image) and the perplexity of held-out text."""
+    from mm1.eval.perplexity import caption_loss, perplexity
+    from mm1.eval.tasks import get_task
+
+    world = Path(cfg.data.root)
+    captions = get_task("synth_caption", world=world).test[: cfg.eval.limit]
+    text = (world / "tasks" / "synth_text" / "test.txt").read_text()
+    return {"val_loss": caption_loss(model, tok, captions),
+            "text_ppl": perplexity(model, tok, text, window=cfg.data.packing.seq_len, progress=False)}
+
+
 def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     """Pre-train one arm (or resume it), score it, write scores.json; returns the scores."""
     from mm1.config import PromptFormat
     from mm1.eval.harness import evaluate
-    from mm1.eval.perplexity import caption_loss, perplexity
     from mm1.eval.tasks import get_task
     from mm1.serve.loading import load_model
     from mm1.train.trainer import train_or_resume
@@ -137,10 +148,7 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     tasks = [get_task(n, world=world) for n in ("synth_caption", "synth_vqa")]
     results = evaluate(model, tok, tasks, [0, 8], cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False).results
     scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
-    caption_test = tasks[0].test[: cfg.eval.limit]
-    scores["val_loss"] = caption_loss(model, tok, caption_test)
-    text = (world / "tasks" / "synth_text" / "test.txt").read_text()
-    scores["text_ppl"] = perplexity(model, tok, text, window=cfg.data.packing.seq_len, progress=False)
+    scores |= held_out_losses(model, tok, cfg)
     scores |= {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
                "baselines": {name: t["baseline"] for name, t in results["tasks"].items()}}
     (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")

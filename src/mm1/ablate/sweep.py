@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mm1.ablate.findings import ARMS
-from mm1.ablate.runner import Scale, base_config, clip_config, clip_job, job_setup, run_jobs
+from mm1.ablate.runner import Scale, base_config, clip_config, clip_job, held_out_losses, job_setup, run_jobs
 from mm1.config import apply_overrides, from_saved, to_dict
 
 PAPER_A, PAPER_B = -0.4214, -0.5535
@@ -53,8 +53,6 @@ FULL_SIZES = (Size(64, 2), Size(96, 2), Size(144, 3), Size(192, 4), Size(256, 6)
 
 def sweep_job(cfg_dict: dict, out: str, threads: int) -> dict:
     """Train one (size, rate) and write its validation loss to scores.json."""
-    from mm1.eval.perplexity import caption_loss, perplexity
-    from mm1.eval.tasks import get_task
     from mm1.serve.loading import load_model
     from mm1.train.trainer import train_or_resume
 
@@ -62,10 +60,8 @@ def sweep_job(cfg_dict: dict, out: str, threads: int) -> dict:
     cfg, folder = from_saved(cfg_dict), Path(out)
     train_or_resume(cfg, folder)
     model, tok, _ = load_model(folder)
-    world = Path(cfg.data.root)
-    captions = caption_loss(model, tok, get_task("synth_caption", world=world).test[: cfg.eval.limit])
-    text = math.log(perplexity(model, tok, (world / "tasks" / "synth_text" / "test.txt").read_text(),
-                               window=cfg.data.packing.seq_len, progress=False))
+    held_out = held_out_losses(model, tok, cfg)
+    captions, text = held_out["val_loss"], math.log(held_out["text_ppl"])
     scores = {"caption_loss": captions, "text_loss": text, "val_loss": (captions + text) / 2,
               "lr": cfg.train.optimizer.lr}
     (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
