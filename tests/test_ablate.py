@@ -155,3 +155,17 @@ def test_a_worker_stops_when_its_ablate_process_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(child, 9)
     pytest.fail("the worker outlived its killed parent")
+
+
+def test_a_perplexity_is_summarised_on_the_log_scale():
+    """One arm's perplexity of thousands must not widen every other arm's interval (seen: ± 3052)."""
+    from mm1.ablate.report import _cell
+
+    scores = {"a": [{"text_ppl": 4.0, "val_loss": 1.0}, {"text_ppl": 9.0, "val_loss": 3.0}],
+              "b": [{"text_ppl": 2000.0, "val_loss": 2.0}, {"text_ppl": 8000.0, "val_loss": 2.0}]}
+    sd = math.sqrt((math.log(9 / 4) ** 2 + math.log(4) ** 2) / 4)  # pooled over a and b, 2 degrees of freedom
+    factor = math.exp(4.303 * sd / math.sqrt(2))
+    assert _cell(scores, "a", "text_ppl") == f"6.000 ×/÷ {factor:.2f}"  # the geometric mean of 4 and 9
+    assert _cell(scores, "b", "text_ppl").startswith("4000.000 ×/÷ ")
+    assert _cell(scores, "a", "val_loss") == f"2.000 ± {4.303 * 1.0 / math.sqrt(2):.3f}"  # pooled sd 1
+    assert _cell(scores, "x", "val_loss") == "—"

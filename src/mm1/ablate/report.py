@@ -39,13 +39,27 @@ def judge(finding: Finding, scores: dict[str, list[dict]]) -> Verdict | None:
     return verdict(finding, {a: judged(finding, _values(scores, a, key)) for a in finding.arms}, sd, df)
 
 
+GEOMETRIC = {"text_ppl"}  # spreads by a factor, not by an amount: summarised on the log scale
+
+
+def _cell(scores: dict[str, list[dict]], arm: str, key: str) -> str:
+    """An arm's mean ± the half-width of its 95% interval, the spread pooled over every arm; a
+    perplexity as its geometric mean ×/÷ a factor (one arm's 8000 would otherwise widen every arm's)."""
+    if not scores.get(arm):
+        return "—"
+    if key not in GEOMETRIC:
+        return str(mean_interval(_values(scores, arm, key), *pooled_sd([_values(scores, a, key) for a in scores])))
+    logs = {a: [math.log(v) for v in _values(scores, a, key)] for a in scores}
+    iv = mean_interval(logs[arm], *pooled_sd(list(logs.values())))
+    spread = f" ×/÷ {math.exp(iv.half):.2f}" if math.isfinite(iv.half) else " (one seed)"
+    return f"{math.exp(iv.mean):.3f}{spread}"
+
+
 def _arm_table(finding: Finding, scores: dict[str, list[dict]]) -> list[str]:
-    spreads = {k: pooled_sd([_values(scores, a, k) for a in scores]) for k in ARM_METRICS}
     head = "| arm | " + " | ".join(COLUMNS[k] + (" ◆" if k == finding.metric.key else "") for k in ARM_METRICS)
     lines = [head + " | minutes |", "|---|" + "---|" * (len(ARM_METRICS) + 1)]
     for arm in finding.arms:
-        cells = [str(mean_interval(_values(scores, arm, k), *spreads[k])) if scores.get(arm) else "—"
-                 for k in ARM_METRICS]
+        cells = [_cell(scores, arm, k) for k in ARM_METRICS]
         minutes = statistics.fmean((s["train_s"] + s["eval_s"]) / 60 for s in scores[arm]) if scores.get(arm) else 0
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     return lines
@@ -64,12 +78,19 @@ def _comparison(finding: Finding, v: Verdict) -> list[str]:
 
 def plot_finding(finding: Finding, scores: dict[str, list[dict]], out: Path) -> Path:
     key = finding.metric.key
-    spread = pooled_sd([_values(scores, a, key) for a in scores])
     arms = [a for a in finding.arms if scores.get(a)]
-    ivs = [mean_interval(_values(scores, a, key), *spread) for a in arms]
+    geometric = key in GEOMETRIC
+    scale = math.log if geometric else float
+    spread = pooled_sd([[scale(v) for v in _values(scores, a, key)] for a in scores])
+    ivs = [mean_interval([scale(v) for v in _values(scores, a, key)], *spread) for a in arms]
+    back = math.exp if geometric else float
+    heights = [back(iv.mean) for iv in ivs]
+    errs = [[h - back(iv.low) if math.isfinite(iv.half) else 0 for h, iv in zip(heights, ivs, strict=True)],
+            [back(iv.high) - h if math.isfinite(iv.half) else 0 for h, iv in zip(heights, ivs, strict=True)]]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(arms), 3.2))
-    errs = [iv.half if math.isfinite(iv.half) else 0 for iv in ivs]
-    ax.bar(arms, [iv.mean for iv in ivs], yerr=errs, capsize=6, color="#4c72b0")
+    ax.bar(arms, heights, yerr=errs, capsize=6, color="#4c72b0")
+    if geometric:
+        ax.set_yscale("log")
     for i, arm in enumerate(arms):
         ax.scatter([i] * len(scores[arm]), _values(scores, arm, key), color="black", s=12, zorder=3)
     ax.set_ylabel(COLUMNS[key])
