@@ -105,10 +105,13 @@ def plot_finding(finding: Finding, scores: dict[str, list[dict]], out: Path) -> 
 def write_report(out: Path, findings: list[Finding], scores: dict[str, list[dict]], scale: Scale,
                  wall_s: float) -> dict:
     """DIR/report.md, DIR/<finding>.png and DIR/verdicts.json; returns the verdicts by finding."""
+    arm_minutes = sum(s["train_s"] + s["eval_s"] for runs in scores.values() for s in runs) / 60
     lines = ["# mm1 ablate: MM1's findings on the synthetic world", "",
              f"{scale.seeds} seeds per arm, {scale.steps} steps of {scale.batch_size} sequences per arm (equal "
-             f"samples), CLIP {scale.clip_steps} steps; {scale.eval_limit} held-out items per task; wall time "
-             f"{wall_s / 60:.1f} minutes. Scores are means ± the half-width of a 95% interval over seeds (the "
+             f"samples), CLIP {scale.clip_steps} steps; {scale.eval_limit} held-out items per task. This call took "
+             f"{wall_s / 60:.1f} minutes (finished arms and CLIP stages are reused); the arms' own training and "
+             f"evaluation add up to {arm_minutes:.1f} job-minutes. Scores are means ± the half-width of a 95% "
+             "interval over seeds (the "
              "seed spread pooled over all arms); ◆ marks the metric a finding is judged on, fixed before the runs "
              "(`mm1.ablate.findings`). The world is small and regular: a verdict here says what this scale shows, "
              "not what MM1's scale does.", "", "| finding | verdict |", "|---|---|"]
