@@ -106,9 +106,12 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     assert "text-only data preserves text ability" in report and "95% interval" in report
     assert (out / "text_only.png").exists() and "val loss" in report
     # the same folder with other settings is refused, not mixed
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(.*train.steps: 2 here, 3 asked"):
         run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD,
                      scale=Scale(2, 3, 2, 2, 2), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"other settings \(.*eval.max_new_tokens: 3 here, 4 asked"):  # an override
+        run_ablation(out, quick=True, only=["text_only"], overrides=(*SMALL_WORLD, "eval.max_new_tokens=4"),
+                     scale=TINY, log=lambda s: None)
 
 
 def test_sweep_runs_a_grid_as_run_folders_and_fits_a_line(tmp_path):

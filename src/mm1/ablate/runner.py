@@ -3,8 +3,8 @@
 Layout of the output folder (each piece reused when `mm1 ablate` runs again with the same settings):
 
     DIR/world/                              the synthetic world and its tokenizer
-    DIR/clip/<vision key>/seed_<s>/         a CLIP stage per vision tower and seed
-    DIR/arms/<arm>/seed_<s>/spec.json       what the arm is (overrides, scale, seed)
+    DIR/clip/<vision key>/seed_<s>/         a CLIP stage per vision tower and seed (spec.json: its config)
+    DIR/arms/<arm>/seed_<s>/spec.json       the arm's resolved config (a rerun of other settings is refused)
     DIR/arms/<arm>/seed_<s>/pretrain/       its pre-training run (config, metrics, checkpoints)
     DIR/arms/<arm>/seed_<s>/scores.json     its scores, validation loss, perplexity and wall times
     DIR/report.md, DIR/*.png                written by `mm1.ablate.report`
@@ -24,14 +24,13 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from mm1.ablate.findings import Arm, Finding, arm_overrides, select
 from mm1.config import Config, apply_overrides, from_saved, to_dict
 
 ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl")
-VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -169,25 +168,30 @@ class ArmRun:
         return self.folder / "scores.json"
 
 
-def _spec(arm: Arm, seed: int, scale: Scale) -> dict:
-    return {"version": VERSION, "arm": asdict(arm), "overrides": list(arm_overrides(arm)), "seed": seed,
-            "scale": asdict(scale)}
+def clip_folder(out: Path, arm: Arm, seed: int) -> Path:
+    return out / "clip" / arm.vision_key / f"seed_{seed}"
 
 
-def _claim_folder(run: ArmRun, scale: Scale) -> bool:
-    """True when `run` is finished already; writes its spec, or refuses a folder of other settings."""
-    spec = json.loads(json.dumps(_spec(run.arm, run.seed, scale)))  # as it reads back: lists, not tuples
-    spec_file = run.folder / "spec.json"
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def claim_run(folder: Path, cfg: Config) -> None:
+    """Record the config a reused folder (a CLIP stage, a sweep run) is for, or refuse one that holds a
+    run of other settings: resuming it would silently continue another experiment."""
+    spec, spec_file = to_dict(cfg), folder / "spec.json"
     if spec_file.exists():
-        have = json.loads(spec_file.read_text())
-        if have != spec:
-            what = ", ".join(f"{k}: {have.get(k)} here, {spec[k]} asked" for k in spec if have.get(k) != spec[k])
-            raise ValueError(f"{run.folder} holds arm '{run.arm.name}' run with other settings ({what}); "
-                             "use another --out")
-        return run.scores_file.exists()
-    run.folder.mkdir(parents=True, exist_ok=True)
+        have, want = _leaves(json.loads(spec_file.read_text())), _leaves(json.loads(json.dumps(spec)))
+        diff = [f"{k}: {have.get(k)} here, {want.get(k)} asked" for k in sorted(have.keys() | want.keys())
+                if have.get(k) != want.get(k)]
+        if diff:
+            raise ValueError(f"{folder} holds a run of other settings ({'; '.join(diff[:4])}); use another --out")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec, indent=2) + "\n")
-    return False
 
 
 def run_jobs(jobs: list[tuple], workers: int, what: str, log) -> list:
@@ -235,14 +239,18 @@ def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs:
     ensure_world(base, world, seed=0, progress=True)
     tok = load_tokenizer(base)
     runs = [ArmRun(a, s, out / "arms" / a.name / f"seed_{s}") for a in arms for s in range(scale.seeds)]
-    todo = [r for r in runs if not _claim_folder(r, scale)]
+    configs = {r: arm_config(base, r.arm, r.seed) for r in runs}
+    for r, cfg in configs.items():
+        cfg.model.vision.init = str(clip_folder(out, r.arm, r.seed))
+        claim_run(r.folder, cfg)  # a folder of other settings is refused before anything runs
+    todo = [r for r in runs if not r.scores_file.exists()]
     clips: dict[tuple[str, int], tuple[Arm, Path]] = {}
     for r in todo:  # data is prepared here, once per spec, before any job (jobs must not race to write it)
-        clip_dir = out / "clip" / r.arm.vision_key / f"seed_{r.seed}"
-        clips.setdefault((r.arm.vision_key, r.seed), (r.arm, clip_dir))
-        prepare(arm_config(base, r.arm, r.seed), base.train.stage, tok, progress=False)
-    for (_, seed), (arm, _) in clips.items():
+        clips.setdefault((r.arm.vision_key, r.seed), (r.arm, clip_folder(out, r.arm, r.seed)))
+        prepare(configs[r], base.train.stage, tok, progress=False)
+    for (_, seed), (arm, folder) in clips.items():
         clip_cfg = clip_config(base, arm, seed, scale)
+        claim_run(folder, clip_cfg)
         prepare(clip_cfg, clip_cfg.train.stage, tok, progress=False)
     log(f"ablate: {len(findings)} findings, {len(arms)} arms × {scale.seeds} seeds ({len(runs) - len(todo)} done), "
         f"{len(clips)} CLIP stages; {scale.steps} steps of {scale.batch_size} sequences per arm; {jobs} job(s)")
@@ -250,12 +258,7 @@ def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs:
     run_jobs([(clip_job, to_dict(clip_config(base, arm, seed, scale)), str(d), threads)
                for (_, seed), (arm, d) in clips.items()], jobs, "CLIP stage", log)
     log(f"ablate: CLIP stages done in {time.perf_counter() - t0:.0f} s")
-    arm_jobs = []
-    for r in todo:
-        cfg = arm_config(base, r.arm, r.seed)
-        cfg.model.vision.init = str(out / "clip" / r.arm.vision_key / f"seed_{r.seed}")
-        arm_jobs.append((arm_job, to_dict(cfg), str(r.folder), threads))
-    run_jobs(arm_jobs, jobs, "arm", log)
+    run_jobs([(arm_job, to_dict(configs[r]), str(r.folder), threads) for r in todo], jobs, "arm", log)
     scores: dict[str, list[dict]] = {}
     for r in runs:
         if r.scores_file.exists():

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mm1.ablate.findings import ARMS
-from mm1.ablate.runner import Scale, base_config, clip_config, clip_job, held_out_losses, job_setup, run_jobs
+from mm1.ablate.runner import Scale, base_config, claim_run, clip_config, clip_job, held_out_losses, job_setup, run_jobs
 from mm1.config import apply_overrides, from_saved, to_dict
 
 PAPER_A, PAPER_B = -0.4214, -0.5535
@@ -109,6 +109,7 @@ def run_sweep(out: Path, *, quick: bool, jobs: int = 1, overrides: tuple[str, ..
     tok = load_tokenizer(base)
     clip_dir = out / "clip"
     clip_cfg = clip_config(base, ARMS["base"], 0, scale)
+    claim_run(clip_dir, clip_cfg)
     prepare(clip_cfg, clip_cfg.train.stage, tok, progress=False)
     prepare(base, base.train.stage, tok, progress=False)
     run_jobs([(clip_job, to_dict(clip_cfg), str(clip_dir), threads)], 1, "CLIP stage", log)
@@ -122,6 +123,7 @@ def run_sweep(out: Path, *, quick: bool, jobs: int = 1, overrides: tuple[str, ..
             cfg = apply_overrides(from_saved(to_dict(sized)), [f"train.optimizer.lr={lr!r}"])
             cfg.model.vision.init, cfg.recipe = str(clip_dir), f"sweep:w{size.width}:x{f}"
             folder = out / "runs" / f"w{size.width}_d{size.depth}_x{f}"
+            claim_run(folder, cfg)
             if not (folder / "scores.json").exists():
                 runs.append((sweep_job, to_dict(cfg), str(folder), threads))
     log(f"sweep: {len(sizes)} sizes × {len(FACTORS)} rates, {len(runs)} to run, {scale.steps} steps each")
