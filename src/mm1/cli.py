@@ -299,10 +299,8 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mm1", description="MM1-style multimodal LLMs: data, train, eval, serve.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands for the recipe end to end and MM1's experiments."""
     p = sub.add_parser("quickstart", help="the whole recipe on the built-in synthetic world, in minutes",
                        description="synthesise → tokenizer → pre-train → SFT → few-shot eval → report")
     p.add_argument("--out", default="runs/quickstart")
@@ -319,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated findings: resolution, image_tokens, connector, caption_zero_shot, "
                                   "interleaved_few_shot, text_only, moe")
     p.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
-    p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 4 full)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 3 full)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every arm's tiny recipe")
     p.set_defaults(func=_cmd_ablate)
 
@@ -332,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every run's tiny recipe")
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands for training and evaluation runs."""
     p = sub.add_parser("train", help="pre-train or fine-tune (SFT) a model; torchrun-ready")
     _config_args(p)
     p.add_argument("--stage", choices=["clip", "pretrain", "sft"],
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval settings, e.g. eval.limit=100")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands for using a trained model: chat, generation, serving, export and weights."""
     p = sub.add_parser("chat", help="interactive chat with a model, images attached by path")
     _sampling_args(p)
     p.set_defaults(func=_cmd_chat)
@@ -382,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.set_defaults(func=_cmd_weights_from_gguf)
 
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands for inspecting configs and preparing data."""
     p = sub.add_parser("config", help="inspect configs and recipes")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     q = csub.add_parser("show", help="print the resolved config and its parameter counts")
@@ -416,8 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--world-size", type=int, default=1)
     q.add_argument("--out", help="also save the batch tensors to this .pt file")
     q.set_defaults(func=_cmd_data_batch)
-    return parser
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm1", description="MM1-style multimodal LLMs: data, train, eval, serve.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_recipe_commands(sub)
+    _add_run_commands(sub)
+    _add_model_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
