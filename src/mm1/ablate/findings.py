@@ -43,12 +43,14 @@ class Arm:
 
 
 class Claim(str, enum.Enum):
+    """What a finding claims of its arms: an order, or equivalence within a margin."""
     ORDERED = "ordered"  # the arms score in the order listed, best first
     EQUIVALENT = "equivalent"  # every other arm within ±margin of the first (the reference) arm
 
 
 @dataclass(frozen=True)
 class Metric:
+    """The score a finding is judged on, and which way (and on which scale) is better."""
     key: str  # a key of an arm's scores (see runner.ARM_METRICS)
     lower_is_better: bool = False
     log: bool = False  # judge on the logarithm (perplexity)
@@ -56,6 +58,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class Finding:
+    """One of MM1's findings: its arms, its metric and its claim, fixed before any arm runs."""
     name: str
     statement: str
     arms: tuple[str, ...]  # ORDERED: best first; EQUIVALENT: the reference first

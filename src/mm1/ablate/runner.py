@@ -163,6 +163,7 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
 
 @dataclass(frozen=True)
 class ArmRun:
+    """One arm trained with one seed: an ordinary run folder holding its config, checkpoints and scores."""
     arm: Arm
     seed: int
     folder: Path

@@ -44,6 +44,7 @@ def pooled_sd(groups: list[list[float]]) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class Interval:
+    """A mean with the half-width of its 95% t-interval over seeds."""
     mean: float
     half: float  # half-width of the 95% interval (inf with a single seed)
 
@@ -71,6 +72,7 @@ def diff_interval(a: list[float], b: list[float], sd: float, df: int) -> Interva
 
 @dataclass(frozen=True)
 class Verdict:
+    """A finding's outcome, with the differences (and their intervals) it was decided on."""
     outcome: str  # "reproduced", "not reproduced" or "inconclusive"
     comparisons: tuple[tuple[str, str, Interval], ...]  # (arm, other arm, difference on the judged scale)
     margin: float = 0.0

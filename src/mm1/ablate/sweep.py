@@ -36,6 +36,7 @@ FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # × the rule's learning rate at each size
 
 @dataclass(frozen=True)
 class Size:
+    """One decoder size of the learning-rate sweep (width and depth; heads and FFN follow)."""
     width: int
     depth: int
 

@@ -26,6 +26,7 @@ class ConnectorKind(str, enum.Enum):
 
 
 class Activation(str, enum.Enum):
+    """The image encoder's MLP activation (OpenAI CLIP uses quick_gelu, SigLIP gelu_tanh)."""
     GELU = "gelu"
     GELU_TANH = "gelu_tanh"
     QUICK_GELU = "quick_gelu"
@@ -64,6 +65,7 @@ class Stage(str, enum.Enum):
 
 
 class OptimizerKind(str, enum.Enum):
+    """AdamW (MM1's pre-training) or Adafactor (less optimizer memory for large decoders)."""
     ADAMW = "adamw"
     ADAFACTOR = "adafactor"
 
@@ -93,6 +95,7 @@ class PromptFormat(str, enum.Enum):
 
 
 class OnNonFinite(str, enum.Enum):
+    """What a step with a NaN or infinite loss or gradient does: stop the run, or skip the update."""
     STOP = "stop"
     SKIP = "skip"
 
@@ -193,6 +196,7 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The whole MLLM: image encoder, connector, decoder, its MoE layers and the `<image>` token id."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -248,6 +252,7 @@ def _sft_sources() -> dict[str, SourceConfig]:
 
 @dataclass(kw_only=True)
 class PackingConfig:
+    """How records are packed into training sequences (MM1: 4096 tokens, up to 16 images)."""
     seq_len: int = 4096
     max_images: int = 16
 
@@ -328,6 +333,7 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    """How often checkpoints are written and which are kept."""
     every: int = 1000
     keep_last: int = 2
     keep_log_spaced: bool = True  # also keep steps 1, 2, 4, 8, ... as Pythia does
@@ -335,6 +341,7 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class LoggingConfig:
+    """Where and how often training metrics go (JSONL always; TensorBoard, W&B, a progress bar)."""
     every: int = 10
     tensorboard: bool = True
     wandb_project: str = ""  # empty: W&B off
@@ -357,6 +364,7 @@ class ComponentConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """One training stage (CLIP, pre-training or SFT): steps, batch, precision, parallelism, optimizer."""
     stage: Stage = Stage.PRETRAIN
     steps: int = 200000
     batch_size: int = 512  # sequences per optimizer step, across all ranks
@@ -379,6 +387,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    """Few-shot evaluation: tasks, shot counts, decoding length, items per task, perplexity windows."""
     tasks: str = "synth_caption,synth_vqa,synth_words"
     shots: str = "0,4,8"
     max_new_tokens: int = 24
@@ -394,6 +403,7 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    """A whole run: the recipe's name and its model, data, training and evaluation settings."""
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

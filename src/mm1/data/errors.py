@@ -8,6 +8,8 @@ from __future__ import annotations
 
 
 class DataError(ValueError):
+    """Bad data, said with where it is (file, record) and why; the base of mm1's data errors."""
+
     def __init__(self, where: str, reason: str, detail: str = "") -> None:
         super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
         self.where, self.reason, self.detail = where, reason, detail

@@ -26,6 +26,7 @@ from mm1.data.tokenizer import Tokenizer
 
 @dataclass
 class Tokenized:
+    """One record as tokens, loss mask and image placeholders, before it is cut into chunks."""
     tokens: np.ndarray  # int64 [L]
     loss: np.ndarray  # bool [L]: token t is a prediction target
     images: list  # the image segments, in order
@@ -69,6 +70,7 @@ def tokenize(segments: Sequence[Segment], tok: Tokenizer, *, image_tokens: int,
 
 @dataclass(frozen=True)
 class Chunk:
+    """A slice of a tokenized record that fits a sequence, with the images it holds."""
     start: int
     end: int
     first_image: int  # index into Tokenized.images

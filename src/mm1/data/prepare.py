@@ -139,6 +139,7 @@ class UnitStats:
 
 @dataclass(frozen=True)
 class Unit:
+    """A slice of one source file that one prepare worker tokenizes and packs."""
     index: int
     file: int  # index into spec.files
     start: int

@@ -32,6 +32,7 @@ class PreparedDataError(FileNotFoundError):
 
 @dataclass
 class PreparedSequence:
+    """One packed training sequence read back from the memory-mapped arrays."""
     tokens: np.ndarray  # uint32 [L]
     loss: np.ndarray  # uint8 [L]
     positions: np.ndarray  # uint16 [L]

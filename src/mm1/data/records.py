@@ -69,10 +69,12 @@ class DocumentRecord:
 
 @dataclass(frozen=True)
 class TextRecord:
+    """A text-only document (MM1's 10% text data)."""
     text: str
 
 
 class Role(str, enum.Enum):
+    """Who speaks a conversation turn."""
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
@@ -91,6 +93,7 @@ class Turn:
 
 @dataclass(frozen=True)
 class ConversationRecord:
+    """An SFT conversation: turns of system, user and assistant, images inside the user turns."""
     turns: tuple[Turn, ...]
 
 

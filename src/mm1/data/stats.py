@@ -13,6 +13,8 @@ log = logging.getLogger("mm1.data")
 
 
 class DataStats:
+    """Counts of records read and skipped per source and reason, with a bounded number of warnings."""
+
     def __init__(self, max_warnings: int = 50) -> None:
         self.skipped: Counter[tuple[str, str]] = Counter()
         self.counts: Counter[str] = Counter()

@@ -39,6 +39,7 @@ from mm1.data.tokenizer import Tokenizer
 
 @dataclass
 class Batch:
+    """One micro-batch of packed sequences, their images and what the loss needs, ready for the model."""
     tokens_BT: torch.Tensor
     labels_BT: torch.Tensor
     positions_BT: torch.Tensor

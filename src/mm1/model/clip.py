@@ -23,12 +23,15 @@ from mm1.model.vision import VisionBlock, VisionEncoder
 
 @dataclass
 class CLIPEmbeddings:
+    """What the CLIP model returns: unit-norm image and text embeddings and the temperature."""
     image_ND: torch.Tensor  # unit-norm image embeddings
     text_ND: torch.Tensor  # unit-norm caption embeddings
     logit_scale: torch.Tensor  # exp(learned log-temperature), at most 100
 
 
 class TextEncoder(nn.Module):
+    """CLIP's caption encoder: a small pre-norm transformer, read out as the mean of its real tokens."""
+
     def __init__(self, vocab: int, width: int, depth: int, heads: int, max_len: int) -> None:
         super().__init__()
         cfg = VisionConfig(width=width, depth=depth, heads=heads)
@@ -48,6 +51,8 @@ class TextEncoder(nn.Module):
 
 
 class CLIP(nn.Module):
+    """The image encoder with a text tower, trained with the contrastive loss of MM1's CLIP stage."""
+
     def __init__(self, vision: VisionConfig, *, vocab: int, embed_dim: int = 128, text_width: int = 128,
                  text_depth: int = 2, text_heads: int = 4, max_len: int = 64) -> None:
         super().__init__()

@@ -73,12 +73,16 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class ConvNormAct(nn.Sequential):
+    """Convolution, channel LayerNorm and SiLU: the C-Abstractor's building block."""
+
     def __init__(self, cin: int, cout: int, kernel: int, *, groups: int = 1, act: bool = True) -> None:
         layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False), LayerNorm2d(cout)]
         super().__init__(*layers, *([nn.SiLU()] if act else []))
 
 
 class SqueezeExcite(nn.Module):
+    """Channel re-weighting by a global average (the squeeze-excite of the C-Abstractor's ResNet blocks)."""
+
     def __init__(self, channels: int, reduced: int) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(channels, reduced, 1)

@@ -25,6 +25,8 @@ from mm1.model.moe import MoEFFN, MoEStats
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, as Llama uses."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -92,6 +94,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, a document mask and an optional KV cache."""
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         qkv_bias = cfg.qkv_bias
@@ -157,6 +161,8 @@ def _flex_attention(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
+    """The decoder's dense feed-forward layer: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.gate = nn.Linear(width, hidden, bias=False)
@@ -168,6 +174,8 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder block: attention, then a dense or mixture-of-experts FFN."""
+
     def __init__(self, cfg: DecoderConfig, *, moe: MoEConfig | None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
@@ -191,6 +199,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderOutput:
+    """The decoder's final hidden states and the MoE layers' routing statistics."""
     hidden_BTD: torch.Tensor
     moe_stats: list[MoEStats] = field(default_factory=list)
 
@@ -201,6 +210,8 @@ def is_moe_layer(index: int, moe: MoEConfig) -> bool:
 
 
 class Decoder(nn.Module):
+    """The Llama-style decoder LLM: embeddings, layers, final norm and the LM head."""
+
     def __init__(self, cfg: DecoderConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg

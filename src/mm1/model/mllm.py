@@ -26,6 +26,7 @@ IGNORE = -100  # label of positions that carry no loss (images, prompts, padding
 
 @dataclass
 class MLLMOutput:
+    """The MLLM's forward result: the loss and its parts, logits when asked for, MoE statistics."""
     loss: torch.Tensor | None = None  # mean over predicted tokens of this call
     loss_sum: torch.Tensor | None = None
     num_predicted: int = 0
@@ -61,6 +62,8 @@ def uses_flex(impl: AttentionImpl, device: torch.device) -> bool:
 
 
 class MLLM(nn.Module):
+    """MM1's model: image encoder, vision-language connector and decoder, images placed at `<image>` tokens."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -25,6 +25,7 @@ from mm1.config import MoEConfig
 
 @dataclass
 class MoEStats:
+    """One MoE layer's auxiliary losses and expert shares for a forward pass."""
     aux_loss: torch.Tensor  # coefficient-weighted sum of the two losses below
     load_balance_loss: torch.Tensor
     z_loss: torch.Tensor
@@ -32,6 +33,8 @@ class MoEStats:
 
 
 class MoEFFN(nn.Module):
+    """MM1's mixture-of-experts FFN: top-k routing over SwiGLU experts, load-balance and router z-losses."""
+
     def __init__(self, width: int, hidden: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -25,11 +25,15 @@ def activation(kind: Activation) -> nn.Module:
 
 
 class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU, for towers trained with it."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
 
 class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention over image patches."""
+
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -46,6 +50,8 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
+    """One pre-norm ViT block: attention then an MLP, each with a residual."""
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         hidden = int(cfg.width * cfg.mlp_ratio)

@@ -64,6 +64,8 @@ class _Running:
 
 
 class ContinuousBatcher:
+    """Continuous batching: requests join and leave a shared KV cache between decoding steps."""
+
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_len: int | None = None) -> None:
         self.engine, self.max_batch = engine, max_batch
         self.max_len = max_len or engine.model.cfg.decoder.max_seq_len

@@ -25,6 +25,7 @@ HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
 
 @dataclass
 class Conversation:
+    """A chat so far: its turns and the template that renders them into a prompt."""
     turns: list[Turn] = field(default_factory=list)
     template: ChatTemplate = field(default_factory=ChatTemplate)
 

@@ -37,6 +37,7 @@ Part = str | Control | Markup | Image.Image | LowRes
 
 @dataclass
 class GenerationConfig:
+    """Decoding settings for one request: length, temperature, top-p, stop strings, seed."""
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
@@ -59,11 +60,14 @@ def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -
 
 @dataclass
 class Encoded:
+    """A prompt as token ids and the preprocessed image tensors it refers to."""
     ids: list[int]
     images: list[torch.Tensor]
 
 
 class Engine:
+    """Inference apart from the model: prompt encoding, prefill and decoding with a KV cache."""
+
     def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0, compile: bool = False) -> None:
         self.model = model.eval()
         self.grid = sub_image_grid  # models fine-tuned with sub-image decomposition see images the same way

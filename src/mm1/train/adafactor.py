@@ -19,6 +19,8 @@ import torch
 
 
 class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018): factored second moments, update clipping, decoupled weight decay."""
+
     def __init__(self, params, *, lr: float, beta1: float = 0.0, decay_rate: float = 0.8, eps: float = 1e-30,
                  clip_threshold: float = 1.0, weight_decay: float = 0.0) -> None:
         if lr < 0 or not 0 <= beta1 < 1:

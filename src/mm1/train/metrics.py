@@ -29,6 +29,8 @@ def default_peak_flops(device_name: str, threads: int) -> float:
 
 
 class RunLogger:
+    """Training metrics of the main rank to metrics.jsonl, TensorBoard, W&B and a progress bar."""
+
     def __init__(self, out: Path, cfg: LoggingConfig, *, total_steps: int, start_step: int, enabled: bool,
                  run_config: dict, desc: str = "train", rate: str = "tokens_per_s") -> None:
         self.enabled, self.rate = enabled, rate

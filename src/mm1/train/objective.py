@@ -29,6 +29,7 @@ class StepMetrics:
 
 
 class Objective(Protocol):
+    """What a training stage supplies to the one Trainer: its model, its batches and its loss."""
     unit: str  # "tokens" or "images": logged as `<unit>_per_s`
     model: nn.Module  # unwrapped, its starting weights loaded
 

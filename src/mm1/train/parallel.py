@@ -27,6 +27,7 @@ from mm1.config import ParallelKind, TrainConfig
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job: rank, world size, local rank and device."""
     rank: int
     world_size: int
     local_rank: int

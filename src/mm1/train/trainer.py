@@ -43,6 +43,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class StepResult:
+    """What one optimizer step reports: loss, gradient norm, tokens or images, FLOPs, extras."""
     loss: float
     grad_norm: float
     count: int  # tokens (real, not padding) or images of the step, all ranks: see `Objective.unit`

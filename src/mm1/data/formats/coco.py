@@ -24,6 +24,7 @@ from mm1.data.records import CaptionRecord, ImageRef, local_path
 
 @dataclass(frozen=True)
 class CaptionedImage:
+    """One COCO image (a local path) with its reference captions."""
     image: str  # a local path
     captions: tuple[str, ...]
     key: str

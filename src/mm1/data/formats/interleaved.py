@@ -50,6 +50,8 @@ def _document(parts: list[str | ImageRef], dropped: list[RecordError], where: st
 
 
 class ObelicsParquet(Reader):
+    """OBELICS-style interleaved documents: parquet rows of parallel `texts` and `images` lists."""
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.rows = ParquetRows(self.path, ["texts", "images"])
@@ -80,6 +82,8 @@ class ObelicsParquet(Reader):
 
 
 class Mmc4Jsonl(Reader):
+    """MMC4-style interleaved documents: one JSON object per line, images placed by sentence index."""
+
     def __init__(self, path: Path, images_dir: Path | None = None) -> None:
         super().__init__(path)
         self.lines = LineFile(self.path)

@@ -66,6 +66,8 @@ def parse_record(rec: object, image_dir: Path, where: str) -> ConversationRecord
 
 
 class LlavaJson(Reader):
+    """LLaVA-style conversations: one JSON list of records with `conversations` and an optional `image`."""
+
     def __init__(self, path: Path, images_dir: Path | None = None) -> None:
         super().__init__(path)
         try:

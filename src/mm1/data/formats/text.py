@@ -29,6 +29,8 @@ def _checked(text: object, where: str) -> TextRecord:
 
 
 class TextJsonl(Reader):
+    """Text-only documents as JSON lines with a `text` field."""
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.lines = LineFile(self.path)
@@ -48,6 +50,8 @@ class TextJsonl(Reader):
 
 
 class TextParquet(Reader):
+    """Text-only documents as parquet rows with a `text` column."""
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.rows = ParquetRows(self.path, ["text"])

@@ -26,6 +26,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 @dataclass(frozen=True)
 class Member:
+    """Where one member's bytes lie inside a tar shard."""
     offset: int
     size: int
 

@@ -30,6 +30,7 @@ COLS = ("left", "center", "right")
 
 @dataclass(frozen=True)
 class Shape:
+    """One shape of a synthetic image: kind, colour, centre and size."""
     kind: str
     colour: str
     x: float  # centre, in [0, 1]
@@ -48,6 +49,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """A synthetic image's content: shapes on a background, maybe a written word."""
     shapes: tuple[Shape, ...]
     background: str
     word: str | None = None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 
 class Metric(str, enum.Enum):
+    """How a task is scored."""
     CIDER = "cider"
     VQA_ACCURACY = "vqa_accuracy"
     PERPLEXITY = "perplexity"
@@ -14,12 +15,14 @@ class Metric(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CaptionItem:
+    """A captioning query: an image and its reference captions."""
     image: str
     captions: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class VQAItem:
+    """A VQA query: an image, a question and its accepted answers."""
     image: str
     question: str
     answers: tuple[str, ...]
@@ -27,6 +30,7 @@ class VQAItem:
 
 @dataclass
 class Task:
+    """An evaluation task: its metric, demonstration items, query items (or a text file for perplexity)."""
     name: str
     metric: Metric
     train: list = field(default_factory=list)  # demonstrations are drawn from here, never the query
