@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mm1.config import Config, ConfigError, OnNonFinite, Precision, Stage, save, to_dict
 from mm1.data.stream import load_tokenizer
@@ -149,7 +150,7 @@ class Trainer:
         clip = self.cfg.train.optimizer.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)  # FSDP2: sharded
         m = self.objective.end_step()
         result = StepResult(m.loss, grad_norm, m.count, m.flops, m.extra)
         if not (math.isfinite(m.loss) and math.isfinite(grad_norm)):

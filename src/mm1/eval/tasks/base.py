@@ -33,6 +33,7 @@ class Task:
     """An evaluation task: its metric, demonstration items, query items (or a text file for perplexity)."""
     name: str
     metric: Metric
-    train: list = field(default_factory=list)  # demonstrations are drawn from here, never the query
-    test: list = field(default_factory=list)
+    # demonstrations are drawn from `train`, never from the query set
+    train: list[CaptionItem | VQAItem] = field(default_factory=list)
+    test: list[CaptionItem | VQAItem] = field(default_factory=list)
     text_path: str = ""  # perplexity tasks only
