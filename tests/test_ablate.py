@@ -94,6 +94,11 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     s = scores["text0"][0]
     for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl", "train_s"):
         assert key in s and math.isfinite(s[key]), key
+    # its evaluation is kept as `mm1 eval` keeps it: the scores trace back to every prompt and answer
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["tasks"]["synth_caption"]["scores"]["0"] == pytest.approx(s["synth_caption@0"])
+    rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["shots"]) for r in rows} == {(t, k) for t in ("synth_caption", "synth_vqa") for k in (0, 8)}
     # a second call reuses every finished arm: nothing is trained again
     stamp = (run / "scores.json").stat().st_mtime_ns
     lines = []

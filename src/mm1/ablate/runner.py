@@ -134,9 +134,12 @@ def held_out_losses(model, tok, cfg: Config) -> dict[str, float]:
 
 
 def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
-    """Pre-train one arm (or resume it), score it, write scores.json; returns the scores."""
+    """Pre-train one arm (or resume it), score it, write scores.json; returns the scores.
+
+    The evaluation is written as `mm1 eval` writes it (eval/results.json, eval/predictions.jsonl with
+    every prompt and answer), so an arm's scores can be read back to what the model said."""
     from mm1.config import PromptFormat
-    from mm1.eval.harness import evaluate
+    from mm1.eval.harness import evaluate, write_results
     from mm1.eval.tasks import get_task
     from mm1.serve.loading import load_model
     from mm1.train.trainer import train_or_resume
@@ -149,7 +152,9 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     model, tok, _ = load_model(folder / "pretrain")
     world = Path(cfg.data.root)
     tasks = [get_task(n, world=world) for n in ("synth_caption", "synth_vqa")]
-    results = evaluate(model, tok, tasks, [0, 8], cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False).results
+    evaluation = evaluate(model, tok, tasks, [0, 8], cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False)
+    write_results(evaluation, folder / "eval")
+    results = evaluation.results
     scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
     scores |= held_out_losses(model, tok, cfg)
     scores |= {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
