@@ -205,6 +205,38 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
         evaluate(model, tok, tasks, [0], EvalConfig(limit=1), fmt=PromptFormat.AUTO, progress=False)
 
 
+def test_prompts_longer_than_the_context_are_counted_and_warned_about(world, caplog):
+    """Many shots of many image tokens can outgrow a small model's context: the results say so."""
+    from conftest import tiny_config
+    from mm1.config import EvalConfig
+    from mm1.data.stream import load_tokenizer
+    from mm1.eval.fewshot import build_prompt
+    from mm1.model.mllm import MLLM
+    from mm1.serve.engine import Engine
+    from mm1.train.lm import resolve_model_config
+
+    cfg = tiny_config(world)
+    tok = load_tokenizer(cfg)
+    resolve_model_config(cfg, len(tok), tok.image_id)
+    task = get_task("synth_vqa", world=world)
+    engine = Engine(MLLM(cfg.model).eval(), tok)
+    lengths = {k: [engine.prompt_length(build_prompt(task, i, k, seed=0, fmt=PromptFormat.PRETRAIN))
+                   for i in range(4)] for k in (0, 4)}
+    assert lengths[0] == [len(engine.encode(build_prompt(task, i, 0, seed=0, fmt=PromptFormat.PRETRAIN)).ids)
+                          for i in range(4)]
+    # a context between the longest 0-shot and the shortest 4-shot prompt: every 4-shot prompt is over
+    cfg.model.decoder.max_seq_len = max(lengths[0]) + 1
+    assert min(lengths[4]) > cfg.model.decoder.max_seq_len
+    with caplog.at_level("WARNING", logger="mm1.eval"):
+        res = evaluate(MLLM(cfg.model).eval(), tok, [task], [0, 4], EvalConfig(limit=4, max_new_tokens=2),
+                       fmt=PromptFormat.PRETRAIN, progress=False).results
+    t = res["tasks"]["synth_vqa"]
+    assert res["context"] == cfg.model.decoder.max_seq_len
+    assert t["longest_prompt"] == {"0": max(lengths[0]), "4": max(lengths[4])} and t["over_context"] == {"4": 4}
+    assert "synth_vqa 4-shot: 4 of 4 prompts are longer than the model's context" in caplog.text
+    assert "4 prompt(s) longer than the model's context" in results_table(res)
+
+
 def test_prompt_format_follows_the_stage_unless_chosen(world):
     from conftest import tiny_config
     from mm1.config import Stage, apply_overrides

@@ -7,12 +7,16 @@ prediction, the references and its score, so a surprising score can be looked in
 is what a model that ignores the image would score: the majority training answer for VQA, the
 single most frequent training caption for captioning, and the vocabulary size (a uniform guess)
 for perplexity. The prompt format F is `chat` for a fine-tuned model and `pretrain` otherwise,
-unless `eval.prompt` says which.
+unless `eval.prompt` says which. Each task also records its longest prompt per shot count
+(`longest_prompt`, image tokens included) and, where prompts are longer than the model's context
+(`model.decoder.max_seq_len`: positions it was never trained on), how many (`over_context`), with
+a warning: many shots of many image tokens can outgrow a small model's context.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,8 @@ from mm1.eval.perplexity import perplexity
 from mm1.eval.tasks.base import CaptionItem, Metric, Task
 from mm1.model.mllm import MLLM
 from mm1.serve.engine import Engine, GenerationConfig
+
+log = logging.getLogger("mm1.eval")
 
 
 def baseline(task: Task) -> float:
@@ -56,12 +62,14 @@ class Evaluation:
     predictions: list[dict] = field(default_factory=list)
 
 
-def _prediction_row(task: Task, shots: int, index: int, prompt: list, prediction: str, item_score: float) -> dict:
+def _prediction_row(task: Task, shots: int, index: int, prompt: list, prompt_tokens: int, prediction: str,
+                    item_score: float) -> dict:
     item = task.test[index]
     refs = {"references": list(item.captions)} if isinstance(item, CaptionItem) else {
         "question": item.question, "references": list(item.answers)}
     return {"task": task.name, "shots": shots, "index": index, "image": item.image, **refs,
-            "prompt": prompt_text(prompt), "prediction": prediction, "score": item_score}
+            "prompt": prompt_text(prompt), "prompt_tokens": prompt_tokens, "prediction": prediction,
+            "score": item_score}
 
 
 def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig, fmt: PromptFormat,
@@ -86,7 +94,8 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
             prompts += batch
         per_item = item_scores(task, preds, task.test[:n])
         scores[str(k)] = sum(per_item) / n
-        rows += [_prediction_row(task, k, i, prompts[i], preds[i], per_item[i]) for i in range(n)]
+        rows += [_prediction_row(task, k, i, prompts[i], engine.prompt_length(prompts[i]), preds[i], per_item[i])
+                 for i in range(n)]
     return scores, rows
 
 
@@ -106,7 +115,23 @@ def results_table(results: dict) -> str:
     for name, t in results["tasks"].items():
         cells = [f"{t['scores'][s]:.3f}" if s in t["scores"] else "" for s in shots]
         lines.append(f"| {name} | {t['metric']} | {t['baseline']:.3f} | " + " | ".join(cells) + " |")
+    for name, t in results["tasks"].items():
+        for s, count in t.get("over_context", {}).items():
+            lines.append(f"\n{name} {s}-shot: {count} prompt(s) longer than the model's context of "
+                         f"{results['context']} positions (longest {t['longest_prompt'][s]})")
     return "\n".join(lines) + "\n"
+
+
+def _lengths(rows: list[dict], context: int) -> dict:
+    """The longest prompt per shot count and, where any exceed the context, how many do."""
+    longest: dict[str, int] = {}
+    over: dict[str, int] = {}
+    for r in rows:
+        k = str(r["shots"])
+        longest[k] = max(longest.get(k, 0), r["prompt_tokens"])
+        if r["prompt_tokens"] > context:
+            over[k] = over.get(k, 0) + 1
+    return {"longest_prompt": longest, **({"over_context": over} if over else {})}
 
 
 def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig, *,
@@ -115,11 +140,17 @@ def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], c
     if fmt == PromptFormat.AUTO:
         raise ValueError("resolve eval.prompt=auto to chat or pretrain first (mm1.serve.loading)")
     engine = Engine(model, tok, sub_image_grid=sub_image_grid)
-    evaluation = Evaluation({"prompt": fmt.value, "tasks": {}})
+    context = model.cfg.decoder.max_seq_len
+    evaluation = Evaluation({"prompt": fmt.value, "context": context, "tasks": {}})
     for task in tasks:
         base = float(model.cfg.decoder.vocab_size) if task.metric == Metric.PERPLEXITY else baseline(task)
         scores, rows = evaluate_task(engine, task, shots, cfg, fmt, progress)
         evaluation.results["tasks"][task.name] = {"metric": task.metric.value, "baseline": base,
                                                   "prompt": fmt.value, "scores": scores}
+        if rows:
+            evaluation.results["tasks"][task.name] |= _lengths(rows, context)
+        for k, count in evaluation.results["tasks"][task.name].get("over_context", {}).items():
+            log.warning("%s %s-shot: %d of %d prompts are longer than the model's context of %d positions",
+                        task.name, k, count, sum(r["shots"] == int(k) for r in rows), context)
         evaluation.predictions += rows
     return evaluation

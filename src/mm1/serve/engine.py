@@ -101,6 +101,13 @@ class Engine:
             return [image.image if isinstance(image, LowRes) else image]
         return sub_images(image, self.image_size, self.grid, self.norm)
 
+    def prompt_length(self, prompt: list[Part]) -> int:
+        """How many positions the prompt takes, image tokens included (nothing is encoded)."""
+        segments = [Text(p) if isinstance(p, str) else p for p in prompt]
+        t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens,
+                     views_per_image=lambda img: len(self.views(img)), end_of_text=False)
+        return len(t.tokens)
+
     def encode(self, prompt: list[Part]) -> Encoded:
         segments = [Text(p) if isinstance(p, str) else p for p in prompt]
         views = {id(p): self.views(p) for p in prompt if isinstance(p, Image.Image | LowRes)}
