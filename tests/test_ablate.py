@@ -177,3 +177,19 @@ def test_a_perplexity_is_summarised_on_the_log_scale():
     assert _cell(scores, "b", "text_ppl").startswith("4000.000 ×/÷ ")
     assert _cell(scores, "a", "val_loss") == f"2.000 ± {4.303 * 1.0 / math.sqrt(2):.3f}"  # pooled sd 1
     assert _cell(scores, "x", "val_loss") == "—"
+
+
+def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding():
+    """64 image tokens × 9 images of an 8-shot prompt exceed a small decoder's context: the report says so."""
+    from mm1.ablate.findings import FINDINGS
+    from mm1.ablate.report import _context_caveats
+
+    finding = next(f for f in FINDINGS if f.name == "image_tokens")
+    ok = {"context": 512, "over_context": {}}
+    scores = {"base": [ok, ok], "tok4": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
+                                         {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
+    lines = _context_caveats(finding, scores, 100)
+    assert lines == ["- caveat: tok4's prompts are longer than its context of 512 positions in VQA 8-shot 100 of 100 "
+                     "(positions it never trained on; those scores measure that too)"]
+    assert _context_caveats(finding, {"base": [ok], "tok4": [ok]}, 100) == []
+    assert _context_caveats(finding, {"base": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions

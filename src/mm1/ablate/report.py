@@ -65,6 +65,21 @@ def _arm_table(finding: Finding, scores: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _context_caveats(finding: Finding, scores: dict[str, list[dict]], items: int) -> list[str]:
+    """Arms whose prompts outgrew their context (many shots of many image tokens): said beside the table."""
+    lines = []
+    for arm in finding.arms:
+        over: dict[str, int] = {}
+        for s in scores.get(arm, []):
+            for key, n in s.get("over_context", {}).items():
+                over[key] = max(over.get(key, 0), n)
+        if over:
+            what = ", ".join(f"{COLUMNS.get(k, k)} {n} of {items}" for k, n in sorted(over.items()))
+            lines.append(f"- caveat: {arm}'s prompts are longer than its context of {scores[arm][0]['context']} "
+                         f"positions in {what} (positions it never trained on; those scores measure that too)")
+    return lines
+
+
 def _comparison(finding: Finding, v: Verdict) -> list[str]:
     scale = ("log " if finding.metric.log else "") + COLUMNS[finding.metric.key]
     sign = " (lower is better: the difference is of minus it)" if finding.metric.lower_is_better else ""
@@ -120,7 +135,8 @@ def write_report(out: Path, findings: list[Finding], scores: dict[str, list[dict
         v = judge(f, scores)
         verdicts[f.name] = v.outcome if v else "not run"
         lines.append(f"| {f.statement} | **{verdicts[f.name]}** |")
-        sections += ["", f"## {f.statement}", "", *_arm_table(f, scores), ""]
+        sections += ["", f"## {f.statement}", "", *_arm_table(f, scores), "",
+                     *_context_caveats(f, scores, scale.eval_limit)]
         if v is not None:
             plot = plot_finding(f, scores, out)
             sections += [*_comparison(f, v), "", f"Verdict: **{v.outcome}**.", "", f"![{f.name}]({plot.name})"]

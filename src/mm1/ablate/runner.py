@@ -158,7 +158,10 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
     scores |= held_out_losses(model, tok, cfg)
     scores |= {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
-               "baselines": {name: t["baseline"] for name, t in results["tasks"].items()}}
+               "baselines": {name: t["baseline"] for name, t in results["tasks"].items()},
+               "context": results["context"],  # prompts longer than this reach untrained positions
+               "over_context": {f"{name}@{k}": n for name, t in results["tasks"].items()
+                                for k, n in t.get("over_context", {}).items()}}
     (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores
 
