@@ -101,18 +101,20 @@ class Engine:
             return [image.image if isinstance(image, LowRes) else image]
         return sub_images(image, self.image_size, self.grid, self.norm)
 
-    def prompt_length(self, prompt: list[Part]) -> int:
-        """How many positions the prompt takes, image tokens included (nothing is encoded)."""
-        segments = [Text(p) if isinstance(p, str) else p for p in prompt]
-        t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens,
-                     views_per_image=lambda img: len(self.views(img)), end_of_text=False)
-        return len(t.tokens)
-
-    def encode(self, prompt: list[Part]) -> Encoded:
+    def _tokenize(self, prompt: list[Part]):
+        """The prompt's tokens (image blocks sized by the views each image gets) and those views."""
         segments = [Text(p) if isinstance(p, str) else p for p in prompt]
         views = {id(p): self.views(p) for p in prompt if isinstance(p, Image.Image | LowRes)}
         t = tokenize(segments, self.tok, image_tokens=self.model.num_image_tokens,
                      views_per_image=lambda img: len(views[id(img)]), end_of_text=False)
+        return t, views
+
+    def prompt_length(self, prompt: list[Part]) -> int:
+        """How many positions the prompt takes, image tokens included (no image is turned into a tensor)."""
+        return len(self._tokenize(prompt)[0].tokens)
+
+    def encode(self, prompt: list[Part]) -> Encoded:
+        t, views = self._tokenize(prompt)
         images = [to_tensor(v, self.image_size, self.norm) for img in t.images for v in views[id(img)]]
         return Encoded(t.tokens.tolist(), images)
 
