@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mm1.data.images import sub_images, to_tensor
-from mm1.data.packing import tokenize
+from mm1.data.packing import Tokenized, tokenize
 from mm1.data.template import Control, Markup, Text, template_for
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
@@ -101,7 +101,7 @@ class Engine:
             return [image.image if isinstance(image, LowRes) else image]
         return sub_images(image, self.image_size, self.grid, self.norm)
 
-    def _tokenize(self, prompt: list[Part]):
+    def _tokenize(self, prompt: list[Part]) -> tuple[Tokenized, dict[int, list[Image.Image]]]:
         """The prompt's tokens (image blocks sized by the views each image gets) and those views."""
         segments = [Text(p) if isinstance(p, str) else p for p in prompt]
         views = {id(p): self.views(p) for p in prompt if isinstance(p, Image.Image | LowRes)}
