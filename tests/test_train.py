@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_config
 from mm1.config import save
 from mm1.train import checkpoint as ckpt
-from mm1.train.trainer import NonFiniteError, Trainer, train
+from mm1.train.trainer import NonFiniteError, StepFailedError, Trainer, train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_pretrain_loss.json"
 SMALL = ["model.decoder.depth=2", "model.vision.depth=1", "train.steps=12", "train.checkpoint.every=3",
@@ -247,40 +247,61 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(world, 
 
 INJECT_OOM = """\
 import os
-if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its 4th step; rank 0 does not
+if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its 4th step, where MM1_TEST_OOM_IN says
     import torch
+    from mm1.model import decoder
     from mm1.train import trainer
-    real = trainer.Trainer.train_step
+    place, now = os.environ["MM1_TEST_OOM_IN"], {"step": -1, "layers": 0}
+    real_step, real_forward = trainer.Trainer.train_step, decoder.DecoderLayer.forward
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
     def train_step(self, batch):
-        if batch.step == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-        return real(self, batch)
-    trainer.Trainer.train_step = train_step
+        now["step"], now["layers"] = batch.step, 0
+        if place == "optimizer" and batch.step == 3:
+            self.optimizer.step = oom
+        return real_step(self, batch)
+    def forward(self, *args, **kwargs):
+        now["layers"] += 1
+        if place == "forward" and now["step"] == 3 and now["layers"] == 2:  # part-way: rank 0 goes on to
+            oom()                                                           # collectives it waits in
+        return real_forward(self, *args, **kwargs)
+    trainer.Trainer.train_step, decoder.DecoderLayer.forward = train_step, forward
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_torchrun_out_of_memory_on_one_rank_ends_the_job_and_the_same_command_resumes(world, tmp_path, kind):
-    """An OOM seen by one rank cannot be agreed on at that step (its peers wait inside collectives of a step
-    it will not finish), so the job must end, not hang, saying why, and resubmitting resumes."""
+@pytest.mark.parametrize(("kind", "place"), [("ddp", "forward"), ("fsdp", "forward"), ("fsdp", "optimizer")])
+def test_torchrun_out_of_memory_on_one_rank_stops_every_rank_at_one_step(world, tmp_path, kind, place):
+    """Rank 1 fails inside step 4 while rank 0 waits for it in that step's collectives. In the forward, both
+    stop after step 3 and save it (not the periodic step 2); in the optimizer step (rank 1's weights torn,
+    rank 0 one step on) nothing consistent is left to save and step 2 stands. Either way --resume gives the
+    uninterrupted run's losses."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT_OOM)
     cfg = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2", f"train.parallel={kind}",
-                      "train.checkpoint.keep_log_spaced=false")
+                      "train.checkpoint.keep_log_spaced=false", "train.collective_timeout_s=10")
     save(cfg, tmp_path / "cfg.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
            str(29500 + random.randint(0, 500)), "-m", "mm1", "train", "--config", str(tmp_path / "cfg.json"),
            "--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": str(tmp_path / "inject")})
+                          env={**env, "PYTHONPATH": str(tmp_path / "inject"), "MM1_TEST_OOM_IN": place})
     assert proc.returncode != 0
-    assert "out of memory at step 3" in proc.stderr and "lower train.micro_batch_size" in proc.stderr
-    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 2
+    said = "rank 1: out of memory in step 4 with 2 sequences per rank in 1 micro-batches of 128 tokens. "
+    if place == "forward":
+        said += f"Every rank stopped after step 3 and saved {tmp_path / 'run' / 'checkpoints' / 'step_00000003'}."
+    else:
+        said += "The ranks do not hold one completed step (a rank was inside its optimizer step), so nothing new"
+    assert said in proc.stderr, proc.stderr[-3000:]
+    assert "Lower train.micro_batch_size" in proc.stderr
+    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == (3 if place == "forward" else 2)
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 6
+    train(tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2"), out=tmp_path / "one")
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "run")
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
 def test_gradient_sync_only_on_the_last_micro_batch(monkeypatch):
@@ -398,16 +419,74 @@ def test_compiled_blocks_train_as_eager_ones(world, tmp_path):
         assert b.loss == pytest.approx(a.loss, rel=1e-4) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3)
 
 
-def test_out_of_memory_names_batch_and_sequence_length(world, tmp_path, monkeypatch):
-    trainer = Trainer(tiny_config(world, *SMALL, "train.steps=2"), tmp_path)
+def test_out_of_memory_saves_the_last_completed_step_and_resume_continues_exactly(world, tmp_path, monkeypatch):
+    cfg = tiny_config(world, *SMALL, "train.steps=5", "train.checkpoint.every=100",
+                      "train.checkpoint.keep_log_spaced=false")
+    train(cfg, out=tmp_path / "ref")
+    trainer = Trainer(cfg, tmp_path / "run")
+    real, before = trainer.train_step, {}
 
-    def oom(batch):
-        raise torch.OutOfMemoryError("simulated")
+    def train_step(batch):
+        if batch.step == 3:
+            before["torch"] = torch.get_rng_state()
+            torch.rand(5)  # the abandoned step draws from the RNG: the checkpoint keeps the state before it
+            raise torch.OutOfMemoryError("simulated")
+        return real(batch)
 
-    monkeypatch.setattr(trainer, "train_step", oom)
-    with pytest.raises(RuntimeError, match=r"out of memory at step 0 with 4 sequences per rank in 1 micro-batches "
-                                           r"of 128 tokens"):
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    with pytest.raises(StepFailedError, match=r"out of memory in step 4 with 4 sequences per rank in 1 "
+                                              r"micro-batches of 128 tokens\. The run stopped after step 3 and saved"):
         trainer.run()
+    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 3
+    saved_rng = torch.load(ckpt.latest(tmp_path / "run") / "rng_rank00000.pt", weights_only=False)
+    assert torch.equal(saved_rng["torch"], before["torch"])
+    Trainer(cfg, tmp_path / "run", resume=True).run()
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)
+
+
+def test_failed_steps_agree_on_a_checkpoint_only_when_every_rank_holds_the_same_whole_step():
+    from mm1.train.failstop import Report, decide
+
+    oom = Report(1, 3, False, "out of memory in step 4")
+    assert decide([Report(0, 3, False, None), oom]).step == 3
+    assert decide([Report(0, 3, False, None), oom]).why == "rank 1: out of memory in step 4"
+    assert decide([Report(0, 4, False, None), Report(1, 3, True, "out of memory in step 4")]).step is None
+    assert decide([Report(0, 4, False, None), oom]).step is None  # a rank went one step further
+
+
+def test_failure_watcher_aborts_the_communicator_once_a_peer_posts():
+    """The NCCL path's watcher, with a stand-in store: it flags the step as failed before it aborts."""
+    import threading
+
+    from mm1.train.failstop import KEY, FailureChannel
+
+    class Store:
+        def __init__(self):
+            self.keys, self.lock = {}, threading.Lock()
+
+        def set(self, key, value):
+            with self.lock:
+                self.keys[key] = value
+
+        def check(self, keys):
+            with self.lock:
+                return all(k in self.keys for k in keys)
+
+    store, seen = Store(), []
+    channel = FailureChannel(store, rank=0, world_size=2, watch=True, poll_s=0.01,
+                             abort=lambda: seen.append(channel.peer_failed.is_set()))
+    time.sleep(0.05)
+    assert not seen and not channel.posted()
+    store.set(KEY, "rank 3: out of memory in step 9")
+    deadline = time.time() + 5
+    while not seen and time.time() < deadline:
+        time.sleep(0.01)
+    assert seen == [True] and channel.posted()
+    channel.close()
+    quiet = FailureChannel(Store(), rank=0, world_size=2, watch=True, poll_s=0.01,
+                           abort=lambda: seen.append("late"))
+    quiet.close()  # closed before any post: it never aborts
+    assert seen == [True]
 
 
 def test_wandb_offline_logging_needs_no_network(world, tmp_path, monkeypatch):

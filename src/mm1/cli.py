@@ -61,15 +61,19 @@ def _cmd_train(a: argparse.Namespace) -> int:
         raise ConfigError("--resume and --init-from exclude each other: resume continues DIR's own run")
     if cfg.train.stage == Stage.SFT and not (a.init_from or a.resume):
         print("mm1: note: SFT without --init-from starts from random weights", file=sys.stderr)
-    from mm1.train.trainer import NonFiniteError
+    from mm1.train.trainer import NonFiniteError, StepFailedError
 
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:  # a rank that dies in C++ (SIGABRT, SIGSEGV) prints where its Python was
         faulthandler.enable()
     try:
         last = train(cfg, out=Path(a.out), resume=a.resume, init_from=a.init_from)
-    except NonFiniteError as err:  # the message says what happened and what to change
-        print(f"mm1: error: {err}", file=sys.stderr)
+    except (NonFiniteError, StepFailedError) as err:  # the message says what happened and what to change
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same message: one says it
+            print(f"mm1: error: {err}", file=sys.stderr)
+        if torchrun:  # as below: the job is saved and the group left; skip the teardown
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     if cfg.train.stage == Stage.CLIP and last["step"] >= cfg.train.steps:
         print(f"vision encoder written to {Path(a.out) / 'vision.safetensors'} (model.vision.init={a.out})")

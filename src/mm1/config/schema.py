@@ -375,6 +375,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each repeated block (decoder layers, ViT blocks): fused kernels
     on_non_finite: OnNonFinite = OnNonFinite.STOP
+    # After the first step, how long a rank waits inside a collective for its peers before the job fails.
+    # On gloo (CPU) it is also how long the others take to notice a rank that ran out of memory; on NCCL
+    # they notice within a second (mm1.train.failstop). 600 s is NCCL's own default.
+    collective_timeout_s: float = 600.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -94,6 +94,7 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     _require(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _require(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
+    _require(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
     if t.micro_batch_size:
         _require(t.batch_size % t.micro_batch_size == 0, "train.micro_batch_size",
                  f"{t.micro_batch_size} does not divide batch_size {t.batch_size}")

@@ -84,8 +84,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
-         policy: CheckpointConfig) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, then apply retention."""
+         policy: CheckpointConfig, *, rng: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, then apply retention. `rng`: the RNG
+    states to resume with, when not the current ones (a step abandoned part-way has drawn from them)."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -98,7 +99,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     with warnings.catch_warnings():  # single-process DCP warns that it assumes one process: it may
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-    torch.save(rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))

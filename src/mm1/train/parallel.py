@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,13 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """How long a rank waits in a collective for its peers from now on (as torchtitan does: start-up,
+    with its loading and compiling, keeps the backend's longer default)."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), None)
+
+
 def all_reduce_sum(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Sum over ranks, reduced on `device` (the training device: an NCCL-only group has no CPU
     backend); the result stays there."""
@@ -96,6 +104,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if not dist.is_initialized():
         return flag
     return bool(all_reduce_sum(torch.tensor([float(flag)]), device).item() > 0)
+
+
+def settle(model: nn.Module) -> None:
+    """After a step abandoned part-way: gradients dropped and every FSDP2 unit back to its shards (the
+    step may have left some gathered), so that the weights can be saved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    model.zero_grad(set_to_none=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,7 +5,9 @@ stage's loss (`mm1.train.objective`: next-token loss normalised over the whole s
 tokens, or the contrastive loss of the CLIP stage), gradients synced once per step and clipped,
 AdamW (or Adafactor) with the paper's LR rule, warm-up and cosine decay. Checkpoints are atomic and
 resume exactly: the data is a pure function of the step, and model, optimizer and RNG states are
-restored bit for bit. A stop request (SIGTERM, Ctrl-C) on any rank stops every rank at the same step.
+restored bit for bit. A stop request (SIGTERM, Ctrl-C) on any rank stops every rank at the same step;
+so does an out-of-memory error on any rank, each saving the last step they all completed
+(`mm1.train.failstop`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -24,6 +28,7 @@ from mm1.config import Config, ConfigError, OnNonFinite, Precision, Stage, save,
 from mm1.data.stream import load_tokenizer
 from mm1.model.pretrained import resolve_pretrained
 from mm1.train import checkpoint as ckpt
+from mm1.train.failstop import Decision, FailureChannel, PeerFailedError, Report, decide
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.objective import Objective
 from mm1.train.optim import build_optimizer, freeze, lr_at, param_groups, resolve_lr
@@ -33,6 +38,8 @@ from mm1.train.parallel import (
     gradient_sync,
     init_distributed,
     parallelize,
+    set_collective_timeout,
+    settle,
     shutdown_distributed,
     unwrap,
 )
@@ -40,6 +47,10 @@ from mm1.train.parallel import (
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN/inf; the last good checkpoint is left untouched."""
+
+
+class StepFailedError(RuntimeError):
+    """A rank failed inside a step (out of memory); every rank stopped, saving what they all held."""
 
 
 @dataclass
@@ -128,6 +139,12 @@ class Trainer:
         if self.per_rank % micro:
             raise ConfigError(f"train.micro_batch_size: {micro} does not divide the per-rank batch {self.per_rank}")
         self.accum = self.per_rank // micro
+        # What a failed step leaves to save: the steps completed, whether one was caught inside its
+        # optimizer step, and the RNG state the step began with (mm1.train.failstop).
+        self.channel = FailureChannel.for_job(watch=self.info.device.type == "cuda")
+        self.completed = self.start_step
+        self._in_optimizer_step = False
+        self._rng_at_step: dict | None = None
         self.peak_flops = cfg.train.logging.peak_flops or default_peak_flops(
             torch.cuda.get_device_name() if self.info.device.type == "cuda" else "cpu", torch.get_num_threads())
 
@@ -162,7 +179,12 @@ class Trainer:
                     "Lower train.optimizer.lr or set train.on_non_finite=skip.")
             result.skipped = True
             return result
+        if self.channel is not None and self.channel.peer_failed.is_set():
+            # NCCL: the watcher aborted this step's collectives, so these gradients are not sums of anything.
+            raise PeerFailedError(f"a peer failed during step {batch.step + 1}")
+        self._in_optimizer_step = True
         self.optimizer.step()
+        self._in_optimizer_step = False
         self.optimizer.zero_grad(set_to_none=True)
         return result
 
@@ -171,8 +193,9 @@ class Trainer:
         return {"data_state": {"next_step": step, "seed": self.cfg.data.seed}, "lr_peak": self.lr,
                 "recipe": self.cfg.recipe, "stage": self.cfg.train.stage.value}
 
-    def save(self, step: int) -> Path:
-        return ckpt.save(self.out, step, self.model, self.optimizer, self._meta(step), self.cfg.train.checkpoint)
+    def save(self, step: int, rng: dict | None = None) -> Path:
+        return ckpt.save(self.out, step, self.model, self.optimizer, self._meta(step), self.cfg.train.checkpoint,
+                         rng=rng)
 
     def _should_save(self, step: int) -> bool:
         c = self.cfg.train.checkpoint
@@ -190,45 +213,100 @@ class Trainer:
         last = {"step": self.start_step}
         window_t, window_count, window_flops = time.perf_counter(), 0, 0.0
         step = self.start_step
+        failed: tuple[RuntimeError, int] | None = None
         self.model.train()
         try:
             with _Interrupt() as stop:
                 for batch in loader:
                     step = batch.step
-                    lr = self._set_lr(step)
                     try:
+                        lr = self._set_lr(step)
+                        self._rng_at_step = ckpt.rng_state()
                         res = self.train_step(batch)
-                    except torch.OutOfMemoryError:
-                        raise RuntimeError(
-                            f"out of memory at step {step} with {self.per_rank} sequences per rank in "
-                            f"{self.accum} micro-batches of {cfg.data.packing.seq_len} tokens; lower "
-                            "train.micro_batch_size or data.packing.seq_len") from None
-                    for k, v in batch.skipped.items():
-                        skipped[k] = skipped.get(k, 0) + v
-                    window_count += res.count
-                    window_flops += res.flops
-                    step += 1
-                    logger.step()
-                    if step % cfg.train.logging.every == 0 or step == steps:
-                        now = time.perf_counter()
-                        seconds = max(1e-9, now - window_t)
-                        last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                                f"{unit}_per_s": window_count / seconds,
-                                "mfu": window_flops / seconds / self.peak_flops, **res.extra,
-                                "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
-                        logger.log(last)
-                        window_t, window_count, window_flops = now, 0, 0.0
-                    if self._should_save(step) or step == steps:
-                        self.save(step)
-                    if any_rank(stop.requested, info.device):  # every rank stops at the same step
-                        path = self.save(step)
-                        logger.write(f"interrupted: saved {path}; continue with --resume")
+                        self.completed = step = step + 1
+                        if step == self.start_step + 1:  # start-up (loading, compiling) may take longer
+                            set_collective_timeout(cfg.train.collective_timeout_s)
+                        for k, v in batch.skipped.items():
+                            skipped[k] = skipped.get(k, 0) + v
+                        window_count += res.count
+                        window_flops += res.flops
+                        logger.step()
+                        if step % cfg.train.logging.every == 0 or step == steps:
+                            now = time.perf_counter()
+                            seconds = max(1e-9, now - window_t)
+                            last = {"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                                    f"{unit}_per_s": window_count / seconds,
+                                    "mfu": window_flops / seconds / self.peak_flops, **res.extra,
+                                    "skipped_step": res.skipped, "data_skipped": sum(skipped.values())}
+                            logger.log(last)
+                            window_t, window_count, window_flops = now, 0, 0.0
+                        if self._should_save(step) or step == steps:
+                            self.save(step)
+                        if self._stop_agreed(stop.requested):  # every rank stops at the same step
+                            path = self.save(step)
+                            logger.write(f"interrupted: saved {path}; continue with --resume")
+                            break
+                    except RuntimeError as err:
+                        if not self._is_step_failure(err):
+                            raise
+                        # Without its traceback: that holds the abandoned step's activations.
+                        failed = (err.with_traceback(None), batch.step)
                         break
+                if failed is not None:
+                    self._fail_stop(*failed)
         finally:
             logger.close()
             self.objective.finish(unwrap(self.model), self.out, is_main=info.is_main, completed=step >= steps,
                                   skipped=skipped)
         return last
+
+    # ------------------------------------------------------------------ a failed step
+    def _stop_agreed(self, requested: bool) -> bool:
+        agreed = any_rank(requested, self.info.device)
+        if self.channel is not None and self.channel.peer_failed.is_set():
+            raise PeerFailedError("a peer failed at the end of a step")  # NCCL: that all-reduce was aborted
+        return agreed
+
+    def _is_step_failure(self, err: RuntimeError) -> bool:
+        """An out-of-memory error here, or any error of a step that a peer has posted a failure for
+        (its collectives aborted or timed out); anything else is not ours to handle."""
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+        return self.channel is not None and (isinstance(err, PeerFailedError) or self.channel.posted(wait_s=5.0))
+
+    def _fail_stop(self, err: RuntimeError, step: int) -> NoReturn:
+        """Step `step + 1` failed on some rank: every rank saves the last step they all completed
+        (unless one was caught half-way through its optimizer step) and stops; see mm1.train.failstop."""
+        own = None
+        if isinstance(err, torch.OutOfMemoryError):
+            own = (f"out of memory in step {step + 1} with {self.per_rank} sequences per rank in {self.accum} "
+                   f"micro-batches of {self.cfg.data.packing.seq_len} tokens")
+            if self.channel is not None:
+                print(f"[rank {self.info.rank}] {own}; stopping every rank", file=sys.stderr, flush=True)
+                self.channel.post(f"rank {self.info.rank}: {own}")
+        del err
+        settle(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        report = Report(self.info.rank, self.completed, self._in_optimizer_step, own)
+        reports = [report] if self.channel is None else self.channel.regroup(report)
+        decision = decide(reports)
+        saved = None
+        if decision.step is not None and decision.step > self.start_step:
+            saved = self.save(decision.step, rng=self._rng_at_step)
+        raise StepFailedError(self._failure_message(decision, saved))
+
+    def _failure_message(self, decision: Decision, saved: Path | None) -> str:
+        last = ckpt.latest(self.out)
+        who = "every rank" if self.info.world_size > 1 else "the run"
+        if saved is not None:
+            where = f"{who} stopped after step {decision.step} and saved {saved}"
+        elif decision.step is not None:
+            where = f"{who} stopped after step {decision.step}, the step it started from"
+        else:
+            where = ("the ranks do not hold one completed step (a rank was inside its optimizer step), so "
+                     f"nothing new was saved; the last checkpoint is {last or 'none (the run starts over)'}")
+        return (f"{decision.why}. {where[0].upper()}{where[1:]}. Lower train.micro_batch_size or "
+                "data.packing.seq_len, then run the same command with --resume.")
 
 
 def train(cfg: Config, *, out: Path, resume: bool = False, init_from: str | None = None) -> dict:
