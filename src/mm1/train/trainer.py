@@ -272,6 +272,8 @@ class Trainer:
         (its collectives aborted or timed out); anything else is not ours to handle."""
         if isinstance(err, torch.OutOfMemoryError):
             return True
+        if isinstance(err, NonFiniteError):  # every rank raises it together: nothing to agree on
+            return False
         return self.channel is not None and (isinstance(err, PeerFailedError) or self.channel.posted(wait_s=5.0))
 
     def _fail_stop(self, err: RuntimeError, step: int) -> NoReturn:
