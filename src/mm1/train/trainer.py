@@ -213,7 +213,7 @@ class Trainer:
         last = {"step": self.start_step}
         window_t, window_count, window_flops = time.perf_counter(), 0, 0.0
         step = self.start_step
-        failed: tuple[RuntimeError, int] | None = None
+        failed: tuple[int, bool] | None = None  # (the step that failed, whether out of memory here)
         self.model.train()
         try:
             with _Interrupt() as stop:
@@ -249,8 +249,8 @@ class Trainer:
                     except RuntimeError as err:
                         if not self._is_step_failure(err):
                             raise
-                        # Without its traceback: that holds the abandoned step's activations.
-                        failed = (err.with_traceback(None), batch.step)
+                        # Only what it was: the error's traceback holds the abandoned step's activations.
+                        failed = (batch.step, isinstance(err, torch.OutOfMemoryError))
                         break
                 if failed is not None:
                     self._fail_stop(*failed)
@@ -276,19 +276,17 @@ class Trainer:
             return False
         return self.channel is not None and (isinstance(err, PeerFailedError) or self.channel.posted(wait_s=5.0))
 
-    def _fail_stop(self, err: RuntimeError, step: int) -> NoReturn:
+    def _fail_stop(self, step: int, oom: bool) -> NoReturn:
         """Step `step + 1` failed on some rank: every rank saves the last step they all completed
         (unless one was caught half-way through its optimizer step) and stops; see mm1.train.failstop."""
         own = None
-        if isinstance(err, torch.OutOfMemoryError):
+        if oom:
             own = (f"out of memory in step {step + 1} with {self.per_rank} sequences per rank in {self.accum} "
                    f"micro-batches of {self.cfg.data.packing.seq_len} tokens")
             if self.channel is not None:
                 print(f"[rank {self.info.rank}] {own}; stopping every rank", file=sys.stderr, flush=True)
                 self.channel.post(f"rank {self.info.rank}: {own}")
-        del err
         settle(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
         report = Report(self.info.rank, self.completed, self._in_optimizer_step, own)
         reports = [report] if self.channel is None else self.channel.regroup(report)
         decision = decide(reports)
