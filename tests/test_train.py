@@ -247,11 +247,12 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(world, 
 
 INJECT_OOM = """\
 import os
-if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its 4th step, where MM1_TEST_OOM_IN says
+place = os.environ.get("MM1_TEST_OOM_IN")
+if os.environ.get("RANK") == "1" or place == "everywhere":  # rank 1 (or all) runs out of memory in step 4
     import torch
     from mm1.model import decoder
     from mm1.train import trainer
-    place, now = os.environ["MM1_TEST_OOM_IN"], {"step": -1, "layers": 0}
+    now = {"step": -1, "layers": 0}
     real_step, real_forward = trainer.Trainer.train_step, decoder.DecoderLayer.forward
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
@@ -262,20 +263,21 @@ if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its 4th step, 
         return real_step(self, batch)
     def forward(self, *args, **kwargs):
         now["layers"] += 1
-        if place == "forward" and now["step"] == 3 and now["layers"] == 2:  # part-way: rank 0 goes on to
-            oom()                                                           # collectives it waits in
+        if place != "optimizer" and now["step"] == 3 and now["layers"] == 2:  # part-way: rank 0 goes on
+            oom()                                                             # to collectives it waits in
         return real_forward(self, *args, **kwargs)
     trainer.Trainer.train_step, decoder.DecoderLayer.forward = train_step, forward
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "place"), [("ddp", "forward"), ("fsdp", "forward"), ("fsdp", "optimizer")])
+@pytest.mark.parametrize(("kind", "place"), [("ddp", "forward"), ("fsdp", "forward"), ("fsdp", "optimizer"),
+                                             ("fsdp", "everywhere")])
 def test_torchrun_out_of_memory_on_one_rank_stops_every_rank_at_one_step(world, tmp_path, kind, place):
     """Rank 1 fails inside step 4 while rank 0 waits for it in that step's collectives. In the forward, both
     stop after step 3 and save it (not the periodic step 2); in the optimizer step (rank 1's weights torn,
     rank 0 one step on) nothing consistent is left to save and step 2 stands. Either way --resume gives the
-    uninterrupted run's losses."""
+    uninterrupted run's losses. Out of memory everywhere at once (a uniform batch) stops at step 3 too."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT_OOM)
     cfg = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2", f"train.parallel={kind}",
@@ -288,14 +290,15 @@ def test_torchrun_out_of_memory_on_one_rank_stops_every_rank_at_one_step(world, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**env, "PYTHONPATH": str(tmp_path / "inject"), "MM1_TEST_OOM_IN": place})
     assert proc.returncode != 0
-    said = "rank 1: out of memory in step 4 with 2 sequences per rank in 1 micro-batches of 128 tokens. "
-    if place == "forward":
+    said = ("ranks 0, 1" if place == "everywhere" else "rank 1")
+    said += ": out of memory in step 4 with 2 sequences per rank in 1 micro-batches of 128 tokens. "
+    if place != "optimizer":
         said += f"Every rank stopped after step 3 and saved {tmp_path / 'run' / 'checkpoints' / 'step_00000003'}."
     else:
         said += "The ranks do not hold one completed step (a rank was inside its optimizer step), so nothing new"
     assert said in proc.stderr, proc.stderr[-3000:]
     assert "Lower train.micro_batch_size" in proc.stderr
-    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == (3 if place == "forward" else 2)
+    assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == (2 if place == "optimizer" else 3)
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     train(tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2"), out=tmp_path / "one")
@@ -452,6 +455,9 @@ def test_failed_steps_agree_on_a_checkpoint_only_when_every_rank_holds_the_same_
     assert decide([Report(0, 3, False, None), oom]).why == "rank 1: out of memory in step 4"
     assert decide([Report(0, 4, False, None), Report(1, 3, True, "out of memory in step 4")]).step is None
     assert decide([Report(0, 4, False, None), oom]).step is None  # a rank went one step further
+    every = [Report(r, 3, False, "out of memory in step 4") for r in range(8)]  # a uniform batch: all fail
+    assert decide(every).why == "ranks 0, 1, 2, 3 and 4 more: out of memory in step 4"
+    assert decide([Report(0, 3, False, "out of memory in step 4")]).why == "out of memory in step 4"
 
 
 def test_failure_watcher_aborts_the_communicator_once_a_peer_posts():

@@ -61,13 +61,26 @@ class Decision:
 
 def decide(reports: list[Report]) -> Decision:
     """The step to save if every rank holds it whole; otherwise None (and the run's last checkpoint stands)."""
-    named = len(reports) > 1
-    why = "; ".join(f"rank {r.rank}: {r.failure}" if named else r.failure for r in reports if r.failure)
-    why = why or "a rank posted a failure"
+    by_failure: dict[str, list[int]] = {}
+    for r in reports:
+        if r.failure:
+            by_failure.setdefault(r.failure, []).append(r.rank)
+    if len(reports) == 1:
+        why = next(iter(by_failure), "a rank posted a failure")
+    else:  # a uniform batch often fails on every rank at once: one line per kind of failure
+        why = "; ".join(f"{_ranks(ranks)}: {failure}" for failure, ranks in by_failure.items())
+        why = why or "a rank posted a failure"
     steps = {r.completed for r in reports}
     if any(r.torn for r in reports) or len(steps) != 1:
         return Decision(None, why)
     return Decision(steps.pop(), why)
+
+
+def _ranks(ranks: list[int], shown: int = 4) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    listed = ", ".join(map(str, ranks[:shown]))
+    return f"ranks {listed}" + (f" and {len(ranks) - shown} more" if len(ranks) > shown else "")
 
 
 def _abort_default_group() -> None:
