@@ -6,11 +6,19 @@
 The dense reference is a SwiGLU with hidden 2 × 512 (the same FLOPs per token as two experts);
 the loop reference is transformers' `MixtralSparseMoeBlock` with the same weights. Medians over
 interleaved repeats, then one JSON line.
+
+The allocator is held steady by default (glibc's `mallopt`: freed memory is neither trimmed nor
+unmapped), because glibc otherwise returns the dense FFN's 16 MB activations to the OS after each
+pass and the next pass page-faults them back in: a cost of the allocator and of the host's load, not
+of either layer, that made the dense reference up to 30% slower in some runs and the ratio read
+low. `--allocator glibc` measures with glibc's defaults, as this script did before 2026-12-04.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import time
@@ -22,6 +30,19 @@ from mm1.model.decoder import SwiGLU
 from mm1.model.moe import MoEFFN
 
 D, H, E, K, N = 256, 512, 8, 2, 4096
+
+
+def hold_allocator_steady() -> bool:
+    """Stop glibc from trimming the heap or serving large blocks with mmap (no page faults on reuse)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hold
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 30))
 
 
 def timed(fn, x) -> float:
@@ -52,7 +73,10 @@ def mixtral_block(moe: MoEFFN):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--allocator", choices=["steady", "glibc"], default="steady")
     a = ap.parse_args()
+    allocator = "steady" if a.allocator == "steady" and hold_allocator_steady() else "default"
+    print(f"allocator: {allocator}")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     moe = MoEFFN(D, H, MoEConfig(num_experts=E, top_k=K))
@@ -74,7 +98,7 @@ def main() -> None:
     # The dense FFN of equal active FLOPs is the floor for any dispatch: no implementation can be
     # more than (HF / dense) times faster than HF.
     print(f"HF Mixtral / dense: {med['hf_mixtral'] / med['dense_equal_active']:.2f}x")
-    print(json.dumps({"bench": "moe", **{f"{k}_ms": v for k, v in med.items()},
+    print(json.dumps({"bench": "moe", "allocator": allocator, **{f"{k}_ms": v for k, v in med.items()},
                       "moe_over_dense": med["mm1_moe"] / med["dense_equal_active"],
                       "hf_loop_over_moe": med["hf_mixtral"] / med["mm1_moe"],
                       "hf_loop_over_dense": med["hf_mixtral"] / med["dense_equal_active"]}))
