@@ -346,7 +346,7 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str = ""  # empty: W&B off
     wandb_mode: str = "offline"
-    peak_flops: float = 0.0  # FLOP/s for MFU; 0 means the measured default for the device
+    peak_flops: float = 0.0  # FLOP/s for MFU; 0: a known GPU's bf16 data-sheet peak, else a measured matmul rate
     progress: bool = True
 
 

@@ -9,23 +9,51 @@ is set (offline mode works without a network). Only rank 0 writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from mm1.config import LoggingConfig
 
-CPU_PEAK_FLOPS_PER_CORE = 81e9  # fp32 matmul, measured on this project's 2-core CI machine (162 GFLOP/s)
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the data sheets
 
 
-def default_peak_flops(device_name: str, threads: int) -> float:
-    for key, value in GPU_PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return CPU_PEAK_FLOPS_PER_CORE * threads
+def default_peak_flops(device: torch.device) -> float:
+    """MFU's denominator: the data sheet's dense bf16 peak for a known GPU, else a measured matmul rate.
+
+    A CPU has no data sheet figure we could look up, and the VMs we run on change from day to day
+    (a fixed constant once gave MFU 0.89 on a faster one), so on a CPU, and on a GPU not in the
+    table, the peak is the best rate of a few large matmuls on this device with this thread count:
+    MFU is then the share of what this machine's BLAS reaches, measured once per process (~0.2 s).
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return measured_matmul_flops(str(device), torch.bfloat16, torch.get_num_threads())
+    return measured_matmul_flops(str(device), torch.float32, torch.get_num_threads())
+
+
+@functools.cache
+def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int, n: int = 2048) -> float:
+    """The best FLOP/s of three n×n×n matmuls after a warm-up (`threads` is part of the cache key)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    a @ b
+    sync()
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 class RunLogger:

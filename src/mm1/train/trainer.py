@@ -145,8 +145,7 @@ class Trainer:
         self.completed = self.start_step
         self._in_optimizer_step = False
         self._rng_at_step: dict | None = None
-        self.peak_flops = cfg.train.logging.peak_flops or default_peak_flops(
-            torch.cuda.get_device_name() if self.info.device.type == "cuda" else "cpu", torch.get_num_threads())
+        self.peak_flops = cfg.train.logging.peak_flops or default_peak_flops(self.info.device)
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
