@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -327,29 +326,42 @@ def test_torchrun_out_of_memory_on_one_rank_stops_every_rank_at_one_step(world, 
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
-def test_gradient_sync_only_on_the_last_micro_batch(monkeypatch):
+def test_gradient_sync_only_on_the_last_micro_batch(tmp_path):
+    """Through real DDP and FSDP2 wrappers (a one-process gloo group): no communication before the last."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
     from mm1.train.parallel import gradient_sync
 
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    calls = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 4))
+        reduced = []
 
-    class DDPLike(torch.nn.Module):
-        @contextlib.contextmanager
-        def no_sync(self):
-            calls.append("no_sync")
-            yield
+        def count(state, bucket):
+            reduced.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
 
-    class FSDPLike(torch.nn.Module):
-        def set_requires_gradient_sync(self, on):
-            calls.append(on)
-
-    for model in (DDPLike(), FSDPLike()):
-        for last in (False, True):
-            with gradient_sync(model, last):
-                pass
-    assert calls == ["no_sync", False, True]
+        ddp.register_comm_hook(None, count)
+        fsdp = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        x = torch.randn(2, 4)
+        with gradient_sync(ddp, False):
+            ddp(x).sum().backward()
+        assert reduced == []
+        with gradient_sync(ddp, True):
+            ddp(x).sum().backward()
+        assert reduced
+        with gradient_sync(fsdp, False):
+            fsdp(x).sum().backward()
+        assert all(p.grad is None for p in fsdp.parameters())  # accumulated unsharded, not reduce-scattered
+        with gradient_sync(fsdp, True):
+            fsdp(x).sum().backward()
+        assert all(p.grad is not None for p in fsdp.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_resume_without_a_checkpoint_starts_at_step_zero(world, tmp_path, capsys):

@@ -83,18 +83,21 @@ def all_reduce_sum(x: torch.Tensor, device: torch.device | None = None) -> torch
 def gradient_sync(model: nn.Module, enabled: bool):
     """Inside, backward passes sync gradients across ranks only if `enabled`: gradient accumulation
     syncs once, on its last micro-batch (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
     if enabled or not dist.is_initialized():
         yield
-    elif hasattr(model, "no_sync"):  # DDP
+    elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
-    else:
+    else:  # one process per model copy is not distributed data parallel: nothing to sync
         yield
 
 
