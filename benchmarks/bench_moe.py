@@ -2,7 +2,8 @@
 
     python benchmarks/bench_moe.py
 
-8 experts, top-2, width 256, expert hidden 512, 4096 tokens; forward + backward, fp32, 2 threads.
+8 experts, top-2, width 256, expert hidden 512, 4096 tokens (`--width`, `--hidden`, `--tokens`);
+forward + backward, fp32, 2 threads.
 The dense reference is a SwiGLU with hidden 2 × 512 (the same FLOPs per token as two experts);
 the loop reference is transformers' `MixtralSparseMoeBlock` with the same weights. Medians over
 interleaved repeats, then one JSON line.
@@ -29,7 +30,7 @@ from mm1.config import MoEConfig
 from mm1.model.decoder import SwiGLU
 from mm1.model.moe import MoEFFN
 
-D, H, E, K, N = 256, 512, 8, 2, 4096
+WIDTH, HIDDEN, E, K, TOKENS = 256, 512, 8, 2, 4096
 
 
 def hold_allocator_steady() -> bool:
@@ -52,7 +53,7 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t
 
 
-def mixtral_block(moe: MoEFFN):
+def mixtral_block(moe: MoEFFN, D: int, H: int):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -74,14 +75,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--allocator", choices=["steady", "glibc"], default="steady")
+    ap.add_argument("--width", type=int, default=WIDTH)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="each expert's; the dense FFN has top-k times it")
+    ap.add_argument("--tokens", type=int, default=TOKENS)
     a = ap.parse_args()
+    D, H, N = a.width, a.hidden, a.tokens
     allocator = "steady" if a.allocator == "steady" and hold_allocator_steady() else "default"
     print(f"allocator: {allocator}")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     moe = MoEFFN(D, H, MoEConfig(num_experts=E, top_k=K))
     dense = SwiGLU(D, K * H)
-    hf = mixtral_block(moe)
+    hf = mixtral_block(moe, D, H)
     x = torch.randn(1, N, D, requires_grad=True)
     fns = {"mm1_moe": moe, "dense_equal_active": dense, "hf_mixtral": hf}
     times = {k: [] for k in fns}
@@ -98,7 +103,8 @@ def main() -> None:
     # The dense FFN of equal active FLOPs is the floor for any dispatch: no implementation can be
     # more than (HF / dense) times faster than HF.
     print(f"HF Mixtral / dense: {med['hf_mixtral'] / med['dense_equal_active']:.2f}x")
-    print(json.dumps({"bench": "moe", "allocator": allocator, **{f"{k}_ms": v for k, v in med.items()},
+    print(json.dumps({"bench": "moe", "allocator": allocator, "width": D, "hidden": H, "tokens": N,
+                      **{f"{k}_ms": v for k, v in med.items()},
                       "moe_over_dense": med["mm1_moe"] / med["dense_equal_active"],
                       "hf_loop_over_moe": med["hf_mixtral"] / med["mm1_moe"],
                       "hf_loop_over_dense": med["hf_mixtral"] / med["dense_equal_active"]}))
