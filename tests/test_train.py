@@ -24,6 +24,21 @@ SMALL = ["model.decoder.depth=2", "model.vision.depth=1", "train.steps=12", "tra
          "train.schedule.warmup_steps=3"]
 
 
+def uneven_image_micro_batches(cfg, *, steps: int, world_size: int) -> list[tuple[int, int]]:
+    """(step, micro-batch) pairs where some rank has no image while another has images."""
+    from mm1.data.stream import DataStream, load_tokenizer
+
+    stream = DataStream(cfg, load_tokenizer(cfg))
+    per_rank = cfg.train.batch_size // world_size
+    n_micro = per_rank // cfg.train.micro_batch_size if cfg.train.micro_batch_size else 1
+    found = []
+    for step in range(steps):
+        images = [[sum(m.images_per_row) for m in stream.batch(step, r, world_size).split(n_micro)]
+                  for r in range(world_size)]
+        found += [(step, i) for i in range(n_micro) if min(c[i] for c in images) == 0 < max(c[i] for c in images)]
+    return found
+
+
 def losses(run: Path) -> dict[int, float]:
     """Loss per step; for steps logged twice (before a kill and after resume) the later one wins."""
     out = {}
@@ -172,9 +187,13 @@ def test_golden_loss_curve(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "micro"), [("ddp", 0), ("fsdp", 0), ("ddp", 1), ("fsdp", 1)])
 def test_torchrun_two_processes_match_one(world, tmp_path, kind, micro):
-    """With micro=1 each rank accumulates its 2 sequences as 2 micro-batches, syncing gradients once."""
+    """With micro=1 each rank accumulates its 2 sequences as 2 micro-batches, syncing gradients once.
+
+    The data has a step where one rank's micro-batch is text only while the other's has images (checked
+    first, so that a change to the world cannot quietly take that case out of this test)."""
     cfg = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2", f"train.parallel={kind}",
                       f"train.micro_batch_size={micro}")
+    assert uneven_image_micro_batches(cfg, steps=4, world_size=2), "no step puts a text-only micro-batch beside images"
     save(cfg, tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
