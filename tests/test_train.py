@@ -30,7 +30,7 @@ def uneven_image_micro_batches(cfg, *, steps: int, world_size: int) -> list[tupl
 
     stream = DataStream(cfg, load_tokenizer(cfg))
     per_rank = cfg.train.batch_size // world_size
-    n_micro = per_rank // cfg.train.micro_batch_size if cfg.train.micro_batch_size else 1
+    n_micro = per_rank // (cfg.train.micro_batch_size or per_rank)  # as the trainer splits
     found = []
     for step in range(steps):
         images = [[sum(m.images_per_row) for m in stream.batch(step, r, world_size).split(n_micro)]
