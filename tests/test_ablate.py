@@ -193,3 +193,22 @@ def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding(
                      "(positions it never trained on; those scores measure that too)"]
     assert _context_caveats(finding, {"base": [ok], "tok4": [ok]}, 100) == []
     assert _context_caveats(finding, {"base": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions
+
+
+def test_a_finding_whose_judged_prompts_outgrow_the_context_is_not_judged():
+    from mm1.ablate.findings import FINDINGS
+    from mm1.ablate.report import NOT_JUDGED, judge
+
+    finding = next(f for f in FINDINGS if f.name == "image_tokens")  # judged on caption 0-shot
+    key = finding.metric.key
+
+    def arm(value: float, over: dict) -> dict:
+        return {key: value, "context": 384, "over_context": over}
+
+    fine = {"base": [arm(0.5, {}), arm(0.51, {}), arm(0.52, {})], "tok4": [arm(0.2, {}), arm(0.21, {}), arm(0.22, {})]}
+    assert judge(finding, fine).outcome == "reproduced"
+    overflow = {"base": [arm(0.5, {key: 3}), *fine["base"][1:]], "tok4": fine["tok4"]}
+    assert judge(finding, overflow).outcome == NOT_JUDGED
+    # prompts of another metric past the context leave this one judged (and flagged beside it)
+    other = {"base": [arm(0.5, {"synth_vqa@8": 3}), *fine["base"][1:]], "tok4": fine["tok4"]}
+    assert judge(finding, other).outcome == "reproduced"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,12 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
         assert r["score"] == vqa_accuracy(r["prediction"], r["references"])
         assert r["prompt"].endswith(f"Question: {r['question']} Short answer:") and r["prompt"].count("<image>") == 3
     assert sum(r["score"] for r in vqa) / 4 == pytest.approx(res["tasks"]["synth_vqa"]["scores"]["2"])
+    t = res["tasks"]["synth_vqa"]  # answers per shot count, and accuracy per question type, from the rows
+    assert t["distinct_answers"]["2"] == len({r["prediction"] for r in vqa})
+    kinds = {r["type"] for r in vqa}
+    assert set(t["by_type"]["2"]) == kinds and all(
+        t["by_type"]["2"][k] == pytest.approx(statistics.fmean(r["score"] for r in vqa if r["type"] == k))
+        for k in kinds)
     with pytest.raises(ValueError, match=r"eval\.prompt=auto"):
         evaluate(model, tok, tasks, [0], EvalConfig(limit=1), fmt=PromptFormat.AUTO, progress=False)
 
@@ -234,7 +241,67 @@ def test_prompts_longer_than_the_context_are_counted_and_warned_about(world, cap
     assert res["context"] == cfg.model.decoder.max_seq_len
     assert t["longest_prompt"] == {"0": max(lengths[0]), "4": max(lengths[4])} and t["over_context"] == {"4": 4}
     assert "synth_vqa 4-shot: 4 of 4 prompts are longer than the model's context" in caplog.text
-    assert "4 prompt(s) longer than the model's context" in results_table(res)
+    assert "synth_vqa 4-shot: 4 of 4 prompts longer than the context" in results_table(res)
+    # a run that records its trained length is checked against that, not the position table
+    cfg.model.decoder.max_seq_len = 4 * max(lengths[4])
+    cfg.model.decoder.trained_context = max(lengths[0]) + 1
+    res = evaluate(MLLM(cfg.model).eval(), tok, [task], [0, 4], EvalConfig(limit=4, max_new_tokens=2),
+                   fmt=PromptFormat.PRETRAIN, progress=False).results
+    assert res["context"] == max(lengths[0]) + 1 and "trained on" in res["context_from"]
+    assert res["tasks"]["synth_vqa"]["over_context"] == {"4": 4}
+
+
+def test_answer_length_comes_from_the_references_and_hits_are_counted(world, tmp_path):
+    """A task whose references are longer than a fixed cap gets a longer one; answers cut by it are counted."""
+    import shutil
+
+    import torch
+
+    from conftest import tiny_config
+    from mm1.config import EvalConfig
+    from mm1.data.stream import load_tokenizer
+    from mm1.eval.harness import generation_length
+    from mm1.eval.tasks import CaptionItem
+    from mm1.model.mllm import MLLM
+    from mm1.train.lm import resolve_model_config
+
+    cfg = tiny_config(world)
+    tok = load_tokenizer(cfg)
+    task = get_task("synth_caption", world=world)
+    short = generation_length(task, task.test[:8], tok)
+    lengths = [len(tok.encode(" " + c)) for it in [*task.train, *task.test[:8]] for c in it.captions]
+    assert sum(n < short for n in lengths) >= 0.99 * len(lengths)  # 99% fit with room for the stop
+    assert sum(n < short - 1 for n in lengths) < 0.99 * len(lengths)  # and no more room than that
+    long_caption = " ".join(["a red circle and a blue square on a white background"] * 4)
+    task.train = [CaptionItem(it.image, (long_caption,) * 5) for it in task.train]
+    assert generation_length(task, task.test[:8], tok) == len(tok.encode(" " + long_caption)) + 1 > 16
+    # an untrained model never ends its answer: every row runs into a 3-token cap, and the results say so
+    resolve_model_config(cfg, len(tok), tok.image_id)
+    torch.manual_seed(0)
+    ev = evaluate(MLLM(cfg.model).eval(), tok, [get_task("synth_vqa", world=world)], [0],
+                  EvalConfig(limit=3, max_new_tokens=3), fmt=PromptFormat.PRETRAIN, progress=False)
+    t = ev.results["tasks"]["synth_vqa"]
+    assert t["max_new_tokens"] == 3 and t["max_new_tokens_from"] == "eval.max_new_tokens"
+    hits = sum(r["hit_limit"] for r in ev.predictions)
+    assert t["hit_limit"] == {"0": hits}
+    assert hits > 0 and all(r["prediction"] for r in ev.predictions if r["hit_limit"])
+    assert f"{hits} of 3 answers ran into the limit" in results_table(ev.results)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_baseline_and_scores_use_the_same_items(world):
+    """A baseline computed on a subset equals the baseline of a task that holds only that subset."""
+    from mm1.eval.harness import scored_items
+    from mm1.eval.tasks import Task
+
+    for name in ("synth_vqa", "synth_caption"):
+        task = get_task(name, world=world)
+        items = scored_items(task, 5)
+        assert items == task.test[:5] and scored_items(task, 0) == task.test
+        subset = Task(task.name, task.metric, task.train, task.test[:5])
+        assert baseline(task, items) == pytest.approx(baseline(subset))
+    vqa = get_task("synth_vqa", world=world)
+    assert baseline(vqa, vqa.test[:5]) != pytest.approx(baseline(vqa, vqa.test[5:15]))
 
 
 def test_prompt_format_follows_the_stage_unless_chosen(world):
@@ -304,3 +371,82 @@ def test_perplexity_batched_with_stride_equals_a_plain_loop(world):
     for batch_size in (1, 5):
         got = perplexity(model, tok, text, window=window, stride=stride, batch_size=batch_size, progress=False)
         assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_eval_cli_flags_and_keys_are_never_overridden_behind_the_users_back(world, tmp_path):
+    """`eval.tasks=…` is not replaced by a --tasks default; a flag wins over the checkpoint's settings;
+    a flag and a key that disagree are refused."""
+    from conftest import tiny_config
+    from mm1.cli import main
+    from mm1.train.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(world, "model.decoder.depth=1", "model.vision.depth=1", "train.steps=1"), out=run)
+    common = ["--checkpoint", str(run), "eval.limit=2", "eval.max_new_tokens=2"]
+
+    def tasks_and_shots(out):
+        res = json.loads((out / "results.json").read_text())["tasks"]
+        return {name: sorted(t["scores"]) for name, t in res.items()}
+
+    assert main(["eval", *common, "--out", str(tmp_path / "a"), "eval.tasks=synth_vqa", "eval.shots=0"]) == 0
+    assert tasks_and_shots(tmp_path / "a") == {"synth_vqa": ["0"]}
+    assert main(["eval", *common, "--out", str(tmp_path / "b"), "--tasks", "synth_caption", "--shots", "1"]) == 0
+    assert tasks_and_shots(tmp_path / "b") == {"synth_caption": ["1"]}
+    assert main(["eval", *common, "--out", str(tmp_path / "c"), "--tasks", "synth_caption",
+                 "eval.tasks=synth_vqa"]) == 2
+
+
+def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answers(world, tmp_path):
+    """Fine-tuned on LLaVA conversations without LLaVA's short-answer sentence, a model is evaluated on the
+    question alone (the custom task's default chat prompt), and `mm1 eval` scores exactly what
+    `mm1 generate` answers on the same items; a sidecar or an eval key changes the prompt, recorded."""
+    from conftest import tiny_config
+    from mm1.config import EvalConfig
+    from mm1.data.formats.llava import write_llava
+    from mm1.data.template import SHORT_ANSWER
+    from mm1.serve.chat import generate_once
+    from mm1.serve.engine import Engine, GenerationConfig
+    from mm1.serve.loading import inference_sub_image_grid, load_model
+    from mm1.train.trainer import train
+
+    vqa = get_task("synth_vqa", world=world)
+    data = tmp_path / "mine"
+    convs = [{"id": str(i), "image": it.image, "conversations": [
+        {"from": "human", "value": f"<image>\n{it.question}"}, {"from": "gpt", "value": it.answers[0]}]}
+        for i, it in enumerate(vqa.train)]
+    write_llava(convs, data / "train.json")
+    rows = [{"image": it.image, "question": it.question, "answers": list(it.answers)} for it in vqa.test[:6]]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # absolute image paths
+    cfg = tiny_config(world, "model.decoder.depth=1", "model.vision.depth=1", "train.steps=3", "train.stage=sft",
+                      f"data.sft_sources.sft.paths={data / 'train.json'}", "data.sft_sources.sft_text.weight=0",
+                      "data.sub_image_grid=2")
+    train(cfg, out=tmp_path / "sft")
+    model, tok, run_cfg = load_model(tmp_path / "sft")
+    task = get_task(f"custom:{data / 'test.jsonl'}")
+    grid = inference_sub_image_grid(run_cfg)
+    ev = evaluate(model, tok, [task], [0], EvalConfig(limit=6, max_new_tokens=6), fmt=PromptFormat.CHAT,
+                  progress=False, sub_image_grid=grid)
+    t = ev.results["tasks"]["test"]
+    assert t["prompt_template"] == "{question}" and t["prompts"]["chat"] == "{question}"
+    engine = Engine(model, tok, sub_image_grid=grid)
+    for row, item in zip(ev.predictions, task.test, strict=True):
+        assert SHORT_ANSWER not in row["prompt"] and row["prompt"].rstrip().count(item.question) == 1
+        said = generate_once(engine, prompt=item.question, images=[item.image],
+                             gen=GenerationConfig(max_new_tokens=6), raw=False)
+        assert row["prediction"] == said.split("\n")[0].strip()
+    # the prompt is task configuration: a sidecar file, then a run's key, replace it and are recorded
+    (data / "test.prompts.json").write_text(json.dumps({"chat": "Q: {question}"}))
+    task = get_task(f"custom:{data / 'test.jsonl'}")
+    assert task.prompt_spec.chat == "Q: {question}"
+    ev = evaluate(model, tok, [task], [0], EvalConfig(limit=2, max_new_tokens=2, chat_prompt="{question}?!"),
+                  fmt=PromptFormat.CHAT, progress=False)
+    assert ev.results["tasks"]["test"]["prompt_template"] == "{question}?!"
+    assert all(f"{r['question']}?!" in r["prompt"] for r in ev.predictions)
+    from mm1.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task test: the chat prompt 'no question' needs '\{question\}'"):
+        evaluate(model, tok, [task], [0], EvalConfig(limit=1, chat_prompt="no question"), fmt=PromptFormat.CHAT,
+                 progress=False)
+    (data / "test.prompts.json").write_text('{"chat": 3}')
+    with pytest.raises(Exception, match=r"test.prompts.json: a prompts file is"):
+        get_task(f"custom:{data / 'test.jsonl'}")

@@ -422,6 +422,22 @@ def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
     trainer.run()
 
 
+def test_a_run_records_the_longest_sequence_its_lineage_trained_on(world, tmp_path):
+    """Pre-training at 128 tokens, then SFT at 96: the SFT model has still seen 128 positions; one at
+    160 has seen 160. Evaluation checks prompts against this, not the larger position table."""
+    from mm1.config import load
+    from mm1.serve.loading import load_model
+
+    train(tiny_config(world, *SMALL, "train.steps=1"), out=tmp_path / "pre")
+    assert load(tmp_path / "pre" / "config.json").model.decoder.trained_context == 128
+    for seq, want in ((96, 128), (160, 160)):
+        sft = tiny_config(world, *SMALL, "train.steps=1", "train.stage=sft", f"data.packing.seq_len={seq}")
+        Trainer(sft, tmp_path / f"sft{seq}", init_from=str(tmp_path / "pre"))
+        assert load(tmp_path / f"sft{seq}" / "config.json").model.decoder.trained_context == want
+    model, _, _ = load_model(tmp_path / "pre")
+    assert model.cfg.decoder.context == 128 < model.cfg.decoder.max_seq_len
+
+
 def test_a_checkpoint_loads_into_another_resolution_with_interpolated_position_tables(world, tmp_path):
     """MM1 fine-tunes at 672 px from a 378-px checkpoint; here 64 px → 96 px (8×8 → 12×12 patches)."""
     from mm1.model.vision import resize_pos_embed

@@ -138,15 +138,24 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from mm1.serve.loading import inference_sub_image_grid, load_model, resolve_prompt_format
 
     model, tok, cfg = load_model(a.checkpoint)
-    for o in a.overrides:
-        apply_override(cfg, o if o.startswith("eval.") else f"eval.{o}")
-    cfg.eval.tasks, cfg.eval.shots = a.tasks, a.shots
+    overrides = [o if o.startswith("eval.") else f"eval.{o}" for o in a.overrides]
+    for o in overrides:
+        apply_override(cfg, o)
+    # --tasks/--shots are shorthands for eval.tasks/eval.shots: unset, the checkpoint's eval settings (or
+    # an eval.* key) stand; a flag and a key that disagree are refused rather than one silently winning.
+    for flag, key in ((a.tasks, "tasks"), (a.shots, "shots")):
+        if flag is None:
+            continue
+        given = [o.split("=", 1)[1] for o in overrides if o.startswith(f"eval.{key}=")]
+        if given and given[-1] != flag:
+            raise ConfigError(f"--{key} {flag} and eval.{key}={given[-1]} disagree: give one of them")
+        setattr(cfg.eval, key, flag)
     validate(cfg)
     world = Path(a.world or cfg.data.root)
     tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
     evaluation = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
                           fmt=resolve_prompt_format(cfg), sub_image_grid=inference_sub_image_grid(cfg))
-    write_results(evaluation, Path(a.out))
+    write_results(evaluation, Path(a.out), tasks)
     save(cfg, Path(a.out) / "config.json")  # the checkpoint's config with the eval settings used
     print(f"prompt format: {evaluation.results['prompt']}")
     print(results_table(evaluation.results))
@@ -349,10 +358,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="few-shot evaluation (CIDEr, VQA accuracy, perplexity) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
-    p.add_argument("--tasks", default="synth_caption,synth_vqa,synth_words",
-                   help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, "
-                        "custom:FILE.jsonl, ppl:FILE")
-    p.add_argument("--shots", default="0,4,8")
+    p.add_argument("--tasks", help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, "
+                                    "custom:FILE.jsonl, ppl:FILE (default: the checkpoint's eval.tasks)")
+    p.add_argument("--shots", help="comma-separated shot counts (default: the checkpoint's eval.shots)")
     p.add_argument("--out", required=True)
     p.add_argument("--world", help="synthetic world directory (default: the run's data.root)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval settings, e.g. eval.limit=100")

@@ -30,10 +30,23 @@ def _values(scores: dict[str, list[dict]], arm: str, key: str) -> list[float]:
     return [s[key] for s in scores.get(arm, [])]
 
 
+NOT_JUDGED = "not judged: prompts past the trained context"
+
+
+def over_context_arms(finding: Finding, scores: dict[str, list[dict]]) -> list[str]:
+    """The finding's arms with any prompt of the judged metric longer than the context the arm was
+    trained on: their score measures untrained positions as much as the change under test."""
+    key = finding.metric.key
+    return [a for a in finding.arms if any(s.get("over_context", {}).get(key, 0) for s in scores.get(a, []))]
+
+
 def judge(finding: Finding, scores: dict[str, list[dict]]) -> Verdict | None:
-    """The verdict of one finding, its spread pooled over every arm's seeds on the judged scale."""
+    """The verdict of one finding, its spread pooled over every arm's seeds on the judged scale; a finding
+    whose arms' judged prompts outgrow their context is not judged."""
     if any(len(scores.get(a, [])) == 0 for a in finding.arms):
         return None
+    if over_context_arms(finding, scores):
+        return Verdict(NOT_JUDGED, ())
     key = finding.metric.key
     sd, df = pooled_sd([judged(finding, _values(scores, a, key)) for a in scores])
     return verdict(finding, {a: judged(finding, _values(scores, a, key)) for a in finding.arms}, sd, df)

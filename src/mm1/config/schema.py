@@ -174,12 +174,22 @@ class DecoderConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v
     attention: AttentionImpl = AttentionImpl.AUTO
-    max_seq_len: int = 4096
+    max_seq_len: int = 4096  # the position table's size: what the model can address
+    # Positions the decoder has been trained on: the longest sequence of any stage in its lineage (the
+    # pre-trained LLM's context, then each stage's packing.seq_len). Written by the trainer, read by
+    # evaluation to count prompts that run past it; 0: unknown (a run from before it was recorded).
+    trained_context: int = 0
     init_std: float = 0.02
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.width // self.heads
+
+    @property
+    def context(self) -> int:
+        """Positions a prompt may use without leaving what the model was trained on: the trained
+        context where recorded, else (older runs) the position table."""
+        return min(self.trained_context or self.max_seq_len, self.max_seq_len)
 
 
 @dataclass(kw_only=True)
@@ -394,14 +404,20 @@ class EvalConfig:
     """Few-shot evaluation: tasks, shot counts, decoding length, items per task, perplexity windows."""
     tasks: str = "synth_caption,synth_vqa,synth_words"
     shots: str = "0,4,8"
-    max_new_tokens: int = 24
-    limit: int = 200  # queries per task; 0 means all
+    # New tokens per answer; 0: per task, from its references (long enough for 99% of them plus the stop;
+    # mm1.eval.harness.generation_length), so that a cap never cuts captions short unnoticed.
+    max_new_tokens: int = 0
+    limit: int = 200  # queries per task (the first N of its test split); 0 means all
     batch_size: int = 16
     seed: int = 0
     ppl_tokens: int = 0  # perplexity tasks: score only the first N tokens (0 = all)
     ppl_window: int = 0  # tokens per window (0 = the model's context)
     ppl_stride: int = 0  # a window every N tokens (0 = the window: no overlap); see mm1.eval.perplexity
     prompt: PromptFormat = PromptFormat.AUTO
+    # Each task's own prompt for a format, replaced for this run when set ("{question}" marks where a VQA
+    # question goes; see mm1.eval.tasks.base.PromptSpec). Recorded in results.json with the scores.
+    chat_prompt: str = ""
+    pretrain_prompt: str = ""
     high_res_last: int = 1  # with sub-image decomposition: only the last N images at high resolution
 
 

@@ -43,6 +43,7 @@ def _validate_model(m: ModelConfig) -> None:
              f"{d.heads} heads do not divide the width {d.width}")
     _require(d.head_size % 2 == 0, "model.decoder.heads", "head dimension must be even for RoPE")
     _require(d.rope_scaling.factor >= 1, "model.decoder.rope_scaling.factor", "must be >= 1")
+    _require(d.trained_context >= 0, "model.decoder.trained_context", "must be >= 0 (0: not recorded)")
     _require(d.heads % d.kv_heads == 0, "model.decoder.kv_heads",
              f"{d.kv_heads} key/value heads do not divide the {d.heads} query heads")
     _require(_is_square(c.num_tokens), "model.connector.num_tokens",
@@ -120,7 +121,8 @@ def _validate_eval(e: EvalConfig) -> None:
     except ValueError:
         raise ConfigError(f"eval.shots: expected comma-separated integers, got '{e.shots}'") from None
     _require(bool(shots) and min(shots) >= 0, "eval.shots", "needs at least one shot count >= 0")
-    _require(e.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+    _require(0 <= e.max_new_tokens <= 4096, "eval.max_new_tokens",
+             f"must lie in 0..4096 (0: from each task's references), got {e.max_new_tokens}")
     _require(e.high_res_last >= 0, "eval.high_res_last", "must be >= 0")
     _require(e.ppl_window >= 0 and e.ppl_stride >= 0, "eval.ppl_window", "window and stride must be >= 0")
     _require(not (e.ppl_window and e.ppl_stride > e.ppl_window), "eval.ppl_stride",

@@ -1,13 +1,16 @@
 """Few-shot prompts in the two formats a model can be evaluated in.
 
+The words come from the task (`Task.prompt_spec`: task configuration, recorded with the scores);
+the layout is fixed here.
+
 Pre-training format, as MM1 and OpenFlamingo write it: `<image>Output: caption` per demonstration,
 the query ending in `<image>Output:`; VQA as `<image>Question: q Short answer: a`. 0-shot adds two
 text-only demonstrations (MM1 §5.1).
 
 Chat format, for a fine-tuned model, in the chat template it was tuned with: each demonstration is
-an earlier user turn (its image and the task prompt) answered by the assistant, and the query is the
-last user turn (LLaVA-1.5's prompts: "Provide a one-sentence caption …", "… Answer the question
-using a single word or phrase.").
+an earlier user turn (its image and the task's chat prompt) answered by the assistant, and the query
+is the last user turn (built-in tasks: LLaVA-1.5's prompts, "Provide a one-sentence caption …",
+"… Answer the question using a single word or phrase."; a custom VQA file: the question alone).
 
 Demonstrations carry their images and are drawn reproducibly from the task's train split (seeded by
 the query's index, never the query itself). With sub-image decomposition, MM1's mixed-resolution
@@ -23,29 +26,32 @@ from PIL import Image
 from mm1.config import PromptFormat
 from mm1.data.images import load_image
 from mm1.data.records import Role, Turn
-from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER, ChatTemplate, Control, Markup, Text, user_turn
-from mm1.eval.tasks.base import CaptionItem, Task
+from mm1.data.template import ChatTemplate, Control, Markup, Text, user_turn
+from mm1.eval.tasks.base import CaptionItem, PromptSpec, Task
 from mm1.serve.engine import LowRes, Part
 
 STOP = {PromptFormat.PRETRAIN: ["\n", "Output:", "Question:"], PromptFormat.CHAT: ["\n"]}
 
 
-def _pretrain(item, with_answer: bool, *, image: bool = True) -> list[Part]:
+def _question(item) -> str | None:
+    return None if isinstance(item, CaptionItem) else item.question
+
+
+def _answer(item) -> str:
+    return item.captions[0] if isinstance(item, CaptionItem) else item.answers[0]
+
+
+def _pretrain(item, spec: PromptSpec, with_answer: bool, *, image: bool = True) -> list[Part]:
     parts: list[Part] = [load_image(item.image)] if image else []
-    if isinstance(item, CaptionItem):
-        parts.append(f"Output: {item.captions[0]}\n" if with_answer else "Output:")
-    else:
-        parts.append(f"Question: {item.question} Short answer: {item.answers[0]}\n" if with_answer
-                     else f"Question: {item.question} Short answer:")
+    ask = spec.ask("pretrain", _question(item))
+    parts.append(f"{ask} {_answer(item)}\n" if with_answer else ask)
     return parts
 
 
-def _chat_turns(item, with_answer: bool) -> list[Turn]:
-    ask = CAPTION_PROMPT if isinstance(item, CaptionItem) else f"{item.question}\n{SHORT_ANSWER}"
-    turns = [user_turn(ask, [load_image(item.image)])]
+def _chat_turns(item, spec: PromptSpec, with_answer: bool) -> list[Turn]:
+    turns = [user_turn(spec.ask("chat", _question(item)), [load_image(item.image)])]
     if with_answer:
-        answer = item.captions[0] if isinstance(item, CaptionItem) else item.answers[0]
-        turns.append(Turn(Role.ASSISTANT, (answer,)))
+        turns.append(Turn(Role.ASSISTANT, (_answer(item),)))
     return turns
 
 
@@ -59,16 +65,16 @@ def demonstrations(task: Task, query_index: int, shots: int, *, seed: int) -> li
 
 def build_prompt(task: Task, query_index: int, shots: int, *, seed: int, fmt: PromptFormat = PromptFormat.PRETRAIN,
                  high_res_last: int | None = None, template: ChatTemplate | None = None) -> list[Part]:
-    query = task.test[query_index]
+    query, spec = task.test[query_index], task.prompt_spec
     demos = demonstrations(task, query_index, shots, seed=seed)
     if fmt == PromptFormat.CHAT:
-        turns = [t for d in demos[:shots] for t in _chat_turns(d, True)] + _chat_turns(query, False)
+        turns = [t for d in demos[:shots] for t in _chat_turns(d, spec, True)] + _chat_turns(query, spec, False)
         parts: list[Part] = (template or ChatTemplate()).render(turns, generation_prompt=True)
     else:
         parts = []
         for d in demos[:2] if shots == 0 else demos[:shots]:
-            parts += _pretrain(d, True, image=shots > 0)
-        parts = _merge_text([*parts, *_pretrain(query, False)])
+            parts += _pretrain(d, spec, True, image=shots > 0)
+        parts = _merge_text([*parts, *_pretrain(query, spec, False)])
     return parts if high_res_last is None else mixed_resolution(parts, high_res_last)
 
 

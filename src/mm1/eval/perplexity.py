@@ -36,7 +36,7 @@ def perplexity(model: MLLM, tok: Tokenizer, text: str, *, max_tokens: int = 0, w
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     if max_tokens:
         ids = ids[:max_tokens]
-    window = window or model.cfg.decoder.max_seq_len
+    window = window or model.cfg.decoder.context  # positions the model was trained on
     stride = stride or window
     if not 0 < stride <= window:
         raise ValueError(f"perplexity stride must be in [1, window={window}], got {stride}")

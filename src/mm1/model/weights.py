@@ -198,6 +198,7 @@ def decoder_config_from_hf(hf: dict) -> DecoderConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=hf.get("model_type") == "qwen2",
         max_seq_len=hf.get("max_position_embeddings", 4096),
+        trained_context=hf.get("max_position_embeddings", 4096),  # the LLM's own pre-training context
     )
 
 

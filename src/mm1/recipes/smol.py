@@ -91,7 +91,7 @@ def smol() -> Config:
         checkpoint=CheckpointConfig(every=1000, keep_last=1, keep_log_spaced=False), logging=LoggingConfig(every=5),
     )
     return Config(model=model, data=data, train=train,
-                  eval=EvalConfig(tasks="coco_val2017", limit=40, max_new_tokens=20, batch_size=8))
+                  eval=EvalConfig(tasks="coco_val2017", limit=40, batch_size=8))
 
 
 def smol_clip() -> Config:

@@ -51,7 +51,7 @@ def tiny() -> Config:
         checkpoint=CheckpointConfig(every=200, keep_last=2), logging=LoggingConfig(every=10),
     )
     return Config(model=model, data=data, train=train,
-                  eval=EvalConfig(limit=100, max_new_tokens=16, batch_size=32))
+                  eval=EvalConfig(limit=100, batch_size=32))
 
 
 def tiny_clip(base: Config) -> Config:

@@ -58,6 +58,15 @@ def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One row's answer: its text (cut at the first stop string), its token ids, and whether it ran
+    into `max_new_tokens` instead of ending itself (an end token or a stop string)."""
+    text: str
+    ids: list[int]
+    hit_limit: bool
+
+
 @dataclass
 class Encoded:
     """A prompt as token ids and the preprocessed image tensors it refers to."""
@@ -162,8 +171,12 @@ class Engine:
             return (w_VD * h_BD[:, None, :]).sum(-1).float()
         return self.model.decoder.lm_head(h_BD).float()
 
-    @torch.inference_mode()
     def generate_ids(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[list[int]]:
+        return [ids for ids, _ in self._decode(prompts, cfg)]
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[tuple[list[int], bool]]:
+        """Each row's generated ids and whether it ended itself (end token or stop string)."""
         encoded = [self.encode(p) for p in prompts]
         B, T = len(encoded), max(len(e.ids) for e in encoded)
         # Round the cache up so that compiled steps see few distinct shapes.
@@ -187,7 +200,7 @@ class Engine:
             if all(done) or slot is slots[-1]:
                 break
             logits = self._step_fn(cache.k, cache.v, nxt.to(dev)[:, None], pos, slot, valid)
-        return out
+        return list(zip(out, done, strict=True))
 
     def _record(self, nxt: torch.Tensor, out: list[list[int]], done: list[bool], cfg: GenerationConfig) -> None:
         for i, t in enumerate(nxt.tolist()):
@@ -201,9 +214,13 @@ class Engine:
                 done[i] = True
 
     def generate(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[str]:
+        return [c.text for c in self.complete(prompts, cfg)]
+
+    def complete(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[Completion]:
+        """Like `generate`, also saying which rows were cut by the length limit (evaluation counts them)."""
         cfg = cfg or GenerationConfig()
-        texts = [self.tok.decode(ids) for ids in self.generate_ids(prompts, cfg)]
-        return [_cut(t, cfg.stop) for t in texts]
+        return [Completion(_cut(self.tok.decode(ids), cfg.stop), ids, not ended)
+                for ids, ended in self._decode(prompts, cfg)]
 
 
 def _cut(text: str, stops: list[str]) -> str:

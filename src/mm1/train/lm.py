@@ -32,6 +32,20 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
     cfg.model.image_token_id = image_id
 
 
+def record_trained_context(cfg: Config, init_from: str | None) -> None:
+    """Set `model.decoder.trained_context` (in place, before the run's config is saved): the longest
+    sequence this decoder will have been trained on after this stage, over its whole lineage — the
+    pre-trained LLM's context (`model.decoder.init`), the stage it starts from (`--init-from`), and
+    this stage's packed sequences. Evaluation counts prompts that run past it."""
+    inherited = cfg.model.decoder.trained_context
+    if init_from:
+        run, _ = ckpt.resolve(Path(init_from))
+        source = load(run / "config.json")
+        # a run from before the context was recorded trained on its own packed sequences
+        inherited = max(inherited, source.model.decoder.trained_context or source.data.packing.seq_len)
+    cfg.model.decoder.trained_context = max(inherited, cfg.data.packing.seq_len)
+
+
 def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
     """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
     upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
@@ -76,6 +90,8 @@ class LMObjective:
 
     def __init__(self, cfg: Config, tok: Tokenizer, *, world_size: int, fresh: bool, init_from: str | None) -> None:
         resolve_model_config(cfg, len(tok), tok.image_id)
+        if fresh:  # a resumed run's saved config holds it already
+            record_trained_context(cfg, init_from)
         self.cfg, self.world = cfg, world_size
         self.stats = DataStats()
         self.stream = DataStream(cfg, tok, stats=self.stats)  # first: missing data fails before any work

@@ -8,13 +8,15 @@ from pathlib import Path
 from mm1.data.errors import RecordError
 from mm1.data.formats.coco import read_caption_jsonl, read_coco_captions
 from mm1.data.sources import shared_data_dir
-from mm1.eval.tasks.base import CaptionItem, Metric, Task, VQAItem
+from mm1.eval.tasks.base import CAPTION_PROMPTS, CUSTOM_VQA_PROMPTS, CaptionItem, Metric, PromptSpec, Task, VQAItem
+from mm1.eval.tasks.benchmarks import BENCHMARKS, benchmark_task
 
 SYNTH_TASKS = ("synth_caption", "synth_vqa", "synth_words")
 
 
 def read_items(path: Path) -> tuple[Metric, list]:
-    """A task file: JSONL rows of `{"image", "captions"}` or `{"image", "question", "answers"}`.
+    """A task file: JSONL rows of `{"image", "captions"}` or `{"image", "question", "answers"}` (and an
+    optional `"type"` of the question, by which scores are also broken down).
 
     Image paths are relative to the file's folder. The metric follows from the fields.
     """
@@ -29,7 +31,8 @@ def read_items(path: Path) -> tuple[Metric, list]:
             image = str(path.parent / row["image"])
             if "question" in row:
                 answers = row.get("answers") or [row["answer"]]
-                item, kind = VQAItem(image, str(row["question"]), tuple(str(a) for a in answers)), Metric.VQA_ACCURACY
+                item = VQAItem(image, str(row["question"]), tuple(str(a) for a in answers), str(row.get("type", "")))
+                kind = Metric.VQA_ACCURACY
             else:
                 caps = row.get("captions") or [row["caption"]]
                 item, kind = CaptionItem(image, tuple(str(c) for c in caps)), Metric.CIDER
@@ -63,14 +66,41 @@ def _coco(shared: Path) -> Task:
                 to_items(read_coco_captions(ann / "captions_val2017_full5000.json", root / "val2017")))
 
 
+def read_prompts(path: Path, default: PromptSpec, *, vqa: bool) -> PromptSpec:
+    """A custom task's prompts from its sidecar `NAME.prompts.json` (`{"chat": …, "pretrain": …}`, either
+    key optional), else `default`."""
+    if not path.exists():
+        return default
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or set(data) - {"chat", "pretrain"} or not all(
+                isinstance(v, str) for v in data.values()):
+            raise ValueError("expected an object with string fields 'chat' and/or 'pretrain'")
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        raise RecordError(str(path), "a prompts file is {\"chat\": \"…{question}…\", \"pretrain\": \"…\"}",
+                          str(err)) from None
+    spec = PromptSpec(chat=data.get("chat", default.chat), pretrain=data.get("pretrain", default.pretrain))
+    try:
+        spec.check(vqa=vqa, where=str(path))
+    except ValueError as err:
+        raise RecordError(str(path), str(err)) from None
+    return spec
+
+
 def _custom(path: Path) -> Task:
     metric, test = read_items(path)
     train_path = path.with_name(path.name.replace(".jsonl", ".train.jsonl"))
     train = read_items(train_path)[1] if train_path.exists() and train_path != path else []
-    return Task(path.stem, metric, train, test)
+    vqa = metric == Metric.VQA_ACCURACY
+    prompts = read_prompts(path.with_name(path.name.replace(".jsonl", ".prompts.json")),
+                           CUSTOM_VQA_PROMPTS if vqa else CAPTION_PROMPTS, vqa=vqa)
+    return Task(path.stem, metric, train, test, prompts=prompts)
 
 
 def get_task(spec: str, *, world: Path | None = None, shared: Path | None = None) -> Task:
+    name, _, root = spec.partition(":")
+    if name in BENCHMARKS and root:
+        return benchmark_task(name, Path(root))
     if spec in SYNTH_TASKS:
         if world is None:
             raise ValueError(f"task {spec} needs the synthetic world's directory")
@@ -87,7 +117,7 @@ def get_task(spec: str, *, world: Path | None = None, shared: Path | None = None
     if spec.endswith(".jsonl"):
         return _custom(Path(spec))
     raise ValueError(f"unknown task '{spec}': use one of {', '.join(SYNTH_TASKS)}, coco_val2017, "
-                     "custom:PATH.jsonl or ppl:PATH")
+                     f"custom:PATH.jsonl, ppl:PATH or a benchmark folder ({', '.join(f'{b}:DIR' for b in BENCHMARKS)})")
 
 
 __all__ = ["get_task", "read_caption_jsonl", "read_items"]
