@@ -52,7 +52,7 @@ def test_conversation_prompt_uses_the_chat_template():
     conv = Conversation()
     conv.add([], "hi", "hello")
     assert conv.prompt([], "again") == [
-        Control("<|user|>"), Text("hi"), Control("<|end|>"), Control("<|assistant|>"), Text("hello", loss=True),
+        Control("<|user|>"), Text("hi"), Control("<|end|>"), Control("<|assistant|>"), Text(" hello", loss=True),
         Control("<|end|>", loss=True), Control("<|user|>"), Text("again"), Control("<|end|>"),
         Control("<|assistant|>")]
 

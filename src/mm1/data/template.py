@@ -84,8 +84,13 @@ def user_turn(text: str, images: Sequence[ImageLike] = ()) -> Turn:
 class ChatTemplate:
     """mm1's own chat template (the Instruct template of an imported model replaces it: `HFChatTemplate`)."""
 
-    name = "mm1"
+    name = "mm1-2"  # part of prepared data's identity: bumped when the rendering changes (2: reply_prefix)
     stop_tokens: tuple[str, ...] = (END,)  # what ends an assistant turn
+    # The assistant's reply starts after a space (as Llama-2's `[/INST] ` does), so that its first word is
+    # the token it is in running text (" red"), which pre-training taught, not the space-less token
+    # ("red") that a byte-level BPE gives a word at the start of a string and that a decoder trained
+    # from scratch has barely seen: without it, the tiny recipe's SFT answered one word to every question.
+    reply_prefix = " "
 
     def render(self, turns: Sequence[Turn], *, generation_prompt: bool = False) -> list[Segment]:
         """Segments of a conversation; `generation_prompt` ends with the assistant's opening."""
@@ -93,7 +98,9 @@ class ChatTemplate:
         for turn in turns:
             if turn.role == Role.ASSISTANT:
                 out.append(Control(ASSISTANT))
-                out += [Text(p, loss=True) for p in turn.parts if isinstance(p, str)]
+                texts = [p for p in turn.parts if isinstance(p, str)]
+                out += [Text(self.reply_prefix + p.lstrip(" ") if i == 0 else p, loss=True)
+                        for i, p in enumerate(texts)]
                 out.append(Control(END, loss=True))
                 continue
             out.append(Control(SYSTEM if turn.role == Role.SYSTEM else USER))
@@ -129,6 +136,7 @@ class HFChatTemplate(ChatTemplate):
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
         self.source = source
+        self.reply_prefix = ""  # the template's own markup separates the reply
         self.name = "hf-" + hashlib.sha256(source.encode()).hexdigest()[:12]
         self._jinja = env.from_string(source)
         self._bos, self._eos = bos, eos

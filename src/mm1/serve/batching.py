@@ -185,7 +185,9 @@ class ContinuousBatcher:
             self._flush(row, row.text)
             return "stop"
         row.ids.append(token)
-        row.text = self.engine.tok.decode(row.ids)
+        # leading whitespace (mm1's template opens a reply with a space) is never streamed: the deltas add
+        # up to the final, stripped text
+        row.text = self.engine.tok.decode(row.ids).lstrip()
         hit = [row.text.index(s) for s in gen.stop if s in row.text]
         if hit:
             row.text = row.text[: min(hit)]
