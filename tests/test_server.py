@@ -229,3 +229,15 @@ def test_a_request_that_cannot_fit_is_refused_before_queueing(engine):
     with pytest.raises(ValueError, match="exceeds the context of 32 tokens"):
         batcher.submit(Request(long, GenerationConfig(max_new_tokens=4)))
     assert not batcher.busy
+
+
+def test_images_first_moves_each_messages_images_before_its_text():
+    """lmms-eval sends the text first; `--images-first` gives the model the placement it trained on."""
+    from mm1.serve.requests import turns
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "what colour?"}, image_part(png()),
+                                         {"type": "text", "text": "be brief"}]}]
+    as_sent = turns(msgs, LIMITS)[0].parts
+    moved = turns(msgs, LIMITS, images_first=True)[0].parts
+    assert [type(p) is str for p in as_sent] == [True, False, True]
+    assert [type(p) is str for p in moved] == [False, True, True] and moved[1:] == ("what colour?", "be brief")

@@ -212,7 +212,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                                          "max_tokens") if getattr(a, k) is not None}
     limits = Limits(**given, allowed_url_hosts=tuple(a.allow_url_host))
     state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch), limits,
-                        model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key)
+                        model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
+                        images_first=a.images_first)
     serve(state, host=a.host, port=a.port)
     return 0
 
@@ -258,7 +259,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, help="images per request")
     p.add_argument("--max-image-bytes", type=int, default=None)
     p.add_argument("--max-image-pixels", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="the most max_tokens a request may ask")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the most max_tokens a request may ask (default 512; lmms-eval asks 1024 unless its task says)")
+    p.add_argument("--images-first", action="store_true",
+                   help="move each message's images before its text, where mm1's chat template puts them in "
+                        "training (lmms-eval sends the text first)")
     p.add_argument("--allow-url-host", action="append", default=[],
                    help="a host whose http(s) image URLs may be fetched (repeatable; none by default)")
 

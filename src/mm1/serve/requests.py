@@ -149,8 +149,10 @@ def _image(part: dict, param: str, limits: Limits) -> Image.Image:
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 
 
-def turns(messages: object, limits: Limits) -> list[Turn]:
-    """OpenAI messages → turns, text and images in the order given."""
+def turns(messages: object, limits: Limits, *, images_first: bool = False) -> list[Turn]:
+    """OpenAI messages → turns, text and images in the order given, or with each message's images moved
+    before its text (`images_first`: where mm1's template put them in training; clients such as
+    lmms-eval send the text first)."""
     _require(isinstance(messages, list) and bool(messages), "'messages' must be a non-empty list", "messages")
     out, images = [], []
     for m, msg in enumerate(messages):
@@ -177,16 +179,19 @@ def turns(messages: object, limits: Limits) -> list[Turn]:
             else:
                 raise RequestError(400, f"{param}: unsupported part type {kind!r} (use 'text' or 'image_url')",
                                    param=param)
+        if images_first:
+            parts = [p for p in parts if not isinstance(p, str)] + [p for p in parts if isinstance(p, str)]
         out.append(Turn(ROLES[msg["role"]], tuple(parts)))
     _require(out[-1].role != Role.ASSISTANT, "the last message must be from the user (or system)", "messages")
     return out
 
 
-def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTemplate, context: int) -> ChatRequest:
+def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTemplate, context: int, *,
+               images_first: bool = False) -> ChatRequest:
     """Validate a /v1/chat/completions body and encode its prompt; raises RequestError."""
     _require(isinstance(body, dict), "the request body must be a JSON object", "body")
     gen = generation(body, limits)
-    history = turns(body.get("messages"), limits)
+    history = turns(body.get("messages"), limits, images_first=images_first)
     encoded = engine.encode(template.render(history, generation_prompt=True))
     allowed = min(limits.max_prompt_tokens or context, context - gen.max_new_tokens)
     _require(len(encoded.ids) <= allowed, f"the prompt is {len(encoded.ids)} tokens (images included); at most "

@@ -44,6 +44,7 @@ class ServerState:
     model_name: str
     api_key: str | None = None
     template: ChatTemplate | None = None  # None: the model's own (`template_for(engine.tok)`)
+    images_first: bool = False  # move each message's images before its text (`mm1 serve --images-first`)
     stop: threading.Event | None = None
     mailbox: _Mailbox | None = None  # made on the first request, in the server's event loop
 
@@ -217,7 +218,8 @@ def create_app(state: ServerState) -> FastAPI:
         _authorize(request, state.api_key)
         body = await _read_body(request, state.limits.max_body_bytes)
         context = state.batcher.max_len
-        chat = await run_in_threadpool(parse_chat, body, state.engine, state.limits, state.template, context)
+        chat = await run_in_threadpool(parse_chat, body, state.engine, state.limits, state.template, context,
+                                       images_first=state.images_first)
         if state.mailbox is None:
             state.mailbox = _Mailbox(asyncio.get_running_loop())
         sink = _Sink(state.mailbox)
