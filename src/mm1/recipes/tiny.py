@@ -68,10 +68,16 @@ def tiny_clip(base: Config) -> Config:
 def tiny_sft(base: Config) -> Config:
     """Stage 2: supervised fine-tuning on the world's conversations (with text-only ones mixed in), at
     high resolution as MM1 does it, at this scale: each 128-px image as an overview plus 2×2 views of
-    64 px (the world renders at 128 px, where its printed words are legible)."""
+    64 px (the world renders at 128 px, where its printed words are legible).
+
+    135 steps of 8 sequences: measured on the quickstart's pre-trained model (synth_vqa 0-shot in the
+    chat format, 100 questions, one seed each), more updates help more than more samples: 45×16 gave
+    0.33, 90×16 0.34, 135×16 0.38 (at 3× this stage's time), 90×8 0.37, 135×8 0.40 (the pre-trained
+    model: 0.35 0-shot, 0.39 4-shot). The learning rate stays the rule's (1.28e-3): 5e-4 and 2e-4 did
+    no better at 45 steps. MM1's 1e-5 with AdaFactor is for 10k steps of a 3B model."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.SFT
     cfg.data.sub_image_grid = 2
-    cfg.train.steps = 45
+    cfg.train.steps, cfg.train.batch_size = 135, 8
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     return cfg
