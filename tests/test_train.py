@@ -562,3 +562,48 @@ def test_wandb_offline_logging_needs_no_network(world, tmp_path, monkeypatch):
     train(cfg, out=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+
+
+def _fsdp_bf16_moe_worker(rank: int, port: int, out: str) -> None:
+    """One rank: a tiny MoE MLLM sharded per decoder layer with a bf16 mixed-precision policy (the
+    trainer's CUDA policy), one forward and backward on text."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from mm1.config import apply_overrides
+    from mm1.model.mllm import MLLM
+    from mm1.recipes import get_recipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    cfg = apply_overrides(get_recipe("tiny"), ["model.moe.num_experts=4", "model.moe.every=2", "model.decoder.depth=4",
+                                               "model.decoder.vocab_size=256"])
+    model = MLLM(cfg.model)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.decoder.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
+    res = model(tokens_BT=tokens, labels_BT=tokens)
+    loss = res.loss_sum / 64 + (res.aux_loss if res.aux_loss is not None else 0)
+    loss.backward()
+    router = model.decoder.layers[1].ffn.router.weight
+    result = {"stats": len(res.moe_stats), "aux": None if res.aux_loss is None else float(res.aux_loss),
+              "router_grad": router.grad is not None and float(router.grad.full_tensor().abs().sum()) > 0}
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_moe_losses_survive_fsdp2_with_a_bf16_mixed_precision_policy(tmp_path):
+    """FSDP2's bf16 policy rebuilds each layer's arguments: routing statistics appended to a list argument
+    were lost (no load-balance or z-loss, routing free to collapse, nothing reported). Layers return them."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "result.json"
+    mp.spawn(_fsdp_bf16_moe_worker, args=(29500 + random.randint(500, 1000), str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    assert result["stats"] == 2 and result["aux"] is not None and result["aux"] > 0  # layers 2 and 4 are MoE
+    assert result["router_grad"]  # the router learns from the auxiliary losses through the sharded layers

@@ -185,16 +185,23 @@ class DecoderLayer(nn.Module):
             MoEFFN(cfg.width, cfg.ffn_hidden, moe) if moe is not None else SwiGLU(cfg.width, cfg.ffn_hidden)
         )
 
-    def forward(self, x, rope, mask, cache=None, layer=0, stats: list | None = None):
+    def forward(self, x, rope, mask, cache=None, layer=0) -> LayerOutput:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEFFN):
-            out, st = self.ffn(h)
-            if stats is not None:
-                stats.append(st)
-        else:
-            out = self.ffn(h)
-        return x + out
+            out, stats = self.ffn(h)
+            return LayerOutput(x + out, stats)
+        return LayerOutput(x + self.ffn(h))
+
+
+@dataclass
+class LayerOutput:
+    """A decoder layer's output and, for an MoE layer, its routing statistics. Returned, never appended to
+    an argument: FSDP2 with a mixed-precision policy rebuilds a layer's arguments (a list argument
+    becomes a copy, and what the layer appends to it is lost), while it walks returned dataclasses and
+    hooks the tensors inside for backward."""
+    hidden_BTD: torch.Tensor
+    moe: MoEStats | None = None
 
 
 @dataclass
@@ -239,5 +246,8 @@ class Decoder(nn.Module):
         rope = rope_tables(self.inv_freq, positions_BT)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
-            x_BTD = layer(x_BTD, rope, mask, cache, i, stats)
+            out: LayerOutput = layer(x_BTD, rope, mask, cache, i)
+            x_BTD = out.hidden_BTD
+            if out.moe is not None:
+                stats.append(out.moe)
         return DecoderOutput(self.norm(x_BTD), stats)
