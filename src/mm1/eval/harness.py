@@ -187,8 +187,9 @@ def settings_notes(results: dict) -> list[str]:
                      f"tokens ({t['max_new_tokens_from']}).")
         for s, count in t.get("hit_limit", {}).items():
             if count:
-                flag = " — over 1%: those answers were cut, raise eval.max_new_tokens" if count > 0.01 * t["items"] \
-                    else ""
+                flag = (" — over 1%: read them in predictions.jsonl (`hit_limit`); answers that repeat themselves "
+                        "run into any limit, real answers cut short call for a larger eval.max_new_tokens"
+                        if count > 0.01 * t["items"] else "")
                 lines.append(f"{name} {s}-shot: {count} of {t['items']} answers ran into the limit{flag}.")
         for s, types in t.get("by_type", {}).items():
             lines.append(f"{name} {s}-shot: {t['distinct_answers'][s]} distinct answers; by question type: "
@@ -290,5 +291,7 @@ def _warn(name: str, entry: dict, context: int) -> None:
                     name, k, count, n, context)
     for k, count in entry["hit_limit"].items():
         if count > 0.01 * n:
-            log.warning("%s %s-shot: %d of %d answers ran into max_new_tokens=%d (cut short; raise "
-                        "eval.max_new_tokens)", name, k, count, n, entry["max_new_tokens"])
+            log.warning("%s %s-shot: %d of %d answers ran into max_new_tokens=%d, longer than the references: "
+                        "read them in predictions.jsonl (a model that repeats itself runs into any limit; real "
+                        "answers cut short call for a larger eval.max_new_tokens)", name, k, count, n,
+                        entry["max_new_tokens"])
