@@ -610,3 +610,32 @@ def test_moe_losses_survive_fsdp2_with_a_bf16_mixed_precision_policy(tmp_path):
     result = json.loads(out.read_text())
     assert result["stats"] == 2 and result["aux"] is not None and result["aux"] > 0  # layers 2 and 4 are MoE
     assert result["router_grad"]  # the router learns from the auxiliary losses through the sharded layers
+
+
+def test_lm_stage_trains_the_decoder_on_text_and_the_next_stage_starts_from_it(world, tmp_path):
+    """MM1's order: a pre-trained LLM, then multimodal pre-training. The LM stage trains the decoder on the
+    text sources alone, writes it as a transformers folder, and `model.decoder.init=RUN` starts from it;
+    a second call reuses the finished stage."""
+    from mm1.config import ConfigError, apply_overrides, load
+    from mm1.data.sources import stage_sources
+    from mm1.serve.loading import load_model
+    from mm1.train.trainer import train_or_resume
+
+    lm = tiny_config(world, *SMALL, "train.steps=2", "train.stage=lm")
+    assert {s.kind.value for s in stage_sources(lm, lm.train.stage).values()} == {"text"}
+    train_or_resume(lm, tmp_path / "lm")
+    folder = tmp_path / "lm" / "decoder"
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    assert json.loads((folder / "config.json").read_text())["mm1_trained_context"] == 128
+    mtime = (tmp_path / "lm" / "metrics.jsonl").stat().st_mtime
+    train_or_resume(lm, tmp_path / "lm")  # finished: reused, not retrained
+    assert (tmp_path / "lm" / "metrics.jsonl").stat().st_mtime == mtime
+
+    pre = tiny_config(world, *SMALL, "train.steps=1", f"model.decoder.init={tmp_path / 'lm'}")
+    trainer = Trainer(pre, tmp_path / "pre")
+    trained, _, _ = load_model(tmp_path / "lm")
+    for name, p in trained.decoder.state_dict().items():
+        torch.testing.assert_close(trainer.model.decoder.state_dict()[name], p, msg=name)
+    assert load(tmp_path / "pre" / "config.json").model.decoder.trained_context == 128
+    with pytest.raises(ConfigError, match=r"model\.moe\.num_experts: the LM stage trains a dense decoder"):
+        apply_overrides(lm, ["model.moe.num_experts=4"])

@@ -77,6 +77,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 1
     if cfg.train.stage == Stage.CLIP and last["step"] >= cfg.train.steps:
         print(f"vision encoder written to {Path(a.out) / 'vision.safetensors'} (model.vision.init={a.out})")
+    if cfg.train.stage == Stage.LM and last["step"] >= cfg.train.steps:
+        print(f"decoder written to {Path(a.out) / 'decoder'} as a transformers folder (model.decoder.init={a.out})")
     if torchrun:
         # The run is saved and the process group left. A rank could still abort in interpreter teardown
         # ("terminate called without an active exception": a C++ thread destroyed at exit; about 1 in 30
@@ -353,8 +355,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """The commands for training and evaluation runs."""
     p = sub.add_parser("train", help="pre-train or fine-tune (SFT) a model; torchrun-ready")
     _config_args(p)
-    p.add_argument("--stage", choices=["clip", "pretrain", "sft"],
-                   help="shorthand for train.stage=... (clip pre-trains the image encoder alone)")
+    p.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"],
+                   help="shorthand for train.stage=... (clip pre-trains the image encoder alone, lm the decoder "
+                        "alone on the text sources)")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (with its saved config.json)")
@@ -430,7 +433,7 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
                                     "data.prepared (default DATA_ROOT/prepared), where train and `data batch` "
                                     "with the same settings find them.")
     _config_args(q)
-    q.add_argument("--stage", choices=["clip", "pretrain", "sft"], help="shorthand for train.stage=...")
+    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
     q.add_argument("--force", action="store_true", help="prepare again even if this spec is already prepared")
     q.set_defaults(func=_cmd_data_prepare)
     q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")

@@ -57,9 +57,11 @@ class AttentionImpl(str, enum.Enum):
 
 
 class Stage(str, enum.Enum):
-    """CLIP pre-trains the image encoder alone; PRETRAIN and SFT train the whole MLLM."""
+    """CLIP pre-trains the image encoder alone and LM the decoder alone on text (MM1 starts from both
+    pre-trained); PRETRAIN and SFT train the whole MLLM."""
 
     CLIP = "clip"
+    LM = "lm"
     PRETRAIN = "pretrain"
     SFT = "sft"
 

@@ -12,6 +12,7 @@ from mm1.config.schema import (
     EvalConfig,
     ModelConfig,
     SourceConfig,
+    Stage,
     TrainConfig,
 )
 
@@ -131,6 +132,8 @@ def _validate_eval(e: EvalConfig) -> None:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError (one line, naming the key) for any impossible setting."""
+    _require(not (cfg.train.stage == Stage.LM and cfg.model.moe.num_experts), "model.moe.num_experts",
+             "the LM stage trains a dense decoder (a later stage upcycles it into experts): set it to 0 there")
     _validate_model(cfg.model)
     _validate_data(cfg.data)
     _validate_train(cfg.train)

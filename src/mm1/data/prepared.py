@@ -135,6 +135,6 @@ def find_prepared(root: Path, spec: SourceSpec, recipe_hint: str) -> PreparedSou
 
 def open_prepared(cfg: Config, stage: Stage, tok: Tokenizer) -> dict[str, PreparedSource]:
     """The prepared sources of a stage, in config order; PreparedDataError when one is missing."""
-    hint = f"--recipe {cfg.recipe}" + (" --stage sft" if stage == Stage.SFT else "")
+    hint = f"--recipe {cfg.recipe}" + (f" --stage {stage.value}" if stage != Stage.PRETRAIN else "")
     root = prepared_root(cfg)
     return {name: find_prepared(root, spec, hint) for name, spec in source_specs(cfg, stage, tok).items()}

@@ -43,11 +43,13 @@ def stage_sources(cfg: Config, stage: Stage) -> dict[str, SourceConfig]:
         pool = cfg.data.sft_sources
     elif stage == Stage.CLIP:
         pool = {n: s for n, s in cfg.data.sources.items() if s.kind == SourceKind.CAPTION}
+    elif stage == Stage.LM:  # the decoder's language pre-training: the text-only sources
+        pool = {n: s for n, s in cfg.data.sources.items() if s.kind == SourceKind.TEXT}
     else:
         pool = cfg.data.sources
     out = {n: s for n, s in pool.items() if s.weight > 0}
     if not out:
-        what = "a caption source" if stage == Stage.CLIP else "a source"
+        what = {Stage.CLIP: "a caption source", Stage.LM: "a text source"}.get(stage, "a source")
         raise RecordError("data.sources", f"the {stage.value} stage needs {what} with a weight")
     return out
 

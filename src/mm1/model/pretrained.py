@@ -56,9 +56,15 @@ def _existing(path: str, key: str, hint: str) -> Path:
     return p
 
 
+LM_DECODER = "decoder"  # what `mm1 train --stage lm` writes into its run folder (mm1.train.lm)
+
+
 def _decoder_folder(dec: DecoderConfig) -> Path:
-    return _existing(dec.init, "model.decoder.init", "an HF text-model folder with config.json, *.safetensors "
-                     "and tokenizer.json; `mm1 weights from-gguf` writes one for SmolLM2")
+    """The HF folder `model.decoder.init` names: the folder itself, or an LM stage run's `decoder/`."""
+    path = _existing(dec.init, "model.decoder.init", "an HF text-model folder with config.json, *.safetensors "
+                     "and tokenizer.json (`mm1 weights from-gguf` writes one for SmolLM2), or the output of "
+                     "`mm1 train --stage lm`")
+    return path / LM_DECODER if hf_config(path) is None and hf_config(path / LM_DECODER) is not None else path
 
 
 def _decoder_shape(dec: DecoderConfig, tok: Tokenizer) -> DecoderConfig:
@@ -119,6 +125,6 @@ def load_vision_weights(vision: nn.Module, init: str) -> None:
 def load_pretrained(model: nn.Module, cfg: Config) -> None:
     """Copy the pre-trained weights named by the config into an MLLM (after `resolve_pretrained`)."""
     if cfg.model.decoder.init:
-        import_hf_decoder(model.decoder, Path(cfg.model.decoder.init))
+        import_hf_decoder(model.decoder, _decoder_folder(cfg.model.decoder))
     if cfg.model.vision.init:
         load_vision_weights(model.vision, cfg.model.vision.init)

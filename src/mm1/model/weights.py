@@ -198,7 +198,8 @@ def decoder_config_from_hf(hf: dict) -> DecoderConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=hf.get("model_type") == "qwen2",
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        trained_context=hf.get("max_position_embeddings", 4096),  # the LLM's own pre-training context
+        # an mm1 export says what it trained on; for another LLM, its own pre-training context
+        trained_context=hf.get("mm1_trained_context", hf.get("max_position_embeddings", 4096)),
     )
 
 
@@ -314,6 +315,8 @@ def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | l
         "head_dim": dec.head_size, "hidden_act": "silu", "rms_norm_eps": dec.norm_eps,
         "rope_theta": dec.rope_theta, "rope_scaling": _rope_scaling_to_hf(dec.rope_scaling),
         "max_position_embeddings": dec.max_seq_len,
+        # the longest sequence trained on, for evaluation's context check (transformers ignores the key)
+        "mm1_trained_context": dec.trained_context or dec.max_seq_len,
         "tie_word_embeddings": dec.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
     }

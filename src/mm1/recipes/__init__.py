@@ -24,11 +24,12 @@ from mm1.recipes.paper import (
     mm1_30b_sft,
 )
 from mm1.recipes.smol import smol, smol_clip, smol_sft
-from mm1.recipes.tiny import tiny, tiny_clip, tiny_sft
+from mm1.recipes.tiny import tiny, tiny_clip, tiny_lm, tiny_sft
 
 RECIPES: dict[str, Callable[[], Config]] = {
     "tiny": tiny,
     "tiny_clip": lambda: tiny_clip(tiny()),
+    "tiny_lm": lambda: tiny_lm(tiny()),
     "tiny_sft": lambda: tiny_sft(tiny()),
     "smol": smol,
     "smol_clip": smol_clip,

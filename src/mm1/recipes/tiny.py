@@ -65,6 +65,17 @@ def tiny_clip(base: Config) -> Config:
     return cfg
 
 
+def tiny_lm(base: Config) -> Config:
+    """Stage 0 of the decoder: language pre-training on the world's text-only documents (and the real
+    text mixed into them where `data.synth.real_text` is set), as MM1 starts from a pre-trained LLM.
+    Its `decoder/` folder is what `model.decoder.init` names for the multimodal stage."""
+    cfg = copy.deepcopy(base)
+    cfg.train.stage = Stage.LM
+    cfg.train.steps = 200
+    cfg.train.schedule = ScheduleConfig(warmup_steps=20, final_lr_fraction=0.1)
+    return cfg
+
+
 def tiny_sft(base: Config) -> Config:
     """Stage 2: supervised fine-tuning on the world's conversations (with text-only ones mixed in), at
     high resolution as MM1 does it, at this scale: each 128-px image as an overview plus 2×2 views of

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, ConfigError, load
+from mm1.config import Config, ConfigError, Stage, load
 from mm1.data.packing import IGNORE
 from mm1.data.stats import DataStats
 from mm1.data.stream import Batch, DataStream, make_loader
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM, MLLMOutput, lr_rule_parameters, upcycle_from_dense
-from mm1.model.pretrained import load_pretrained
+from mm1.model.pretrained import LM_DECODER, load_pretrained
 from mm1.train import checkpoint as ckpt
 from mm1.train.objective import StepMetrics
 from mm1.train.parallel import all_reduce_sum
@@ -30,6 +30,24 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
     if dec.vocab_size < vocab:
         raise ConfigError(f"model.decoder.vocab_size: {dec.vocab_size} is smaller than the tokenizer's {vocab} tokens")
     cfg.model.image_token_id = image_id
+
+
+
+
+def export_lm_decoder(model: torch.nn.Module, cfg: Config, tok: Tokenizer, folder: Path, *, is_main: bool) -> None:
+    """The decoder of a finished LM stage as a transformers Llama folder (gathered from every rank's
+    shards), with the tokenizer and the trained context: what the next stage starts from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mm1.model.decoder import Decoder
+    from mm1.model.weights import export_hf_decoder
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return
+    decoder = Decoder(cfg.model.decoder)
+    decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in full.items() if k.startswith("decoder.")})
+    export_hf_decoder(decoder, folder, tokenizer=tok)
 
 
 def record_trained_context(cfg: Config, init_from: str | None) -> None:
@@ -90,6 +108,7 @@ class LMObjective:
 
     def __init__(self, cfg: Config, tok: Tokenizer, *, world_size: int, fresh: bool, init_from: str | None) -> None:
         resolve_model_config(cfg, len(tok), tok.image_id)
+        self.tok = tok
         if fresh:  # a resumed run's saved config holds it already
             record_trained_context(cfg, init_from)
         self.cfg, self.world = cfg, world_size
@@ -162,10 +181,13 @@ class LMObjective:
 
     def finish(self, model: torch.nn.Module, out: Path, *, is_main: bool, completed: bool,
                skipped: dict[str, int]) -> None:
-        """After the last step (or a stop): what the data stream read and left out."""
+        """After the last step (or a stop): what the data stream read and left out; after a finished LM
+        stage, the decoder as a transformers folder, `out/decoder` (what `model.decoder.init=out` reads)."""
         if is_main:
             import json
 
             stats = {"prepared": self.stream.manifests(), "at_load": self.stats.to_dict(),
                      "skipped_in_batches": skipped}
             (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        if completed and self.cfg.train.stage == Stage.LM:
+            export_lm_decoder(model, self.cfg, self.tok, out / LM_DECODER, is_main=is_main)
