@@ -27,7 +27,7 @@ from mm1.config import PromptFormat
 from mm1.data.images import load_image
 from mm1.data.records import Role, Turn
 from mm1.data.template import ChatTemplate, Control, Markup, Text, user_turn
-from mm1.eval.tasks.base import CaptionItem, PromptSpec, Task
+from mm1.eval.tasks.base import CaptionItem, PromptSpec, Task, references
 from mm1.serve.engine import LowRes, Part
 
 STOP = {PromptFormat.PRETRAIN: ["\n", "Output:", "Question:"], PromptFormat.CHAT: ["\n"]}
@@ -37,21 +37,17 @@ def _question(item) -> str | None:
     return None if isinstance(item, CaptionItem) else item.question
 
 
-def _answer(item) -> str:
-    return item.captions[0] if isinstance(item, CaptionItem) else item.answers[0]
-
-
 def _pretrain(item, spec: PromptSpec, with_answer: bool, *, image: bool = True) -> list[Part]:
     parts: list[Part] = [load_image(item.image)] if image else []
     ask = spec.ask("pretrain", _question(item))
-    parts.append(f"{ask} {_answer(item)}\n" if with_answer else ask)
+    parts.append(f"{ask} {references(item)[0]}\n" if with_answer else ask)
     return parts
 
 
 def _chat_turns(item, spec: PromptSpec, with_answer: bool) -> list[Turn]:
     turns = [user_turn(spec.ask("chat", _question(item)), [load_image(item.image)])]
     if with_answer:
-        turns.append(Turn(Role.ASSISTANT, (_answer(item),)))
+        turns.append(Turn(Role.ASSISTANT, (references(item)[0],)))
     return turns
 
 

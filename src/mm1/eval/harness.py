@@ -39,10 +39,10 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.eval.fewshot import STOP, build_prompt, prompt_text
 from mm1.eval.metrics import cider_d, normalize_answer, vqa_accuracy
 from mm1.eval.perplexity import perplexity
-from mm1.eval.tasks.base import CaptionItem, Metric, PromptSpec, Task, VQAItem
+from mm1.eval.tasks.base import CaptionItem, Metric, PromptSpec, Task, references
 from mm1.eval.tasks.benchmarks import write_submission
 from mm1.model.mllm import MLLM
-from mm1.serve.engine import Completion, Engine, GenerationConfig
+from mm1.serve.engine import Answer, Engine, GenerationConfig
 
 log = logging.getLogger("mm1.eval")
 
@@ -64,10 +64,6 @@ def baseline(task: Task, items: list | None = None) -> float:
         common = Counter(c for it in pool for c in it.captions).most_common(1)[0][0]
         return cider_d([common] * len(items), [list(it.captions) for it in items])[0]
     raise ValueError(task.metric)
-
-
-def references(item: CaptionItem | VQAItem) -> tuple[str, ...]:
-    return item.captions if isinstance(item, CaptionItem) else item.answers
 
 
 def generation_length(task: Task, items: list, tok: Tokenizer, *, share: float = 0.99) -> int:
@@ -94,7 +90,7 @@ class Evaluation:
     predictions: list[dict] = field(default_factory=list)
 
 
-def _prediction_row(task: Task, shots: int, index: int, prompt: list, prompt_tokens: int, answer: Completion,
+def _prediction_row(task: Task, shots: int, index: int, prompt: list, prompt_tokens: int, answer: Answer,
                     item_score: float) -> dict:
     item = task.test[index]
     refs = {"references": list(item.captions)} if isinstance(item, CaptionItem) else {
@@ -128,7 +124,7 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
     template = template_for(engine.tok)
     scores, rows = {}, []
     for k in shots:
-        answers: list[Completion] = []
+        answers: list[Answer] = []
         prompts: list = []
         bar = tqdm(total=n, desc=f"{task.name} {k}-shot", unit="item", disable=not progress, leave=False)
         for start in range(0, n, cfg.batch_size):

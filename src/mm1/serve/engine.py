@@ -59,7 +59,7 @@ def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -
 
 
 @dataclass(frozen=True)
-class Completion:
+class Answer:
     """One row's answer: its text (cut at the first stop string), its token ids, and whether it ran
     into `max_new_tokens` instead of ending itself (an end token or a stop string)."""
     text: str
@@ -216,10 +216,10 @@ class Engine:
     def generate(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[str]:
         return [c.text for c in self.complete(prompts, cfg)]
 
-    def complete(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[Completion]:
+    def complete(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[Answer]:
         """Like `generate`, also saying which rows were cut by the length limit (evaluation counts them)."""
         cfg = cfg or GenerationConfig()
-        return [Completion(_cut(self.tok.decode(ids), cfg.stop), ids, not ended)
+        return [Answer(_cut(self.tok.decode(ids), cfg.stop), ids, not ended)
                 for ids, ended in self._decode(prompts, cfg)]
 
 

@@ -66,6 +66,11 @@ CAPTION_PROMPTS = PromptSpec(chat=CAPTION_PROMPT, pretrain="Output:")
 CUSTOM_VQA_PROMPTS = PromptSpec(chat="{question}", pretrain=VQA_PROMPTS.pretrain)
 
 
+def references(item: CaptionItem | VQAItem) -> tuple[str, ...]:
+    """What an item accepts: its reference captions, or its VQA answers (the first is a demonstration's)."""
+    return item.captions if isinstance(item, CaptionItem) else item.answers
+
+
 @dataclass
 class Task:
     """An evaluation task: its metric, prompts, demonstration items, query items (or a text file for
