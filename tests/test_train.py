@@ -71,6 +71,8 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_losses(world, tmp_p
     resumed_from = ckpt.load_meta(last)["step"]
     assert resumed_from < 14
     subprocess.run(_cli(tmp_path / "cfg.json", run, "--resume"), check=True, capture_output=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 15))  # one row per step: the re-run steps' earlier rows are gone
     want, got = losses(ref), losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 15))
     for step in range(resumed_from + 1, 15):
@@ -639,3 +641,19 @@ def test_lm_stage_trains_the_decoder_on_text_and_the_next_stage_starts_from_it(w
     assert load(tmp_path / "pre" / "config.json").model.decoder.trained_context == 128
     with pytest.raises(ConfigError, match=r"model\.moe\.num_experts: the LM stage trains a dense decoder"):
         apply_overrides(lm, ["model.moe.num_experts=4"])
+
+
+def test_a_resumed_runs_logger_keeps_one_row_per_step(tmp_path):
+    """Rows of steps after the checkpoint (logged before a kill, re-run after resume) and a line cut short
+    by the kill are dropped when the run resumes; earlier rows stay."""
+    from mm1.config import LoggingConfig
+    from mm1.train.metrics import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    logger = RunLogger(tmp_path, LoggingConfig(tensorboard=False, progress=False), total_steps=10, start_step=4,
+                       enabled=True, run_config={})
+    logger.log({"step": 5, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 100.0})
+    logger.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[3]["loss"] == 0.25 and rows[4]["loss"] == 0.5

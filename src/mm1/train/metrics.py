@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +57,24 @@ def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int, n: int 
     return 2 * n**3 / best
 
 
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their earlier rows (and a line cut short
+    by a kill), so that metrics.jsonl holds one row per step. Written to a temporary name, then renamed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Training metrics of the main rank to metrics.jsonl, TensorBoard, W&B and a progress bar."""
 
@@ -69,6 +88,8 @@ class RunLogger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:
+            keep_rows_up_to(out / "metrics.jsonl", start_step)
         self.jsonl = (out / "metrics.jsonl").open("a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
