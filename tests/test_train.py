@@ -657,3 +657,21 @@ def test_a_resumed_runs_logger_keeps_one_row_per_step(tmp_path):
     logger.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[3]["loss"] == 0.25 and rows[4]["loss"] == 0.5
+
+
+def test_a_run_refuses_to_go_on_with_another_tokenizer(world, tmp_path):
+    """Same vocabulary size, other words: resuming or starting from the run with it is refused, one line."""
+    from mm1.config import ConfigError
+    from mm1.data.tokenizer import Tokenizer, train_bpe
+
+    cfg = tiny_config(world, *SMALL, "train.steps=1")
+    train(cfg, out=tmp_path / "run")
+    ours = Tokenizer.from_file(tmp_path / "run" / "tokenizer.json")
+    other = train_bpe(["completely different words about boats and rivers"] * 40, vocab_size=len(ours))
+    other.save(tmp_path / "other.json")
+    assert other.fingerprint != ours.fingerprint
+    bad = tiny_config(world, *SMALL, "train.steps=2", f"data.tokenizer={tmp_path / 'other.json'}", prepared=False)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: .*other\.json is not the tokenizer .*run was trained with"):
+        Trainer(bad, tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match=r"is not the tokenizer"):
+        Trainer(bad, tmp_path / "sft", init_from=str(tmp_path / "run"))

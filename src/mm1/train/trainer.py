@@ -102,6 +102,18 @@ def make_objective(cfg: Config, tok, *, world_size: int, fresh: bool, init_from:
     return LMObjective(cfg, tok, world_size=world_size, fresh=fresh, init_from=init_from)
 
 
+def same_tokenizer(tok, run: Path, cfg: Config) -> None:
+    """Refuse to continue (or start from) a run whose model was trained with another tokenizer: the same
+    vocabulary size would let it run, on ids that mean other words."""
+    from mm1.data.tokenizer import Tokenizer
+
+    saved = run / "tokenizer.json"
+    if saved.exists() and Tokenizer.from_file(saved).fingerprint != tok.fingerprint:
+        where = cfg.data.tokenizer or f"{cfg.data.root}/tokenizer.json"
+        raise ConfigError(f"data.tokenizer: {where} is not the tokenizer {run} was trained with ({saved}); "
+                          f"point data.tokenizer at {saved} to go on from it")
+
+
 class Trainer:
     """The training loop of every stage: `Trainer(cfg, out).run()`; the stage's `Objective` says what."""
 
@@ -112,6 +124,10 @@ class Trainer:
         if not resume:  # a resumed run's saved config is resolved already (its folders may be gone)
             resolve_pretrained(cfg)
         self.tok = load_tokenizer(cfg)
+        if resume:
+            same_tokenizer(self.tok, out, cfg)
+        elif init_from:
+            same_tokenizer(self.tok, ckpt.resolve(Path(init_from))[0], cfg)
         self.objective = make_objective(cfg, self.tok, world_size=self.info.world_size, fresh=not resume,
                                         init_from=init_from)
         self.lr = resolve_lr(cfg.train.optimizer, self.objective.rule_parameters())
