@@ -671,7 +671,7 @@ def test_a_run_refuses_to_go_on_with_another_tokenizer(world, tmp_path):
     other.save(tmp_path / "other.json")
     assert other.fingerprint != ours.fingerprint
     bad = tiny_config(world, *SMALL, "train.steps=2", f"data.tokenizer={tmp_path / 'other.json'}", prepared=False)
-    with pytest.raises(ConfigError, match=r"data\.tokenizer: .*other\.json is not the tokenizer .*run was trained with"):
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: .*other\.json is not the tokenizer .*run was trained"):
         Trainer(bad, tmp_path / "run", resume=True)
     with pytest.raises(ConfigError, match=r"is not the tokenizer"):
         Trainer(bad, tmp_path / "sft", init_from=str(tmp_path / "run"))

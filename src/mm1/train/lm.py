@@ -32,8 +32,6 @@ def resolve_model_config(cfg: Config, vocab: int, image_id: int) -> None:
     cfg.model.image_token_id = image_id
 
 
-
-
 def export_lm_decoder(model: torch.nn.Module, cfg: Config, tok: Tokenizer, folder: Path, *, is_main: bool) -> None:
     """The decoder of a finished LM stage as a transformers Llama folder (gathered from every rank's
     shards), with the tokenizer and the trained context: what the next stage starts from."""
