@@ -45,6 +45,7 @@ from mm1.model.mllm import MLLM
 from mm1.serve.engine import Answer, Engine, GenerationConfig
 
 log = logging.getLogger("mm1.eval")
+HIT_LIMIT_WARN = 0.01  # a share of answers that ran into max_new_tokens above which a task is warned about
 
 
 def scored_items(task: Task, limit: int) -> list:
@@ -90,13 +91,12 @@ class Evaluation:
     predictions: list[dict] = field(default_factory=list)
 
 
-def _prediction_row(task: Task, shots: int, index: int, prompt: list, prompt_tokens: int, answer: Answer,
-                    item_score: float) -> dict:
+def _prediction_row(task: Task, shots: int, index: int, prompt: list, answer: Answer, item_score: float) -> dict:
     item = task.test[index]
     refs = {"references": list(item.captions)} if isinstance(item, CaptionItem) else {
         "question": item.question, "references": list(item.answers), **({"type": item.kind} if item.kind else {})}
     return {"task": task.name, "shots": shots, "index": index, "image": item.image, **refs,
-            "prompt": prompt_text(prompt), "prompt_tokens": prompt_tokens, "prediction": answer.text,
+            "prompt": prompt_text(prompt), "prompt_tokens": answer.prompt_tokens, "prediction": answer.text,
             "hit_limit": answer.hit_limit, "score": item_score}
 
 
@@ -136,8 +136,8 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
         bar.close()
         per_item = item_scores(task, [a.text for a in answers], items)
         scores[str(k)] = sum(per_item) / n
-        rows += [_prediction_row(task, k, i, prompts[i], engine.prompt_length(prompts[i]), answers[i], per_item[i])
-                 for i in range(n)]
+        # the prompt lengths come from the decoding pass: each prompt is tokenized once
+        rows += [_prediction_row(task, k, i, prompts[i], answers[i], per_item[i]) for i in range(n)]
     return TaskRun(scores, rows, length)
 
 
@@ -185,7 +185,7 @@ def settings_notes(results: dict) -> list[str]:
             if count:
                 flag = (" — over 1%: read them in predictions.jsonl (`hit_limit`); answers that repeat themselves "
                         "run into any limit, real answers cut short call for a larger eval.max_new_tokens"
-                        if count > 0.01 * t["items"] else "")
+                        if count > HIT_LIMIT_WARN * t["items"] else "")
                 lines.append(f"{name} {s}-shot: {count} of {t['items']} answers ran into the limit{flag}.")
         for s, types in t.get("by_type", {}).items():
             lines.append(f"{name} {s}-shot: {t['distinct_answers'][s]} distinct answers; by question type: "
@@ -286,7 +286,7 @@ def _warn(name: str, entry: dict, context: int) -> None:
         log.warning("%s %s-shot: %d of %d prompts are longer than the model's context of %d positions",
                     name, k, count, n, context)
     for k, count in entry["hit_limit"].items():
-        if count > 0.01 * n:
+        if count > HIT_LIMIT_WARN * n:
             log.warning("%s %s-shot: %d of %d answers ran into max_new_tokens=%d, longer than the references: "
                         "read them in predictions.jsonl (a model that repeats itself runs into any limit; real "
                         "answers cut short call for a larger eval.max_new_tokens)", name, k, count, n,

@@ -60,11 +60,11 @@ def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -
 
 @dataclass(frozen=True)
 class Answer:
-    """One row's answer: its text (cut at the first stop string), its token ids, and whether it ran
-    into `max_new_tokens` instead of ending itself (an end token or a stop string)."""
+    """One row's answer: its text (cut at the first stop string), whether it ran into `max_new_tokens`
+    instead of ending itself (an end token or a stop string), and the positions its prompt took."""
     text: str
-    ids: list[int]
     hit_limit: bool
+    prompt_tokens: int
 
 
 @dataclass
@@ -172,11 +172,12 @@ class Engine:
         return self.model.decoder.lm_head(h_BD).float()
 
     def generate_ids(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[list[int]]:
-        return [ids for ids, _ in self._decode(prompts, cfg)]
+        return [ids for ids, _, _ in self._decode(prompts, cfg)]
 
     @torch.inference_mode()
-    def _decode(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[tuple[list[int], bool]]:
-        """Each row's generated ids and whether it ended itself (end token or stop string)."""
+    def _decode(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[tuple[list[int], bool, int]]:
+        """Each row's generated ids, whether it ended itself (end token or stop string), and its prompt's
+        length in positions (image tokens included)."""
         encoded = [self.encode(p) for p in prompts]
         B, T = len(encoded), max(len(e.ids) for e in encoded)
         # Round the cache up so that compiled steps see few distinct shapes.
@@ -200,7 +201,7 @@ class Engine:
             if all(done) or slot is slots[-1]:
                 break
             logits = self._step_fn(cache.k, cache.v, nxt.to(dev)[:, None], pos, slot, valid)
-        return list(zip(out, done, strict=True))
+        return list(zip(out, done, [len(e.ids) for e in encoded], strict=True))
 
     def _record(self, nxt: torch.Tensor, out: list[list[int]], done: list[bool], cfg: GenerationConfig) -> None:
         for i, t in enumerate(nxt.tolist()):
@@ -219,8 +220,8 @@ class Engine:
     def complete(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[Answer]:
         """Like `generate`, also saying which rows were cut by the length limit (evaluation counts them)."""
         cfg = cfg or GenerationConfig()
-        return [Answer(_cut(self.tok.decode(ids), cfg.stop), ids, not ended)
-                for ids, ended in self._decode(prompts, cfg)]
+        return [Answer(_cut(self.tok.decode(ids), cfg.stop), not ended, length)
+                for ids, ended, length in self._decode(prompts, cfg)]
 
 
 def _cut(text: str, stops: list[str]) -> str:
