@@ -13,18 +13,11 @@ WORLD=runs/data/world
 SHARED=${MM1_SHARED_DATA:-../shared/data}
 WIKI="$SHARED/wikitext2_tokenized/valid.txt"
 PPL=(eval.ppl_tokens=8192 eval.ppl_window=1024)
-done_run() { [ -f "$1/checkpoints/latest" ]; }
 
 [ -f "$WEIGHTS/model.safetensors" ] || $MM1 weights from-gguf --out "$WEIGHTS"
 [ -f "$WORLD/world.json" ] || $MM1 data synth --recipe smol --out "$WORLD"
-for stage in clip pretrain sft; do $MM1 data prepare --recipe smol --stage $stage; done
-
-done_run "$OUT/clip" || $MM1 train --recipe smol_clip --out "$OUT/clip"
-done_run "$OUT/pretrain" || $MM1 train --recipe smol --out "$OUT/pretrain" model.vision.init="$OUT/clip"
-done_run "$OUT/pretrain_no_text" || $MM1 train --recipe smol --out "$OUT/pretrain_no_text" \
-    model.vision.init="$OUT/clip" data.sources.shakespeare.weight=0 data.sources.text.weight=0
-done_run "$OUT/sft" || $MM1 train --recipe smol_sft --out "$OUT/sft" --init-from "$OUT/pretrain" \
-    model.vision.init="$OUT/clip"
+# clip → pretrain (and pretrain_no_text) → sft, each from the stages before it (recipes/smol.py: smol_pipeline)
+$MM1 pipeline smol --out "$OUT"
 
 $MM1 eval --checkpoint "$WEIGHTS" --tasks "ppl:$WIKI" --out "$OUT/eval_base" "${PPL[@]}"
 $MM1 eval --checkpoint "$OUT/pretrain" --tasks "coco_val2017,ppl:$WIKI" --out "$OUT/eval_pretrain" "${PPL[@]}"

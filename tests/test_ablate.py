@@ -7,15 +7,15 @@ import math
 
 import pytest
 
-from mm1.ablate.findings import FINDINGS, Claim, Finding, Metric, select
+from mm1.ablate.findings import ARMS, FINDINGS, Claim, Finding, Metric, select
 from mm1.ablate.runner import Scale, run_ablation
 from mm1.ablate.stats import diff_interval, mean_interval, pooled_sd, spearman, t975, verdict
 from mm1.ablate.sweep import best_log_lr, fit_line
 
-TINY = Scale(seeds=2, steps=2, batch_size=2, clip_steps=2, eval_limit=2)
+TINY = Scale(seeds=2, steps=2, batch_size=2, clip_steps=2, eval_limit=2, lm_steps=2)
 SMALL_WORLD = ("data.synth.captions=300", "data.synth.interleaved=60", "data.synth.text=60", "data.synth.sft=20",
                "data.synth.sft_text=10", "data.synth.eval_scenes=10", "data.synth.image_size=64",
-               "data.packing.seq_len=128", "data.packing.max_images=4", "data.num_workers=0", "eval.max_new_tokens=3",
+               "data.packing.seq_len=320", "data.packing.max_images=4", "data.num_workers=0", "eval.max_new_tokens=3",
                "data.prepare.workers=1")
 
 
@@ -56,10 +56,16 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert names == ["resolution", "image_tokens", "connector", "caption_zero_shot", "interleaved_few_shot",
                      "text_only", "moe"]
     _, arms = select(None, quick=True)
-    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "avg_pool", "attn_pool", "cap100",
-                                     "cap0", "text0", "moe"}
+    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4_long", "tok16_long", "avg_pool", "attn_pool",
+                                     "cap100", "cap0", "text0", "moe", "dense_eqtime"}
     full, full_arms = select(["image_tokens"], quick=False)
-    assert full[0].arms == ("tok64", "base", "tok4") and {a.name for a in full_arms} == {"tok64", "base", "tok4"}
+    assert full[0].arms == ("tok64_long", "tok16_long", "tok4_long")
+    assert {a.name for a in full_arms} == set(full[0].arms)
+    by_name = {f.name: f for f in FINDINGS}
+    assert by_name["resolution"].metric.key == "synth_words@mean"  # a task that needs resolution
+    assert by_name["text_only"].metric.key == "text_ppl_vs_lm"  # relative to the LM stage
+    assert by_name["connector"].claim == Claim.EQUIVALENT and by_name["connector"].margin == 0.15
+    assert by_name["moe"].beside == (("moe", "dense_eqtime"),)
     with pytest.raises(ValueError, match="unknown finding"):
         select(["nope"], quick=True)
 
@@ -92,19 +98,26 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     assert cfg["data"]["sources"]["text"]["weight"] == 0 and cfg["train"]["seed"] == 1 and cfg["data"]["seed"] == 1
     assert cfg["model"]["vision"]["init"].endswith("seed_1")  # its own seed's CLIP encoder
     s = scores["text0"][0]
-    for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl", "train_s"):
+    assert cfg["model"]["decoder"]["init"] == str(out / "lm" / ARMS["text0"].decoder_key / "seed_1")  # its LM stage
+    for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_words@mean", "val_loss",
+                "text_ppl", "text_ppl_vs_lm", "synth_vqa@gain", "train_s", "tokens_per_s"):
         assert key in s and math.isfinite(s[key]), key
     # its evaluation is kept as `mm1 eval` keeps it: the scores trace back to every prompt and answer
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["tasks"]["synth_caption"]["scores"]["0"] == pytest.approx(s["synth_caption@0"])
     rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert {(r["task"], r["shots"]) for r in rows} == {(t, k) for t in ("synth_caption", "synth_vqa") for k in (0, 8)}
-    # a second call reuses every finished arm: nothing is trained again
+    assert {(r["task"], r["shots"]) for r in rows} == {(t, k) for t in ("synth_caption", "synth_vqa", "synth_words")
+                                                       for k in (0, 8)}
+    lm = out / "lm" / ARMS["base"].decoder_key / "seed_0"
+    assert s["lm_text_ppl"] > 0 and json.loads((lm / "scores.json").read_text())["text_ppl"] > 0
+    assert ARMS["text0"].decoder_key == ARMS["base"].decoder_key  # one LM stage for both arms of a seed
+    # a second call reuses every finished arm and stage: nothing is trained again
     stamp = (run / "scores.json").stat().st_mtime_ns
+    lm_stamp = (lm / "metrics.jsonl").stat().st_mtime_ns
     lines = []
     again = run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD, scale=TINY, log=lines.append)
     assert (run / "scores.json").stat().st_mtime_ns == stamp and again[1] == scores
-    assert "(4 done)" in lines[0]
+    assert any("(4 done)" in line for line in lines) and (lm / "metrics.jsonl").stat().st_mtime_ns == lm_stamp
     verdicts = write_report(out, findings, scores, scale, wall_s=60.0)
     report = (out / "report.md").read_text()
     assert verdicts["text_only"] in ("reproduced", "not reproduced", "inconclusive")
@@ -113,7 +126,7 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     # the same folder with other settings is refused, not mixed
     with pytest.raises(ValueError, match=r"other settings \(.*train.steps: 2 here, 3 asked"):
         run_ablation(out, quick=True, only=["text_only"], overrides=SMALL_WORLD,
-                     scale=Scale(2, 3, 2, 2, 2), log=lambda s: None)
+                     scale=Scale(2, 3, 2, 2, 2, 2), log=lambda s: None)
     with pytest.raises(ValueError, match=r"other settings \(.*eval.max_new_tokens: 3 here, 4 asked"):  # an override
         run_ablation(out, quick=True, only=["text_only"], overrides=(*SMALL_WORLD, "eval.max_new_tokens=4"),
                      scale=TINY, log=lambda s: None)
@@ -186,13 +199,13 @@ def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding(
 
     finding = next(f for f in FINDINGS if f.name == "image_tokens")
     ok = {"context": 512, "over_context": {}}
-    scores = {"base": [ok, ok], "tok4": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
-                                         {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
+    scores = {"tok16_long": [ok, ok], "tok4_long": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
+                                                   {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
     lines = _context_caveats(finding, scores, 100)
-    assert lines == ["- caveat: tok4's prompts are longer than its context of 512 positions in VQA 8-shot 100 of 100 "
+    assert lines == ["- caveat: tok4_long's prompts are longer than its context of 512 positions in VQA 8-shot 100 of 100 "
                      "(positions it never trained on; those scores measure that too)"]
-    assert _context_caveats(finding, {"base": [ok], "tok4": [ok]}, 100) == []
-    assert _context_caveats(finding, {"base": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions
+    assert _context_caveats(finding, {"tok16_long": [ok], "tok4_long": [ok]}, 100) == []
+    assert _context_caveats(finding, {"tok16_long": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions
 
 
 def test_a_finding_whose_judged_prompts_outgrow_the_context_is_not_judged():
@@ -205,10 +218,38 @@ def test_a_finding_whose_judged_prompts_outgrow_the_context_is_not_judged():
     def arm(value: float, over: dict) -> dict:
         return {key: value, "context": 384, "over_context": over}
 
-    fine = {"base": [arm(0.5, {}), arm(0.51, {}), arm(0.52, {})], "tok4": [arm(0.2, {}), arm(0.21, {}), arm(0.22, {})]}
+    hi, lo = finding.arms
+    fine = {hi: [arm(0.5, {}), arm(0.51, {}), arm(0.52, {})], lo: [arm(0.2, {}), arm(0.21, {}), arm(0.22, {})]}
     assert judge(finding, fine).outcome == "reproduced"
-    overflow = {"base": [arm(0.5, {key: 3}), *fine["base"][1:]], "tok4": fine["tok4"]}
+    overflow = {hi: [arm(0.5, {key: 3}), *fine[hi][1:]], lo: fine[lo]}
     assert judge(finding, overflow).outcome == NOT_JUDGED
     # prompts of another metric past the context leave this one judged (and flagged beside it)
-    other = {"base": [arm(0.5, {"synth_vqa@8": 3}), *fine["base"][1:]], "tok4": fine["tok4"]}
+    other = {hi: [arm(0.5, {"synth_vqa@8": 3}), *fine[hi][1:]], lo: fine[lo]}
     assert judge(finding, other).outcome == "reproduced"
+    # a mean over shot counts is not judged when any of its shot counts outgrew the context
+    words = next(f for f in FINDINGS if f.name == "resolution")
+    mean = {a: [{"synth_words@mean": v, "over_context": {"synth_words@8": 2} if a == "res128" else {}}
+                for v in (0.3, 0.31)] for a in words.arms}
+    assert judge(words, mean).outcome == NOT_JUDGED
+
+
+def test_an_arm_whose_prompts_would_outgrow_its_context_is_refused_before_training(tmp_path):
+    """Nine 64-token images of an 8-shot prompt do not fit 320 positions: that arm is refused, a 4-token one runs."""
+    from mm1.ablate.findings import Arm
+    from mm1.ablate.runner import arm_pipeline, base_config, over_context
+    from mm1.data.stream import load_tokenizer
+    from mm1.data.synth.writer import ensure_world
+
+    base = base_config(tmp_path / "world", TINY, workers=0, overrides=SMALL_WORLD)
+    ensure_world(base, tmp_path / "world", seed=0)
+    tok = load_tokenizer(base)
+
+    def check(tokens: int) -> list[str]:
+        stages = arm_pipeline(tmp_path, base, Arm("a", (f"model.connector.num_tokens={tokens}",)), 0, TINY).resolve(
+            tmp_path / "a")
+        return over_context(stages[2].config, stages[1].config, tok)
+
+    too_long = check(64)
+    assert too_long and all("past its context of 320" in line for line in too_long)
+    assert any(line.startswith("synth_caption 8-shot prompts reach ") for line in too_long)
+    assert check(16) == []  # the same arm at 16 tokens fits

@@ -17,7 +17,7 @@ SMALL = ["data.synth.captions=300", "data.synth.interleaved=60", "data.synth.tex
 def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "qs"
     final = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
-                           sft_overrides=("train.steps=3",))
+                           lm_overrides=("train.steps=3",), sft_overrides=("train.steps=3",))
     for name in ("report.md", "results.json", "loss_per_source.png", "scores_vs_shots.png", "clip/vision.safetensors",
                  "pretrain/config.json", "sft/metrics.jsonl", "eval_sft/results.json"):
         assert (out / name).exists(), name
@@ -37,10 +37,16 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert "| synth_caption | cider |" in report and "loss_per_source.png" in report
     sft_cfg = json.loads((out / "sft" / "config.json").read_text())
     assert sft_cfg["train"]["stage"] == "sft" and sft_cfg["model"]["vision"]["init"].endswith("clip")
+    # MM1's order: the multimodal stages start from the text-only LM stage's decoder
+    assert (out / "lm" / "decoder" / "config.json").exists()
+    for stage in ("pretrain", "sft"):
+        assert json.loads((out / stage / "config.json").read_text())["model"]["decoder"]["init"] == str(out / "lm")
+    lm_steps = [json.loads(x)["step"] for x in (out / "lm" / "metrics.jsonl").read_text().splitlines()]
     # a second run reuses every finished stage
     again = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
-                           sft_overrides=("train.steps=3",))
+                           lm_overrides=("train.steps=3",), sft_overrides=("train.steps=3",))
     assert again["stages"]["sft"] == final["stages"]["sft"]
+    assert [json.loads(x)["step"] for x in (out / "lm" / "metrics.jsonl").read_text().splitlines()] == lm_steps
 
 
 def test_the_summary_never_calls_a_score_at_or_below_the_baseline_learned():

@@ -289,6 +289,24 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(a: argparse.Namespace) -> int:
+    from mm1.recipes import get_pipeline
+
+    pipeline = get_pipeline(a.name, a.overrides)
+    out = Path(a.out)
+    only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+    unknown = sorted(set(only or []) - set(pipeline.names))
+    if unknown:
+        raise ConfigError(f"--only: no stage {', '.join(unknown)} in pipeline '{a.name}' ({', '.join(pipeline.names)})")
+    pipeline.prepare(out)
+    timings = pipeline.run(out, only=only, on_stage=lambda i, s: print(
+        f"[{i + 1}/{len(pipeline.stages)}] {s.name}: {s.config.train.steps} steps → {s.folder}"
+        + (" (finished: skipped)" if s.done else "")))
+    for name, seconds in timings.items():
+        print(f"{name:18s} {seconds:7.0f} s")
+    return 0
+
+
 def _cmd_ablate(a: argparse.Namespace) -> int:
     import time
 
@@ -327,6 +345,18 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for the tiny recipe")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("pipeline", help="every training stage of a recipe in MM1's order (CLIP, LM, pre-training, "
+                                        "SFT), each started from the earlier ones; finished stages are skipped",
+                       description="tiny: CLIP → LM → pretrain → SFT on the synthetic world (`mm1 data synth` "
+                                   "first); smol: CLIP → pretrain from SmolLM2 (and without the text-only data) → "
+                                   "SFT. Each stage is an ordinary run folder OUT/<stage>.")
+    p.add_argument("name", choices=["tiny", "smol"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--only", help="comma-separated stages to run (the others must be finished where they hand "
+                                  "something over)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every stage's recipe")
+    p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("ablate", help="MM1's findings reproduced on the synthetic world, with seeds and intervals",
                        description="Runs the arms of each finding (resolution vs encoder size, image tokens, "

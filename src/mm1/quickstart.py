@@ -1,8 +1,9 @@
 """`mm1 quickstart`: the whole MM1 recipe on the embedded synthetic world, in minutes on 2 CPU cores.
 
 synthesise the world → train the tokenizer → prepare (tokenize and pack) every source → CLIP-pre-train
-the image encoder → pre-train the tiny MLLM on the 45:45:10 mixture → SFT on conversations at high
-resolution → few-shot evaluation (0/4/8 shots) after each stage → `report.md`, `results.json` and PNG
+the image encoder → pre-train the decoder on text (MM1 starts from a pre-trained LLM) → pre-train the
+tiny MLLM on the 45:45:10 mixture from both → SFT on conversations at high resolution → few-shot
+evaluation (0/4/8 shots) after each stage → `report.md`, `results.json` and PNG
 plots in the output folder. Each finished stage is reused when the command is run again with the
 same settings, so an interrupted quickstart picks up where it stopped.
 
@@ -19,18 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mm1.config import Config, PromptFormat, apply_overrides
-from mm1.data.prepare import prepare
-from mm1.data.stream import load_tokenizer
 from mm1.data.synth.writer import ensure_world
 from mm1.eval.harness import Evaluation, evaluate, write_results
 from mm1.eval.tasks import get_task
 from mm1.recipes import get_recipe
-from mm1.recipes.tiny import tiny_clip, tiny_sft
+from mm1.recipes.pipeline import ResolvedStage
+from mm1.recipes.tiny import tiny_pipeline
 from mm1.report import read_metrics, write_report
 from mm1.serve.loading import inference_sub_image_grid, load_model
-from mm1.train.trainer import train_or_resume
 
-STEPS = 7
+STEPS = 8
 WORDS = "synth_words"  # the task that needs resolution: its printed words are barely legible at 64 px
 
 
@@ -70,8 +69,8 @@ def _evaluate_arms(out: Path, cfg: Config, world: Path) -> dict[str, dict]:
 
 
 def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overrides: tuple[str, ...] = (),
-                   sft_overrides: tuple[str, ...] = ()) -> dict:
-    """`overrides` apply to every stage; `clip_overrides` / `sft_overrides` to one stage only."""
+                   lm_overrides: tuple[str, ...] = (), sft_overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides` apply to every stage; `clip_overrides`, `lm_overrides`, `sft_overrides` to one stage only."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     cfg = apply_overrides(get_recipe("tiny"), [f"data.root={out / 'world'}", *overrides])
@@ -80,40 +79,32 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     timings["world + tokenizer"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    clip_cfg = apply_overrides(tiny_clip(cfg), list(clip_overrides))
-    sft = apply_overrides(tiny_sft(cfg), list(sft_overrides))
+    pipeline = tiny_pipeline(cfg, clip=list(clip_overrides), lm=list(lm_overrides), sft=list(sft_overrides))
     print(f"[2/{STEPS}] prepare: tokenize and pack every source → {Path(cfg.data.root) / 'prepared'}")
-    tok = load_tokenizer(cfg)
-    for stage_cfg in (clip_cfg, cfg, sft):
-        prepare(stage_cfg, stage_cfg.train.stage, tok)
+    pipeline.prepare(out)
     timings["prepare"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    print(f"[3/{STEPS}] CLIP pre-training of the image encoder → {out / 'clip'}")
-    train_or_resume(clip_cfg, out / "clip")
-    cfg.model.vision.init = sft.model.vision.init = str(out / "clip")
-    timings["clip"] = time.perf_counter() - t
+    what = {"clip": "CLIP pre-training of the image encoder", "lm": "text pre-training of the decoder LLM",
+            "pretrain": "multimodal pre-training", "sft": "supervised fine-tuning"}
 
-    runs = {"pretrain": (cfg, None), "sft": (sft, out / "pretrain")}
-    for i, (stage, (stage_cfg, init)) in enumerate(runs.items(), start=4):
-        t = time.perf_counter()
-        print(f"[{i}/{STEPS}] {stage}: {stage_cfg.train.steps} steps → {out / stage}")
-        train_or_resume(stage_cfg, out / stage, init)
-        timings[stage] = time.perf_counter() - t
+    def announce(i: int, stage: ResolvedStage) -> None:
+        print(f"[{i + 3}/{STEPS}] {what[stage.name]}: {stage.config.train.steps} steps → {stage.folder}")
+
+    timings |= pipeline.run(out, on_stage=announce)
 
     t = time.perf_counter()
-    print(f"[6/{STEPS}] few-shot evaluation on held-out scenes")
+    print(f"[7/{STEPS}] few-shot evaluation on held-out scenes")
     results = _evaluate_arms(out, cfg, world)
     timings["evaluation"] = time.perf_counter() - t
 
-    print(f"[7/{STEPS}] report")
+    print(f"[8/{STEPS}] report")
     # MM1's few-shot evaluation is of the pre-trained model; the other arms are kept beside it.
     final = results["pretrain"] | {"stages": results}
     (out / "results.json").write_text(json.dumps(final, indent=2) + "\n")
     timings["total"] = time.perf_counter() - t0
     notes = report_notes(results)
     report = write_report(out, results=results, timings=timings, notes=notes,
-                          metrics={s: read_metrics(out / s / "metrics.jsonl") for s in runs})
+                          metrics={s: read_metrics(out / s / "metrics.jsonl") for s in ("lm", "pretrain", "sft")})
     print("\n".join(notes))
     print(f"report: {report}\nresults: {out / 'results.json'}")
     return final

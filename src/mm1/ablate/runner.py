@@ -1,19 +1,24 @@
-"""`mm1 ablate`: every arm of every finding as an ordinary run directory, then their scores.
+"""`mm1 ablate`: every arm of every finding as an ordinary run folder, then their scores.
 
-Layout of the output folder (each piece reused when `mm1 ablate` runs again with the same settings):
+Each arm and seed is a `Pipeline` (`mm1.recipes.pipeline`) in MM1's order: a CLIP stage and a
+text-only LM stage, each shared by the arms of the same vision tower or decoder shape, then the arm's
+multimodal pre-training started from both. Layout of the output folder (each piece reused when
+`mm1 ablate` runs again with the same settings):
 
     DIR/world/                              the synthetic world and its tokenizer
     DIR/clip/<vision key>/seed_<s>/         a CLIP stage per vision tower and seed (spec.json: its config)
+    DIR/lm/<decoder key>/seed_<s>/          an LM stage per decoder shape and seed; scores.json: its text ppl
     DIR/arms/<arm>/seed_<s>/spec.json       the arm's resolved config (a rerun of other settings is refused)
     DIR/arms/<arm>/seed_<s>/pretrain/       its pre-training run (config, metrics, checkpoints)
     DIR/arms/<arm>/seed_<s>/scores.json     its scores, validation loss, perplexity and wall times
     DIR/report.md, DIR/*.png                written by `mm1.ablate.report`
 
-Every arm trains for the same steps and batch (equal samples, as MM1 compares at equal steps) and
-is scored the same way: captioning and VQA at 0 and 8 shots on held-out scenes, the loss of
-held-out captions, and the perplexity of held-out text. Jobs run in `jobs` processes, each with its
-share of the CPU cores (or on the GPU when there is one); a job that fails is reported and the
-others go on.
+Every arm trains for the same steps and tokens (MM1 compares at equal steps) and is scored the same
+way: captioning, VQA and word reading at 0 and 8 shots on held-out scenes, the loss of held-out
+captions, and the perplexity of held-out text beside its LM stage's. Before anything trains, an arm
+whose 8-shot prompts would run past the context it trains is refused. Jobs run in `jobs` processes,
+each with its share of the CPU cores (or on the GPU when there is one); a job that fails is reported
+and the others go on.
 """
 
 from __future__ import annotations
@@ -21,24 +26,30 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.ablate.findings import Arm, Finding, arm_overrides, select
+from mm1.ablate.findings import Arm, Finding, select
 from mm1.config import Config, apply_overrides, from_saved, to_dict
+from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage, ResolvedStage
 
-ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "val_loss", "text_ppl")
+TASKS = ("synth_caption", "synth_vqa", "synth_words")
+SHOTS = (0, 8)
+ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_words@mean", "val_loss",
+               "text_ppl_vs_lm")
 
 
 @dataclass(frozen=True)
 class Scale:
-    """How big each arm is: the quick mode fits in an hour on 2 CPU cores, the full one in a few (README: measured).
+    """How big each arm is. The quick mode is the full mode with fewer seeds and without the 64-token arm
+    (same steps, stages and items), so a full run in the quick run's folder reuses every quick arm.
 
-    The full mode adds a seed, the 64-token arm and evaluation items, not a bigger batch: seeds and
-    items are what narrow the intervals, and the arms stay comparable with the quick mode's.
+    200 held-out items per task (all of the world's evaluation scenes) and a pre-trained LM stage are
+    what narrow the seed spread (docs/results/ablate); the arms stay 200 steps of 8 sequences.
     """
 
     seeds: int
@@ -46,11 +57,11 @@ class Scale:
     batch_size: int
     clip_steps: int
     eval_limit: int
+    lm_steps: int = 100
 
     @classmethod
     def of(cls, quick: bool, seeds: int | None = None) -> Scale:
-        scale = cls(2, 200, 8, 60, 60) if quick else cls(3, 200, 8, 100, 100)
-        return cls(seeds or scale.seeds, scale.steps, scale.batch_size, scale.clip_steps, scale.eval_limit)
+        return cls(seeds or (2 if quick else 3), 200, 8, 100, 200)
 
 
 def base_config(world: Path, scale: Scale, *, workers: int, overrides: tuple[str, ...] = ()) -> Config:
@@ -71,20 +82,65 @@ def arm_config(base: Config, arm: Arm, seed: int) -> Config:
     from mm1.train.optim import resolve_lr
 
     lr = resolve_lr(base.train.optimizer, lr_rule_parameters(base.model))
-    cfg = apply_overrides(from_saved(to_dict(base)), [*arm_overrides(arm), f"train.seed={seed}", f"data.seed={seed}",
+    cfg = apply_overrides(from_saved(to_dict(base)), [*arm.overrides, f"train.seed={seed}", f"data.seed={seed}",
                                                       f"train.optimizer.lr={lr!r}"])
     cfg.recipe = f"ablate:{arm.name}"
     return cfg
 
 
+def _stage_seed(seed: int, steps: int) -> list[str]:
+    return [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}", f"train.checkpoint.every={steps}",
+            f"train.schedule.warmup_steps={max(1, steps // 10)}"]
+
+
 def clip_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
     from mm1.recipes.tiny import tiny_clip
 
-    cfg = apply_overrides(tiny_clip(from_saved(to_dict(base))), [
-        *arm.vision_overrides, f"train.seed={seed}", f"data.seed={seed}", f"train.steps={scale.clip_steps}",
-        f"train.checkpoint.every={scale.clip_steps}", f"train.schedule.warmup_steps={max(1, scale.clip_steps // 10)}"])
+    cfg = apply_overrides(tiny_clip(from_saved(to_dict(base))),
+                          [*arm.vision_overrides, *_stage_seed(seed, scale.clip_steps)])
     cfg.recipe = f"ablate:clip:{arm.vision_key}"
     return cfg
+
+
+def lm_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
+    """The arm's text-only LM stage: the tiny recipe's, with the arm's decoder shape (dense: an MoE arm
+    is upcycled from it) and the base's data and batch (an arm's own sequence length is its own)."""
+    from mm1.recipes.tiny import tiny_lm
+
+    cfg = apply_overrides(tiny_lm(from_saved(to_dict(base))), [*arm.decoder_overrides, "train.batch_size=16",
+                                                               *_stage_seed(seed, scale.lm_steps)])
+    cfg.recipe = f"ablate:lm:{arm.decoder_key}"
+    return cfg
+
+
+def arm_pipeline(out: Path, base: Config, arm: Arm, seed: int, scale: Scale) -> Pipeline:
+    """CLIP and LM stages (shared by arms of the same shapes) → the arm's multimodal pre-training."""
+    return Pipeline((
+        PipelineStage("clip", clip_config(base, arm, seed, scale)),
+        PipelineStage("lm", lm_config(base, arm, seed, scale)),
+        PipelineStage("pretrain", arm_config(base, arm, seed), ((Handoff.VISION, "clip"), (Handoff.DECODER, "lm"))),
+    ), folders={"clip": out / "clip" / arm.vision_key / f"seed_{seed}",
+                "lm": out / "lm" / arm.decoder_key / f"seed_{seed}"})
+
+
+def trained_context(cfg: Config, lm: Config) -> int:
+    """The context the arm's decoder will have trained: its LM stage's sequences and its own, within its
+    position table (as `record_trained_context` will record it)."""
+    return min(max(lm.data.packing.seq_len, cfg.data.packing.seq_len), cfg.model.decoder.max_seq_len)
+
+
+def over_context(cfg: Config, lm: Config, tok) -> list[str]:
+    """The evaluations of an arm whose longest prompt would run past its trained context, said in words."""
+    from mm1.eval.harness import longest_prompts
+    from mm1.eval.tasks import get_task
+
+    context, world = trained_context(cfg, lm), Path(cfg.data.root)
+    found = []
+    for name in TASKS:
+        longest = longest_prompts(get_task(name, world=world), list(SHOTS), cfg.eval, tok,
+                                  image_tokens=cfg.model.connector.num_tokens)
+        found += [f"{name} {k}-shot prompts reach {n} positions" for k, n in longest.items() if n > context]
+    return [f"{f}, past its context of {context}" for f in found]
 
 
 # ----------------------------------------------------------------------------- jobs (run in worker processes)
@@ -121,16 +177,51 @@ def clip_job(cfg_dict: dict, out: str, threads: int) -> str:
     return out
 
 
+def held_out_text(cfg: Config) -> str:
+    return (Path(cfg.data.root) / "tasks" / "synth_text" / "test.txt").read_text()
+
+
+def lm_job(cfg_dict: dict, out: str, threads: int) -> str:
+    """Train one LM stage (or resume it) and write the perplexity of held-out text to its scores.json:
+    the text ability its arms start from."""
+    from mm1.eval.perplexity import perplexity
+    from mm1.serve.loading import load_model
+    from mm1.train.trainer import train_or_resume
+
+    job_setup(threads)
+    cfg, folder = from_saved(cfg_dict), Path(out)
+    train_or_resume(cfg, folder)
+    if not (folder / "scores.json").exists():
+        model, tok, _ = load_model(folder)
+        ppl = perplexity(model, tok, held_out_text(cfg), window=cfg.data.packing.seq_len, progress=False)
+        (folder / "scores.json").write_text(json.dumps({"text_ppl": ppl}, indent=2) + "\n")
+    return out
+
+
 def held_out_losses(model, tok, cfg: Config) -> dict[str, float]:
-    """The validation loss of held-out captions (given their image) and the perplexity of held-out text."""
+    """The validation loss of held-out captions (given their image) and the perplexity of held-out text,
+    also over that of the LM stage the arm started from."""
     from mm1.eval.perplexity import caption_loss, perplexity
     from mm1.eval.tasks import get_task
 
-    world = Path(cfg.data.root)
-    captions = get_task("synth_caption", world=world).test[: cfg.eval.limit]
-    text = (world / "tasks" / "synth_text" / "test.txt").read_text()
-    return {"val_loss": caption_loss(model, tok, captions),
-            "text_ppl": perplexity(model, tok, text, window=cfg.data.packing.seq_len, progress=False)}
+    captions = get_task("synth_caption", world=Path(cfg.data.root)).test[: cfg.eval.limit]
+    ppl = perplexity(model, tok, held_out_text(cfg), window=cfg.data.packing.seq_len, progress=False)
+    losses = {"val_loss": caption_loss(model, tok, captions), "text_ppl": ppl}
+    lm_scores = Path(cfg.model.decoder.init) / "scores.json" if cfg.model.decoder.init else None
+    if lm_scores and lm_scores.exists():
+        lm = json.loads(lm_scores.read_text())["text_ppl"]
+        losses |= {"lm_text_ppl": lm, "text_ppl_vs_lm": ppl / lm}
+    return losses
+
+
+def arm_scores(results: dict) -> dict:
+    """An evaluation's scores by `task@shots`, with the mean over shot counts and the few-shot gain."""
+    scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
+    for name, t in results["tasks"].items():
+        values = t["scores"]
+        scores[f"{name}@mean"] = statistics.fmean(values.values())
+        scores[f"{name}@gain"] = values[str(max(SHOTS))] - values[str(min(SHOTS))]
+    return scores
 
 
 def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
@@ -151,13 +242,14 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     t1 = time.perf_counter()
     model, tok, _ = load_model(folder / "pretrain")
     world = Path(cfg.data.root)
-    tasks = [get_task(n, world=world) for n in ("synth_caption", "synth_vqa")]
-    evaluation = evaluate(model, tok, tasks, [0, 8], cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False)
+    tasks = [get_task(n, world=world) for n in TASKS]
+    evaluation = evaluate(model, tok, tasks, list(SHOTS), cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False)
     write_results(evaluation, folder / "eval")
     results = evaluation.results
-    scores = {f"{name}@{s}": v for name, t in results["tasks"].items() for s, v in t["scores"].items()}
-    scores |= held_out_losses(model, tok, cfg)
+    scores = arm_scores(results) | held_out_losses(model, tok, cfg)
+    steps = [json.loads(line) for line in (folder / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     scores |= {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
+               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps if "tokens_per_s" in r),
                "baselines": {name: t["baseline"] for name, t in results["tasks"].items()},
                "context": results["context"],  # prompts longer than this reach untrained positions
                "over_context": {f"{name}@{k}": n for name, t in results["tasks"].items()
@@ -171,18 +263,18 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
 
 @dataclass(frozen=True)
 class ArmRun:
-    """One arm trained with one seed: an ordinary run folder holding its config, checkpoints and scores."""
+    """One arm trained with one seed: its pipeline's stages, the last an ordinary run folder of its own."""
     arm: Arm
     seed: int
     folder: Path
+    stages: tuple[ResolvedStage, ...]  # clip, lm, pretrain
 
     @property
     def scores_file(self) -> Path:
         return self.folder / "scores.json"
 
-
-def clip_folder(out: Path, arm: Arm, seed: int) -> Path:
-    return out / "clip" / arm.vision_key / f"seed_{seed}"
+    def stage(self, name: str) -> ResolvedStage:
+        return next(s for s in self.stages if s.name == name)
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:
@@ -251,27 +343,38 @@ def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs:
     base = base_config(world, scale, workers=2 if jobs <= 1 else 1, overrides=overrides)
     ensure_world(base, world, seed=0, progress=True)
     tok = load_tokenizer(base)
-    runs = [ArmRun(a, s, out / "arms" / a.name / f"seed_{s}") for a in arms for s in range(scale.seeds)]
-    configs = {r: arm_config(base, r.arm, r.seed) for r in runs}
-    for r, cfg in configs.items():
-        cfg.model.vision.init = str(clip_folder(out, r.arm, r.seed))
-        claim_run(r.folder, cfg)  # a folder of other settings is refused before anything runs
+    runs = []
+    for arm in arms:
+        for seed in range(scale.seeds):
+            folder = out / "arms" / arm.name / f"seed_{seed}"
+            stages = tuple(arm_pipeline(out, base, arm, seed, scale).resolve(folder))
+            runs.append(ArmRun(arm, seed, folder, stages))
+    refused = {}
+    for r in runs:
+        claim_run(r.folder, r.stage("pretrain").config)  # a folder of other settings is refused before anything runs
+        if r.arm.name not in refused and (why := over_context(r.stage("pretrain").config, r.stage("lm").config, tok)):
+            refused[r.arm.name] = why
+    for name, why in refused.items():
+        log(f"ablate: arm {name} refused, it is not run: {'; '.join(why)}")
+    runs = [r for r in runs if r.arm.name not in refused]
     todo = [r for r in runs if not r.scores_file.exists()]
-    clips: dict[tuple[str, int], tuple[Arm, Path]] = {}
+    shared: dict[Path, ResolvedStage] = {}
     for r in todo:  # data is prepared here, once per spec, before any job (jobs must not race to write it)
-        clips.setdefault((r.arm.vision_key, r.seed), (r.arm, clip_folder(out, r.arm, r.seed)))
-        prepare(configs[r], base.train.stage, tok, progress=False)
-    for (_, seed), (arm, folder) in clips.items():
-        clip_cfg = clip_config(base, arm, seed, scale)
-        claim_run(folder, clip_cfg)
-        prepare(clip_cfg, clip_cfg.train.stage, tok, progress=False)
-    log(f"ablate: {len(findings)} findings, {len(arms)} arms × {scale.seeds} seeds ({len(runs) - len(todo)} done), "
-        f"{len(clips)} CLIP stages; {scale.steps} steps of {scale.batch_size} sequences per arm; {jobs} job(s)")
+        for stage in r.stages:
+            if stage.name != "pretrain" and stage.folder not in shared:
+                claim_run(stage.folder, stage.config)
+                shared[stage.folder] = stage
+            prepare(stage.config, stage.config.train.stage, tok, progress=False)
+    clips = [s for s in shared.values() if s.name == "clip"]
+    lms = [s for s in shared.values() if s.name == "lm"]
+    log(f"ablate: {len(findings)} findings, {len(arms) - len(refused)} arms × {scale.seeds} seeds "
+        f"({len(runs) - len(todo)} done), {len(clips)} CLIP and {len(lms)} LM stages; {scale.steps} steps of "
+        f"{scale.batch_size} sequences per arm; {jobs} job(s)")
     t0 = time.perf_counter()
-    run_jobs([(clip_job, to_dict(clip_config(base, arm, seed, scale)), str(d), threads)
-               for (_, seed), (arm, d) in clips.items()], jobs, "CLIP stage", log)
-    log(f"ablate: CLIP stages done in {time.perf_counter() - t0:.0f} s")
-    run_jobs([(arm_job, to_dict(configs[r]), str(r.folder), threads) for r in todo], jobs, "arm", log)
+    run_jobs([(clip_job, to_dict(s.config), str(s.folder), threads) for s in clips]
+             + [(lm_job, to_dict(s.config), str(s.folder), threads) for s in lms], jobs, "CLIP/LM stage", log)
+    log(f"ablate: CLIP and LM stages done in {time.perf_counter() - t0:.0f} s")
+    run_jobs([(arm_job, to_dict(r.stage("pretrain").config), str(r.folder), threads) for r in todo], jobs, "arm", log)
     scores: dict[str, list[dict]] = {}
     for r in runs:
         if r.scores_file.exists():

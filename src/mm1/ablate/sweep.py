@@ -4,7 +4,8 @@ MM1 chose its peak learning rate by a grid search over LLM sizes (9M to 1.2B) an
 log space, ln η = a·ln N + b with a = −0.4214, b = −0.5535. This runs that experiment at the
 synthetic world's scale: for each decoder size, the tiny recipe is pre-trained at a grid of
 learning rates (multiples of the rule's own value at that size), every run from the same CLIP
-encoder for the same steps; the validation loss (held-out captions given their image, and held-out
+encoder and from its size's text-only LM stage (MM1's sweep, like its ablations, starts from
+pre-trained LLMs) for the same steps; the validation loss (held-out captions given their image, and held-out
 text, averaged) picks the best rate per size, refined by a parabola through the best point and
 its neighbours in log rate; a least-squares line through (ln N, ln η*) is the fit. N is the rule's
 (`lr_rule_parameters`: the dense decoder, embeddings included). Our sizes are below the paper's
@@ -26,8 +27,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mm1.ablate.findings import ARMS
-from mm1.ablate.runner import Scale, base_config, claim_run, clip_config, clip_job, held_out_losses, job_setup, run_jobs
+from mm1.ablate.findings import ARMS, Arm
+from mm1.ablate.runner import (
+    Scale,
+    base_config,
+    claim_run,
+    clip_config,
+    clip_job,
+    held_out_losses,
+    job_setup,
+    lm_config,
+    lm_job,
+    run_jobs,
+)
 from mm1.config import apply_overrides, from_saved, to_dict
 
 PAPER_A, PAPER_B = -0.4214, -0.5535
@@ -67,6 +79,10 @@ def sweep_job(cfg_dict: dict, out: str, threads: int) -> dict:
               "lr": cfg.train.optimizer.lr}
     (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def lm_folder(out: Path, size: Size) -> Path:
+    return out / "lm" / f"w{size.width}_d{size.depth}"
 
 
 def best_log_lr(points: list[tuple[float, float]]) -> float:
@@ -113,10 +129,17 @@ def run_sweep(out: Path, *, quick: bool, jobs: int = 1, overrides: tuple[str, ..
     claim_run(clip_dir, clip_cfg)
     prepare(clip_cfg, clip_cfg.train.stage, tok, progress=False)
     prepare(base, base.train.stage, tok, progress=False)
-    run_jobs([(clip_job, to_dict(clip_cfg), str(clip_dir), threads)], 1, "CLIP stage", log)
+    lms = {size: lm_config(base, Arm(f"w{size.width}_d{size.depth}", size.overrides), 0, scale) for size in sizes}
+    for size, lm_cfg in lms.items():
+        claim_run(lm_folder(out, size), lm_cfg)
+        prepare(lm_cfg, lm_cfg.train.stage, tok, progress=False)
+    run_jobs([(clip_job, to_dict(clip_cfg), str(clip_dir), threads)]
+             + [(lm_job, to_dict(c), str(lm_folder(out, size)), threads) for size, c in lms.items()],
+             jobs, "CLIP/LM stage", log)
     runs, grid = [], {}
     for size in sizes:
         sized = apply_overrides(from_saved(to_dict(base)), list(size.overrides))
+        sized.model.decoder.init = str(lm_folder(out, size))
         n = lr_rule_parameters(sized.model)
         grid[size] = n
         for f in FACTORS:

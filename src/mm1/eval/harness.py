@@ -34,7 +34,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mm1.config import ConfigError, EvalConfig, PromptFormat
-from mm1.data.template import template_for
+from mm1.data.packing import tokenize
+from mm1.data.template import Text, template_for
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.fewshot import STOP, build_prompt, prompt_text
 from mm1.eval.metrics import cider_d, normalize_answer, vqa_accuracy
@@ -247,6 +248,21 @@ def with_run_prompts(task: Task, cfg: EvalConfig) -> Task:
     except ValueError as err:
         raise ConfigError(f"eval.chat_prompt / eval.pretrain_prompt: {err}") from None
     return dataclasses.replace(task, prompts=spec)
+
+
+def longest_prompts(task: Task, shots: list[int], cfg: EvalConfig, tok: Tokenizer, *, image_tokens: int,
+                    fmt: PromptFormat = PromptFormat.PRETRAIN) -> dict[int, int]:
+    """The longest prompt (in positions, `image_tokens` per image at one view) of the scored items at each
+    shot count, without a model: what an experiment checks against a context before training for it."""
+    task = with_run_prompts(task, cfg)
+    longest = {}
+    for k in shots:
+        lengths = [len(tokenize([Text(p) if isinstance(p, str) else p for p in
+                                 build_prompt(task, i, k, seed=cfg.seed, fmt=fmt)], tok, image_tokens=image_tokens,
+                                end_of_text=False).tokens)
+                   for i in range(len(scored_items(task, cfg.limit)))]
+        longest[k] = max(lengths, default=0)
+    return longest
 
 
 def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig, *,

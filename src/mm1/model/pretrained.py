@@ -124,7 +124,22 @@ def load_vision_weights(vision: nn.Module, init: str) -> None:
 
 def load_pretrained(model: nn.Module, cfg: Config) -> None:
     """Copy the pre-trained weights named by the config into an MLLM (after `resolve_pretrained`)."""
-    if cfg.model.decoder.init:
+    if cfg.model.decoder.init and cfg.model.moe.num_experts:
+        _upcycle_hf_decoder(model, cfg)
+    elif cfg.model.decoder.init:
         import_hf_decoder(model.decoder, _decoder_folder(cfg.model.decoder))
     if cfg.model.vision.init:
         load_vision_weights(model.vision, cfg.model.vision.init)
+
+
+def _upcycle_hf_decoder(model: nn.Module, cfg: Config) -> None:
+    """An MoE decoder from a dense pre-trained one (sparse upcycling): every expert starts as its layer's
+    FFN, so that the MoE model starts where the dense LLM is, as a dense one would."""
+    from mm1.model.decoder import Decoder
+    from mm1.model.mllm import upcycle_from_dense
+
+    dense = Decoder(cfg.model.decoder)
+    import_hf_decoder(dense, _decoder_folder(cfg.model.decoder))
+    state = {f"decoder.{k}": v for k, v in dense.state_dict().items()}
+    state |= {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    upcycle_from_dense(model, state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mm1.config import Config, ConfigError, validate
+from mm1.config import Config, ConfigError, apply_overrides, validate
 from mm1.recipes.paper import (
     ablation,
     ablation_sft,
@@ -23,8 +23,9 @@ from mm1.recipes.paper import (
     mm1_30b,
     mm1_30b_sft,
 )
-from mm1.recipes.smol import smol, smol_clip, smol_sft
-from mm1.recipes.tiny import tiny, tiny_clip, tiny_lm, tiny_sft
+from mm1.recipes.pipeline import Pipeline
+from mm1.recipes.smol import smol, smol_clip, smol_pipeline, smol_sft
+from mm1.recipes.tiny import tiny, tiny_clip, tiny_lm, tiny_pipeline, tiny_sft
 
 RECIPES: dict[str, Callable[[], Config]] = {
     "tiny": tiny,
@@ -55,3 +56,16 @@ def get_recipe(name: str) -> Config:
     cfg = RECIPES[name]()
     cfg.recipe = name
     return validate(cfg)
+
+
+# `mm1 pipeline NAME --out DIR [overrides]`: every stage of a recipe in MM1's order, overrides on each.
+PIPELINES: dict[str, Callable[[list[str]], Pipeline]] = {
+    "tiny": lambda overrides: tiny_pipeline(apply_overrides(tiny(), overrides)),
+    "smol": smol_pipeline,
+}
+
+
+def get_pipeline(name: str, overrides: list[str] = ()) -> Pipeline:
+    if name not in PIPELINES:
+        raise ConfigError(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES)}")
+    return PIPELINES[name](list(overrides))

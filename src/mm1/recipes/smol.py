@@ -45,7 +45,9 @@ from mm1.config import (
     SynthConfig,
     TrainConfig,
     VisionConfig,
+    apply_overrides,
 )
+from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage
 
 SMOLLM2 = "runs/weights/smollm2-135m-instruct"  # `mm1 weights from-gguf --out runs/weights/smollm2-135m-instruct`
 COCO_TRAIN = "{shared}/coco_mini/annotations/captions_train2017.json"
@@ -111,3 +113,16 @@ def smol_sft() -> Config:
     cfg.train.optimizer = OptimizerConfig(kind=OptimizerKind.ADAFACTOR, lr=1e-4, weight_decay=0.0)
     cfg.train.schedule = ScheduleConfig(warmup_steps=5, final_lr_fraction=0.0)
     return cfg
+
+
+def smol_pipeline(overrides: list[str] = ()) -> Pipeline:
+    """CLIP stage → pre-training from SmolLM2 (and once more without the text-only sources, to measure
+    what they preserve) → SFT from the pre-trained run. `overrides` apply to every stage."""
+    vision = (Handoff.VISION, "clip")
+    no_text = ["data.sources.shakespeare.weight=0", "data.sources.text.weight=0"]
+    return Pipeline((
+        PipelineStage("clip", apply_overrides(smol_clip(), list(overrides))),
+        PipelineStage("pretrain", apply_overrides(smol(), list(overrides)), (vision,)),
+        PipelineStage("pretrain_no_text", apply_overrides(smol(), [*overrides, *no_text]), (vision,)),
+        PipelineStage("sft", apply_overrides(smol_sft(), list(overrides)), (vision, (Handoff.WHOLE, "pretrain"))),
+    ))

@@ -27,7 +27,9 @@ from mm1.config import (
     SynthConfig,
     TrainConfig,
     VisionConfig,
+    apply_overrides,
 )
+from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage
 
 
 def tiny() -> Config:
@@ -70,15 +72,17 @@ def tiny_lm(base: Config) -> Config:
     text mixed into them where `data.synth.real_text` is set), as MM1 starts from a pre-trained LLM.
     Its `decoder/` folder is what `model.decoder.init` names for the multimodal stage.
 
-    Not yet part of the quickstart: measured once each with the quickstart's settings, starting its
-    pre-training from 200 LM steps raised 0-shot captioning from 0.823 to 1.059 CIDEr-D (but cost 198 s,
-    past the quickstart's ten minutes), and from 80 steps lowered it to 0.643: single runs that differ
-    by what one seed of 200 multimodal steps can swing, so the seed spread must be measured first."""
+    The world's text is small (about 90k tokens) and regular: LM_STEPS steps of 16 sequences of 384
+    tokens read it several times over, enough to learn its words and sentence forms."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.LM
-    cfg.train.steps = 200
-    cfg.train.schedule = ScheduleConfig(warmup_steps=20, final_lr_fraction=0.1)
+    cfg.train.steps = LM_STEPS
+    cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
+    cfg.train.checkpoint.every = LM_STEPS
     return cfg
+
+
+LM_STEPS = 100
 
 
 def tiny_sft(base: Config) -> Config:
@@ -97,3 +101,16 @@ def tiny_sft(base: Config) -> Config:
     cfg.train.steps, cfg.train.batch_size = 135, 8
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     return cfg
+
+
+def tiny_pipeline(base: Config, *, clip: list[str] = (), lm: list[str] = (), sft: list[str] = ()) -> Pipeline:
+    """MM1's order at the tiny scale: CLIP encoder and text LLM → multimodal pre-training (`base`) → SFT.
+    `clip`, `lm` and `sft` are overrides of that stage only."""
+    vision, decoder = (Handoff.VISION, "clip"), (Handoff.DECODER, "lm")
+    return Pipeline((
+        PipelineStage("clip", apply_overrides(tiny_clip(base), list(clip))),
+        PipelineStage("lm", apply_overrides(tiny_lm(base), list(lm))),
+        PipelineStage("pretrain", base, (vision, decoder)),
+        PipelineStage("sft", apply_overrides(tiny_sft(base), list(sft)),
+                      (vision, decoder, (Handoff.WHOLE, "pretrain"))),
+    ))
