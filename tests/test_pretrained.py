@@ -87,6 +87,23 @@ def test_decoder_init_reads_the_folder_grows_the_vocabulary_and_keeps_the_logits
         torch.testing.assert_close(head[V:], hf.lm_head.weight[:V].detach().mean(0, keepdim=True).expand(6, -1))
 
 
+def test_an_moe_decoder_starts_upcycled_from_a_dense_folder_and_computes_what_it_does(tmp_path):
+    """MoE arms start from a dense LLM as dense ones do: every expert a copy of its layer's FFN, so that top-2
+    routing (weights summing to one) gives the dense model's logits before any training."""
+    hf = hf_decoder_folder(tmp_path / "llm")
+    moe = ["model.moe.num_experts=4", "model.moe.every=2", "model.moe.top_k=2"]
+    cfg = resolve_pretrained(apply_overrides(get_recipe("tiny"), [f"model.decoder.init={tmp_path / 'llm'}", *moe]))
+    model = MLLM(cfg.model).eval()
+    load_pretrained(model, cfg)
+    tok = Tokenizer.from_file(cfg.data.tokenizer)
+    ids = torch.tensor([tok.encode("The capital of France is Paris. a red circle")])
+    with torch.no_grad():
+        ours = model(tokens_BT=ids).logits_BTV[..., :hf.config.vocab_size]
+        theirs = hf(ids).logits
+    assert sum(type(layer.ffn).__name__ == "MoEFFN" for layer in model.decoder.layers) == 1
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"mlp_bias": True}, r"mlp_bias=True"), ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, r"rope_scaling type 'yarn' is not supported"),

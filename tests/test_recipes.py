@@ -156,3 +156,26 @@ def test_schedule_warmup_then_cosine_to_ten_percent():
     assert mid == pytest.approx(0.1 * peak + 0.45 * peak, rel=1e-3)
     assert lr_at(total, peak=peak, total_steps=total, schedule=sched) == pytest.approx(0.1 * peak)
     assert get_recipe("mm1_3b").train.schedule.warmup_steps == 2000
+
+
+def test_a_pipeline_hands_each_stage_what_the_earlier_ones_wrote(tmp_path):
+    from mm1.config import ConfigError, Stage
+    from mm1.recipes import get_pipeline
+    from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage
+
+    stages = {s.name: s for s in get_pipeline("tiny").resolve(tmp_path)}
+    assert list(stages) == ["clip", "lm", "pretrain", "sft"]  # MM1's order
+    assert [s.config.train.stage for s in stages.values()] == [Stage.CLIP, Stage.LM, Stage.PRETRAIN, Stage.SFT]
+    assert (stages["clip"].config.model.vision.init, stages["lm"].config.model.decoder.init) == ("", "")
+    for name in ("pretrain", "sft"):
+        cfg = stages[name].config
+        assert (cfg.model.vision.init, cfg.model.decoder.init) == (str(tmp_path / "clip"), str(tmp_path / "lm"))
+    assert stages["sft"].init_from == tmp_path / "pretrain" and stages["pretrain"].init_from is None
+    smol = {s.name: s for s in get_pipeline("smol", ["train.steps=3"]).resolve(tmp_path)}
+    assert smol["pretrain_no_text"].config.data.sources["text"].weight == 0
+    assert smol["sft"].init_from == tmp_path / "pretrain" and smol["clip"].config.train.steps == 3
+    base = get_recipe("tiny")
+    with pytest.raises(ConfigError, match="takes its decoder from 'lm', which is not an earlier stage"):
+        Pipeline((PipelineStage("pretrain", base, ((Handoff.DECODER, "lm"),)), PipelineStage("lm", base)))
+    with pytest.raises(ConfigError, match="unknown pipeline 'big'"):
+        get_pipeline("big")

@@ -5,7 +5,9 @@ Layout of a run directory's checkpoints:
     checkpoints/step_00000100/        one checkpoint, written as step_00000100.tmp/ then renamed
         dcp/                          model + optimizer via torch.distributed.checkpoint (sharded)
         meta.json                     step, data-stream state, learning-rate state
-        rng_rank00000.pt              each rank's RNG states
+        model.safetensors             the full model's weights: what every weight-reading command loads
+        rng_rank00000.json            each rank's RNG states (JSON and safetensors: nothing is unpickled)
+        rng_rank00000.safetensors
     checkpoints/latest                name of the newest complete checkpoint (replaced atomically)
 
 A checkpoint exists only once its directory has been renamed from `.tmp`, so a kill during a save
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -83,6 +86,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_rng(state: dict, stem: Path) -> None:
+    """RNG states as JSON (Python's and NumPy's) and safetensors (torch's): loading them runs no code."""
+    version, words, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    stem.with_suffix(".json").write_text(json.dumps({
+        "python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), cached]}))
+    tensors = {"torch": state["torch"]} | {f"cuda.{i}": t for i, t in enumerate(state.get("cuda") or [])}
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+
+
+def load_rng(stem: Path) -> dict:
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    version, words, gauss = saved["python"]
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    return {"python": (version, tuple(words), gauss),
+            "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+            "torch": tensors["torch"], "cuda": cuda or None}
+
+
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
          policy: CheckpointConfig, *, rng: dict | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, then apply retention. `rng`: the RNG
@@ -99,7 +123,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     with warnings.catch_warnings():  # single-process DCP warns that it assumes one process: it may
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-    torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    save_rng(rng if rng is not None else rng_state(), tmp / f"rng_rank{_rank():05d}")
     _barrier()
     if _rank() == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -144,9 +168,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-        rng = path / f"rng_rank{_rank():05d}.pt"
-        if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False))
+        rng = path / f"rng_rank{_rank():05d}"
+        if rng.with_suffix(".json").exists():
+            set_rng_state(load_rng(rng))
     return load_meta(path)
 
 
