@@ -202,8 +202,8 @@ def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding(
     scores = {"tok16_long": [ok, ok], "tok4_long": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
                                                    {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
     lines = _context_caveats(finding, scores, 100)
-    assert lines == ["- caveat: tok4_long's prompts are longer than its context of 512 positions in VQA 8-shot 100 of 100 "
-                     "(positions it never trained on; those scores measure that too)"]
+    assert lines == ["- caveat: tok4_long's prompts are longer than its context of 512 positions in VQA 8-shot 100 "
+                     "of 100 (positions it never trained on; those scores measure that too)"]
     assert _context_caveats(finding, {"tok16_long": [ok], "tok4_long": [ok]}, 100) == []
     assert _context_caveats(finding, {"tok16_long": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions
 

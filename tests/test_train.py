@@ -505,7 +505,7 @@ def test_out_of_memory_saves_the_last_completed_step_and_resume_continues_exactl
                                               r"micro-batches of 128 tokens\. The run stopped after step 3 and saved"):
         trainer.run()
     assert ckpt.load_meta(ckpt.latest(tmp_path / "run"))["step"] == 3
-    saved_rng = torch.load(ckpt.latest(tmp_path / "run") / "rng_rank00000.pt", weights_only=False)
+    saved_rng = ckpt.load_rng(ckpt.latest(tmp_path / "run") / "rng_rank00000")
     assert torch.equal(saved_rng["torch"], before["torch"])
     Trainer(cfg, tmp_path / "run", resume=True).run()
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)

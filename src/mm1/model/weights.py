@@ -30,6 +30,7 @@ from mm1.config import (
     from_saved,
     to_dict,
 )
+from mm1.model.size import check_fits
 
 if TYPE_CHECKING:
     from mm1.data.tokenizer import Tokenizer
@@ -175,6 +176,24 @@ def _rope_scaling_from_hf(hf: dict) -> RopeScalingConfig:
     raise WeightsError(f"rope_scaling type '{kind}' is not supported (none, linear, llama3)")
 
 
+HF_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _check_hf_sizes(hf: dict) -> None:
+    """An HF config.json is checked as ours is, by its own key names, before any shape is built from it."""
+    for key in (*HF_SIZES, "num_key_value_heads", "max_position_embeddings", "head_dim"):
+        value = hf.get(key)
+        if key not in HF_SIZES and value is None:
+            continue
+        if type(value) is not int or value <= 0:
+            raise WeightsError(f"config.json: {key}={value!r} must be a positive integer")
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if heads % kv:
+        raise WeightsError(f"config.json: num_key_value_heads={kv} does not divide num_attention_heads={heads}")
+    if not hf.get("head_dim") and hf["hidden_size"] % heads:
+        raise WeightsError(f"config.json: num_attention_heads={heads} does not divide hidden_size={hf['hidden_size']}")
+
+
 def decoder_config_from_hf(hf: dict) -> DecoderConfig:
     """Our decoder config for an HF Llama / Qwen2 / Mistral (SmolLM is Llama) config.json; anything
     our decoder would compute differently is refused here, by name, rather than loaded wrongly."""
@@ -187,6 +206,7 @@ def decoder_config_from_hf(hf: dict) -> DecoderConfig:
     ) if key in hf and not ok(hf[key])]
     if unsupported:
         raise WeightsError(f"the decoder uses what mm1's does not implement: {', '.join(unsupported)}")
+    _check_hf_sizes(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or 0
     return DecoderConfig(
@@ -271,6 +291,7 @@ def load_hf_model(folder: Path, device: str | torch.device = "cpu"):
     cfg.model.connector.num_tokens = 4
     # An HF decoder's vocabulary lacks our `<image>`: no token of a prompt may stand for an image.
     cfg.model.image_token_id = tok.image_id if tok.image_id < dec.vocab_size else -1
+    check_fits(cfg, training=False, device=torch.device(device).type)
     model = MLLM(cfg.model)
     import_hf_decoder(model.decoder, folder)
     return model.to(device).eval(), tok, cfg
@@ -294,6 +315,7 @@ def import_exported(folder: Path):
     from mm1.model.mllm import MLLM
 
     cfg = from_saved(json.loads((folder / "mm1_config.json").read_text()))
+    check_fits(cfg, training=False)
     model = MLLM(cfg.model)
     state = load_file(str(folder / "model.safetensors"))
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}

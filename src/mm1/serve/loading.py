@@ -15,6 +15,7 @@ import torch
 from mm1.config import Config, PromptFormat, Stage, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
+from mm1.model.size import check_fits
 from mm1.train import checkpoint as ckpt
 
 
@@ -47,6 +48,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
     run, ck = ckpt.resolve(path)
     cfg = load(run / "config.json")
     tok = Tokenizer.from_file(run / "tokenizer.json")
+    check_fits(cfg, training=False, device=torch.device(device).type)  # before any allocation
     model = MLLM(cfg.model)
     ckpt.load_model_weights(ck, model)
     return model.to(device).eval(), tok, cfg

@@ -12,6 +12,10 @@ Layout of a run directory's checkpoints:
 
 A checkpoint exists only once its directory has been renamed from `.tmp`, so a kill during a save
 leaves the previous one intact; leftover `.tmp` directories are removed on the next start.
+
+Only `--resume` reads `dcp/` (torch's distributed checkpoint, whose metadata file is a pickle: a run
+folder from someone else is code, resume only your own). Every command that needs weights alone
+(evaluation, serving, export, `--init-from`) reads `model.safetensors`, which loads no code.
 Retention keeps the last `keep_last` plus, as Pythia does, log-spaced steps (1, 2, 4, 8, ...).
 """
 
@@ -39,6 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mm1.config import CheckpointConfig
+
+WEIGHTS = "model.safetensors"  # in each checkpoint: the full model, what weight-only readers load
 
 
 def _rank() -> int:
@@ -124,6 +130,10 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))
     save_rng(rng if rng is not None else rng_state(), tmp / f"rng_rank{_rank():05d}")
+    # every rank takes part in gathering the full weights; rank 0 writes them
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() == 0:
+        save_weights(full, tmp / WEIGHTS)
     _barrier()
     if _rank() == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -184,6 +194,56 @@ def resolve(path: Path) -> tuple[Path, Path]:
     return path, last
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot give what was asked of it (said in one line, naming it)."""
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A full state dict as safetensors; tensors that share storage (tied embeddings) are stored once
+    and recorded as aliases in the file's metadata."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(path))
+    except Exception as err:  # a truncated or foreign file: safetensors' own message names the problem
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return state | {name: state[source] for name, source in aliases.items()}
+
+
 def load_model_weights(path: Path, model: nn.Module) -> dict:
-    """Model weights only (e.g. SFT starting from a pre-training checkpoint); strict about names."""
-    return load(path, model, None, strict=True)
+    """Model weights only (evaluation, serving, export, SFT starting from a pre-training checkpoint), from
+    `model.safetensors`: nothing is unpickled. Strict about names."""
+    from mm1.model.weights import load_strict
+
+    file = path / WEIGHTS
+    if not file.exists():
+        raise CheckpointError(f"{path} has no {WEIGHTS} (an mm1 checkpoint from before 2026-12-06): weights are "
+                              f"read from safetensors only, so that loading runs no code; if this run is your own, "
+                              f"`mm1 checkpoint-weights {path}` writes it from the distributed checkpoint once")
+    load_strict(model, load_weights(file), what=f"weights from {file}")
+    return load_meta(path)
+
+
+def write_weights_from_dcp(path: Path, model: nn.Module) -> Path:
+    """For a checkpoint of an older mm1: read its distributed checkpoint (pickled metadata: only on the
+    user's word that the run is theirs) and write `model.safetensors` beside it."""
+    load(path, model, None, strict=True)
+    tmp = path / (WEIGHTS + ".tmp")
+    save_weights(model.state_dict(), tmp)
+    os.replace(tmp, path / WEIGHTS)
+    return path / WEIGHTS

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from mm1.config import Config, ConfigError, OnNonFinite, Precision, Stage, save, to_dict
 from mm1.data.stream import load_tokenizer
 from mm1.model.pretrained import resolve_pretrained
+from mm1.model.size import check_fits
 from mm1.train import checkpoint as ckpt
 from mm1.train.failstop import Decision, FailureChannel, PeerFailedError, Report, decide
 from mm1.train.metrics import RunLogger, default_peak_flops
@@ -128,6 +129,8 @@ class Trainer:
             same_tokenizer(self.tok, out, cfg)
         elif init_from:
             same_tokenizer(self.tok, ckpt.resolve(Path(init_from))[0], cfg)
+        # a config handed over with 100,000 layers is refused here, before anything is allocated
+        check_fits(cfg, training=True, world_size=self.info.world_size, device=self.info.device.type)
         self.objective = make_objective(cfg, self.tok, world_size=self.info.world_size, fresh=not resume,
                                         init_from=init_from)
         self.lr = resolve_lr(cfg.train.optimizer, self.objective.rule_parameters())
@@ -149,6 +152,9 @@ class Trainer:
                     print(f"--resume: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
                           flush=True)
             else:
+                if self.info.is_main:  # the one path that unpickles: say so
+                    print(f"--resume: reading {last}'s distributed checkpoint (torch's metadata is a pickle: "
+                          f"resume only runs you made)", flush=True)
                 self.start_step = ckpt.load(last, self.model, self.optimizer)["step"]
         self.per_rank = cfg.train.batch_size // self.info.world_size
         micro = cfg.train.micro_batch_size or self.per_rank
