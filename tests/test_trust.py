@@ -133,3 +133,78 @@ def _write_tokenizer(folder: Path) -> None:
                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"], show_progress=False,
                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf.save(str(folder / "tokenizer.json"))
+
+
+def test_a_read_only_or_impossible_out_is_one_line_before_any_work(run, tmp_path, capsys):
+    from mm1.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv in (["eval", "--checkpoint", str(run), "--out", str(blocker / "eval")],
+                 ["train", "--recipe", "tiny", "--out", str(blocker / "run")],
+                 ["export", "--checkpoint", str(run), "--out", str(blocker / "x" / "export")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write there" in err[0] and str(blocker) in err[0], err
+
+
+def test_a_full_disk_during_a_run_is_one_line_naming_the_path_and_leaves_no_empty_files(world, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import errno
+
+    import mm1.files
+    from mm1.cli import main
+    from mm1.config import save
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    replace = mm1.files.os.replace
+
+    def full_after_start(src, dst):  # the run's config and tokenizer are written; later writes find the disk full
+        if Path(dst).name in ("config.json", "tokenizer.json"):
+            return replace(src, dst)
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    cfg = tiny_config(world, *SMALL)
+    save(cfg, tmp_path / "cfg.json")
+    monkeypatch.setattr(ckpt, "save", full)
+    monkeypatch.setattr("mm1.files.os.replace", full_after_start)  # data_stats.json fails as well
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run")]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("mm1:")]
+    assert err == [f"mm1: error: {tmp_path / 'run' / 'checkpoints'}: No space left on device"]  # the first error
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.stat().st_size == 0]
+
+
+def test_results_name_what_they_scored_and_a_cut_export_never_passes_for_a_whole_one(run, tmp_path, monkeypatch):
+    import json
+
+    from mm1.cli import main
+    from mm1.files import FileFormatError
+    from mm1.serve.loading import load_model
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(run), "--out", str(out), "--tasks", "synth_vqa", "--shots", "0",
+                 "eval.limit=2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"]["step"] == 2 and results["checkpoint"]["checkpoint"] == str(ckpt.latest(run))
+    assert (out / "config.json").exists()
+    export = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run), "--out", str(export)]) == 0
+    config = export / "mm1_config.json"
+    config.write_text(config.read_text()[:100])
+    with pytest.raises(FileFormatError, match=r"mm1_config.json: not valid JSON"):
+        load_model(export)
+    tok = export / "tokenizer.json"
+    tok.write_text(tok.read_text()[:100])
+    with pytest.raises(FileFormatError, match=r"tokenizer.json: not a readable tokenizer.json"):
+        from mm1.data.tokenizer import Tokenizer
+
+        Tokenizer.from_file(tok)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mm1.model.weights.export_hf_decoder", killed)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "second")]) == 130
+    assert not (tmp_path / "second").exists()  # nothing half-written in its place

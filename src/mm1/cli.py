@@ -8,6 +8,7 @@ function. Heavy imports happen inside handlers so that `mm1 --help` answers at o
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import json
 import os
@@ -137,8 +138,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from mm1.config import save, validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
-    from mm1.serve.loading import inference_sub_image_grid, load_model, resolve_prompt_format
+    from mm1.files import check_writable
+    from mm1.serve.loading import describe_checkpoint, inference_sub_image_grid, load_model, resolve_prompt_format
 
+    check_writable(Path(a.out))  # before the model is loaded and the items decoded
     model, tok, cfg = load_model(a.checkpoint)
     overrides = [o if o.startswith("eval.") else f"eval.{o}" for o in a.overrides]
     for o in overrides:
@@ -157,8 +160,11 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
     evaluation = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
                           fmt=resolve_prompt_format(cfg), sub_image_grid=inference_sub_image_grid(cfg))
-    write_results(evaluation, Path(a.out), tasks)
+    # the results name what they scored: the checkpoint (and step) and the config, saved beside them
+    evaluation.results = {"checkpoint": describe_checkpoint(a.checkpoint),
+                          "config": "config.json (beside this file)", **evaluation.results}
     save(cfg, Path(a.out) / "config.json")  # the checkpoint's config with the eval settings used
+    write_results(evaluation, Path(a.out), tasks)
     print(f"prompt format: {evaluation.results['prompt']}")
     print(results_table(evaluation.results))
     print(f"results written to {Path(a.out) / 'results.json'}, predictions to {Path(a.out) / 'predictions.jsonl'}")
@@ -221,19 +227,23 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    from mm1.files import atomic_folder, check_writable
     from mm1.model.weights import WeightsError, export, export_hf_decoder
     from mm1.serve.loading import load_model
 
-    model, tok, cfg = load_model(a.checkpoint)
     out = Path(a.out)
-    export(model, cfg, out)
-    tok.save(out / "tokenizer.json")
+    check_writable(out.parent, "--out's folder")
+    model, tok, cfg = load_model(a.checkpoint)
+    with atomic_folder(out) as tmp:  # a half-written export never takes the place of a whole one
+        export(model, cfg, tmp)
+        tok.save(tmp / "tokenizer.json")
+        try:
+            export_hf_decoder(model.decoder, tmp / "decoder", tokenizer=tok)
+            decoder = f"decoder as a transformers folder (AutoModelForCausalLM): {out / 'decoder'}"
+        except WeightsError as err:
+            decoder = f"decoder not exported as a transformers folder: {err}"
     print(f"whole model (mm1 format; `mm1 chat/eval/serve --checkpoint {out}` load it): {out}")
-    try:
-        export_hf_decoder(model.decoder, out / "decoder", tokenizer=tok)
-        print(f"decoder as a transformers folder (AutoModelForCausalLM): {out / 'decoder'}")
-    except WeightsError as err:
-        print(f"decoder not exported as a transformers folder: {err}")
+    print(decoder)
     return 0
 
 
@@ -357,7 +367,7 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for the tiny recipe")
-    p.set_defaults(func=_cmd_quickstart)
+    p.set_defaults(func=_cmd_quickstart, out_folder=True)
 
     p = sub.add_parser("pipeline", help="every training stage of a recipe in MM1's order (CLIP, LM, pre-training, "
                                         "SFT), each started from the earlier ones; finished stages are skipped",
@@ -369,7 +379,7 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", help="comma-separated stages to run (the others must be finished where they hand "
                                   "something over)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every stage's recipe")
-    p.set_defaults(func=_cmd_pipeline)
+    p.set_defaults(func=_cmd_pipeline, out_folder=True)
 
     p = sub.add_parser("ablate", help="MM1's findings reproduced on the synthetic world, with seeds and intervals",
                        description="Runs the arms of each finding (resolution vs encoder size, image tokens, "
@@ -382,7 +392,7 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
     p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 3 full)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every arm's tiny recipe")
-    p.set_defaults(func=_cmd_ablate)
+    p.set_defaults(func=_cmd_ablate, out_folder=True)
 
     p = sub.add_parser("sweep", help="MM1's learning-rate rule refitted: an LR grid over small decoder sizes",
                        description="Trains every (decoder size, learning rate) of a grid, takes the best rate per "
@@ -391,7 +401,7 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="3 sizes × 5 rates, short runs")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every run's tiny recipe")
-    p.set_defaults(func=_cmd_sweep)
+    p.set_defaults(func=_cmd_sweep, out_folder=True)
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -405,7 +415,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (with its saved config.json)")
     p.add_argument("--init-from", help="checkpoint directory whose model weights start this run (e.g. SFT)")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, out_folder=True)
 
     p = sub.add_parser("eval", help="few-shot evaluation (CIDEr, VQA accuracy, perplexity) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
@@ -502,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool_commands(sub)
     return parser
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`--stage sft data.sub_image_grid=2`).
@@ -511,19 +524,30 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
+        if getattr(args, "out_folder", False):  # a read-only or misnamed --out: one line before any work
+            from mm1.files import check_writable
+
+            check_writable(Path(args.out))
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:  # bad settings or paths: one line, no traceback
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # malformed data files, images and weights: reported, not a traceback
         from mm1.data.errors import DataError
+        from mm1.files import FileFormatError
         from mm1.model.weights import WeightsError
         from mm1.train.checkpoint import CheckpointError
 
-        if not isinstance(err, DataError | WeightsError | CheckpointError):
+        if not isinstance(err, DataError | WeightsError | CheckpointError | FileFormatError):
             raise
         print(f"mm1: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only or vanished folder: the path and the reason, one line
+        if err.errno not in DISK_ERRORS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mm1: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mm1: interrupted", file=sys.stderr)
         return 130

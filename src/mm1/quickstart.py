@@ -14,7 +14,6 @@ one low-resolution view per image on `synth_words`, to show what the sub-images 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from mm1.config import Config, PromptFormat, apply_overrides
 from mm1.data.synth.writer import ensure_world
 from mm1.eval.harness import Evaluation, evaluate, write_results
 from mm1.eval.tasks import get_task
+from mm1.files import write_json
 from mm1.recipes import get_recipe
 from mm1.recipes.pipeline import ResolvedStage
 from mm1.recipes.tiny import tiny_pipeline
@@ -100,7 +100,7 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     print(f"[8/{STEPS}] report")
     # MM1's few-shot evaluation is of the pre-trained model; the other arms are kept beside it.
     final = results["pretrain"] | {"stages": results}
-    (out / "results.json").write_text(json.dumps(final, indent=2) + "\n")
+    write_json(out / "results.json", final)
     timings["total"] = time.perf_counter() - t0
     notes = report_notes(results)
     report = write_report(out, results=results, timings=timings, notes=notes,

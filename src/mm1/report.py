@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mm1.eval.harness import results_table
+from mm1.files import write_text
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -83,5 +84,5 @@ def write_report(out: Path, *, results: dict[str, dict], metrics: dict[str, list
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += ["", *notes, ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

@@ -54,7 +54,8 @@ class Arm:
 
     @property
     def decoder_overrides(self) -> tuple[str, ...]:
-        return self._of("model.decoder.")
+        """The overrides that shape the decoder's weights (its position limit does not: RoPE has no table)."""
+        return tuple(o for o in self._of("model.decoder.") if not o.startswith("model.decoder.max_seq_len="))
 
     @property
     def vision_key(self) -> str:

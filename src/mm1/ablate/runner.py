@@ -102,13 +102,17 @@ def clip_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
     return cfg
 
 
+LM_MAX_SEQ_LEN = 1024  # every arm's position limit fits under it (RoPE: the limit shapes no weight)
+
+
 def lm_config(base: Config, arm: Arm, seed: int, scale: Scale) -> Config:
     """The arm's text-only LM stage: the tiny recipe's, with the arm's decoder shape (dense: an MoE arm
-    is upcycled from it) and the base's data and batch (an arm's own sequence length is its own)."""
+    is upcycled from it) and the base's data and batch (an arm's own sequence length is its own), so
+    that arms of one decoder shape share it."""
     from mm1.recipes.tiny import tiny_lm
 
-    cfg = apply_overrides(tiny_lm(from_saved(to_dict(base))), [*arm.decoder_overrides, "train.batch_size=16",
-                                                               *_stage_seed(seed, scale.lm_steps)])
+    cfg = apply_overrides(tiny_lm(from_saved(to_dict(base))), [
+        *arm.decoder_overrides, f"model.decoder.max_seq_len={LM_MAX_SEQ_LEN}", *_stage_seed(seed, scale.lm_steps)])
     cfg.recipe = f"ablate:lm:{arm.decoder_key}"
     return cfg
 

@@ -57,8 +57,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    from mm1.files import write_json
+
+    write_json(Path(path), to_dict(cfg))
 
 
 MOVED = {("model", "vision_init"): ("model", "vision", "init")}  # keys of configs saved by earlier versions

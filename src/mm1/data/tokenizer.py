@@ -68,7 +68,13 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer at {path}; train one with `mm1 data tokenizer`")
-        return cls(HFTokenizer.from_file(str(path)), chat_template=read_chat_template(path.parent))
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            from mm1.files import FileFormatError
+
+            raise FileFormatError(f"{path}: not a readable tokenizer.json (truncated? {err})") from None
+        return cls(hf, chat_template=read_chat_template(path.parent))
 
     def __len__(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
@@ -106,9 +112,10 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """`path` (a tokenizer.json) and, for an Instruct model's template, `chat_template.jinja` beside it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path))
+        from mm1.files import atomic_path
+
+        with atomic_path(Path(path)) as tmp:
+            self.hf.save(str(tmp))
         if self.chat_template:
             write_chat_template(self.chat_template, path.parent)
 

@@ -42,6 +42,7 @@ from mm1.eval.metrics import cider_d, normalize_answer, vqa_accuracy
 from mm1.eval.perplexity import perplexity
 from mm1.eval.tasks.base import CaptionItem, Metric, PromptSpec, Task, references
 from mm1.eval.tasks.benchmarks import write_submission
+from mm1.files import write_json, write_text
 from mm1.model.mllm import MLLM
 from mm1.serve.engine import Answer, Engine, GenerationConfig
 
@@ -150,11 +151,10 @@ def write_results(evaluation: Evaluation, out: Path, tasks: list[Task] = ()) -> 
         for k in sorted({r["shots"] for r in evaluation.predictions if r["task"] == task.name}):
             rows = [r for r in evaluation.predictions if r["task"] == task.name and r["shots"] == k]
             write_submission(task, rows, out / "submissions" / f"{task.name}_{k}shot.json")
-    (out / "results.json").write_text(json.dumps(evaluation.results, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(evaluation.results))
-    with (out / "predictions.jsonl").open("w") as f:
-        for row in evaluation.predictions:
-            f.write(json.dumps(row) + "\n")
+    # predictions first, results last: a results.json is only there once what it summarises is
+    write_text(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in evaluation.predictions))
+    write_text(out / "results.md", results_table(evaluation.results))
+    write_json(out / "results.json", evaluation.results)
 
 
 def results_table(results: dict) -> str:

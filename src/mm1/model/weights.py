@@ -302,22 +302,26 @@ def load_hf_model(folder: Path, device: str | torch.device = "cpu"):
 
 def export(model: nn.Module, cfg: Config, folder: Path) -> Path:
     """Our model as `model.safetensors` + `mm1_config.json` (tied weights stored once)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from mm1.files import atomic_path, write_json
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.model.decoder.tie_embeddings:
         state.pop("decoder.lm_head.weight", None)
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "mm1_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(folder / "mm1_config.json", to_dict(cfg))
     return folder
 
 
 def import_exported(folder: Path):
+    from mm1.files import read_json
     from mm1.model.mllm import MLLM
+    from mm1.train.checkpoint import load_weights
 
-    cfg = from_saved(json.loads((folder / "mm1_config.json").read_text()))
+    cfg = from_saved(read_json(folder / "mm1_config.json"))
     check_fits(cfg, training=False)
     model = MLLM(cfg.model)
-    state = load_file(str(folder / "model.safetensors"))
+    state = load_weights(folder / "model.safetensors")
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
                                 if cfg.model.decoder.tie_embeddings else {}), what=str(folder))
     return model, cfg
@@ -365,14 +369,16 @@ def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer: Tokenizer 
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     hf_state = {k: v.detach().contiguous().cpu() for k, v in map_names(state, EXPORT_DECODER_MAP, []).items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     eos_id: int | list[int] | None = None
     if tokenizer is not None:  # the end of text, and what ends a turn in the model's chat template
         from mm1.data.template import template_for
 
         eos_id = sorted({tokenizer.eos_id, *(tokenizer.control_id(t) for t in template_for(tokenizer).stop_tokens)})
-    (folder / "config.json").write_text(json.dumps(hf_decoder_config(cfg, bos_id=None, eos_id=eos_id), indent=2))
-    if tokenizer is not None:  # with our added tokens, and the chat template the model was tuned with
-        tokenizer.save(folder / "tokenizer.json")
+    from mm1.files import atomic_folder, write_json
+
+    with atomic_folder(folder) as tmp:  # a folder that exists is whole
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", hf_decoder_config(cfg, bos_id=None, eos_id=eos_id))
+        if tokenizer is not None:  # with our added tokens, and the chat template the model was tuned with
+            tokenizer.save(tmp / "tokenizer.json")
     return folder

@@ -31,6 +31,19 @@ def inference_sub_image_grid(cfg: Config) -> int:
     return cfg.data.sub_image_grid if cfg.train.stage == Stage.SFT else 0
 
 
+def describe_checkpoint(path: str | Path) -> dict:
+    """What a result was computed from: the folder, its kind, and for a run the checkpoint and its step."""
+    path = Path(path).resolve()
+    cfg_file = path / "config.json"
+    if cfg_file.exists() and "model_type" in json.loads(cfg_file.read_text()):
+        return {"path": str(path), "kind": "transformers folder"}
+    if (path / "mm1_config.json").exists():
+        return {"path": str(path), "kind": "mm1 export"}
+    run, ck = ckpt.resolve(path)
+    return {"path": str(run), "kind": "mm1 run", "checkpoint": str(ck), "step": ckpt.load_meta(ck)["step"],
+            "config": str(run / "config.json")}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MLLM, Tokenizer, Config]:
     path = Path(path)
     if not path.exists():

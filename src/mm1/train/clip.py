@@ -195,4 +195,7 @@ class CLIPObjective:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if is_main:
             vision = {k.removeprefix("vision."): v.contiguous() for k, v in full.items() if k.startswith("vision.")}
-            save_file(vision, str(out / CLIP_WEIGHTS))
+            from mm1.files import atomic_path
+
+            with atomic_path(out / CLIP_WEIGHTS) as tmp:
+                save_file(vision, str(tmp))

@@ -182,10 +182,10 @@ class LMObjective:
         """After the last step (or a stop): what the data stream read and left out; after a finished LM
         stage, the decoder as a transformers folder, `out/decoder` (what `model.decoder.init=out` reads)."""
         if is_main:
-            import json
+            from mm1.files import write_json
 
             stats = {"prepared": self.stream.manifests(), "at_load": self.stats.to_dict(),
                      "skipped_in_batches": skipped}
-            (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
+            write_json(out / "data_stats.json", stats)
         if completed and self.cfg.train.stage == Stage.LM:
             export_lm_decoder(model, self.cfg, self.tok, out / LM_DECODER, is_main=is_main)

@@ -277,8 +277,14 @@ class Trainer:
                     self._fail_stop(*failed)
         finally:
             logger.close()
-            self.objective.finish(unwrap(self.model), self.out, is_main=info.is_main, completed=step >= steps,
-                                  skipped=skipped)
+            failing = sys.exc_info()[1] is not None
+            try:
+                self.objective.finish(unwrap(self.model), self.out, is_main=info.is_main, completed=step >= steps,
+                                      skipped=skipped)
+            except OSError as err:  # (a full disk) when the run is failing already: that first error is the news
+                if not failing:
+                    raise
+                print(f"also: the run's summary was not written ({err})", file=sys.stderr)
         return last
 
     # ------------------------------------------------------------------ a failed step
