@@ -66,10 +66,13 @@ def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
     """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
     upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
     378-px pre-training checkpoint)."""
+    from mm1.model.size import check_fits
     from mm1.model.weights import fit_position_tables, load_strict
 
     run, ck = ckpt.resolve(path)
-    source = MLLM(load(run / "config.json").model)
+    source_cfg = load(run / "config.json")
+    check_fits(source_cfg, training=False)  # the run started from is checked as the run itself is
+    source = MLLM(source_cfg.model)
     ckpt.load_model_weights(ck, source)
     state = fit_position_tables(source.state_dict(), model)
     if cfg.model.moe.num_experts and not source.cfg.moe.num_experts:
