@@ -17,7 +17,7 @@ PPL=(eval.ppl_tokens=8192 eval.ppl_window=1024)
 [ -f "$WEIGHTS/model.safetensors" ] || $MM1 weights from-gguf --out "$WEIGHTS"
 [ -f "$WORLD/world.json" ] || $MM1 data synth --recipe smol --out "$WORLD"
 # clip → pretrain (and pretrain_no_text) → sft, each from the stages before it (recipes/smol.py: smol_pipeline)
-$MM1 pipeline smol --out "$OUT"
+$MM1 pipeline smol --out "$OUT" --jobs 2
 
 $MM1 eval --checkpoint "$WEIGHTS" --tasks "ppl:$WIKI" --out "$OUT/eval_base" "${PPL[@]}"
 $MM1 eval --checkpoint "$OUT/pretrain" --tasks "coco_val2017,ppl:$WIKI" --out "$OUT/eval_pretrain" "${PPL[@]}"

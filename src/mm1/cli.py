@@ -322,7 +322,7 @@ def _cmd_pipeline(a: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--only: no stage {', '.join(unknown)} in pipeline '{a.name}' ({', '.join(pipeline.names)})")
     pipeline.prepare(out)
-    timings = pipeline.run(out, only=only, on_stage=lambda i, s: print(
+    timings = pipeline.run(out, only=only, jobs=a.jobs, on_stage=lambda i, s: print(
         f"[{i + 1}/{len(pipeline.stages)}] {s.name}: {s.config.train.steps} steps → {s.folder}"
         + (" (finished: skipped)" if s.done else "")))
     for name, seconds in timings.items():
@@ -378,6 +378,8 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--only", help="comma-separated stages to run (the others must be finished where they hand "
                                   "something over)")
+    p.add_argument("--jobs", type=int, default=1, help="stages that take nothing from each other run in this many "
+                                                       "processes at once (each with its share of the cores)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every stage's recipe")
     p.set_defaults(func=_cmd_pipeline, out_folder=True)
 

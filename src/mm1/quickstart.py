@@ -90,7 +90,8 @@ def run_quickstart(*, out: Path, overrides: list[str], seed: int = 0, clip_overr
     def announce(i: int, stage: ResolvedStage) -> None:
         print(f"[{i + 3}/{STEPS}] {what[stage.name]}: {stage.config.train.steps} steps → {stage.folder}")
 
-    timings |= pipeline.run(out, on_stage=announce)
+    # the CLIP and LM stages take nothing from each other: side by side, one core each
+    timings |= pipeline.run(out, jobs=2, on_stage=announce)
 
     t = time.perf_counter()
     print(f"[7/{STEPS}] few-shot evaluation on held-out scenes")

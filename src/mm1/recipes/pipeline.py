@@ -6,7 +6,9 @@ that order down once: each stage's config, and which earlier stage hands it what
 quickstart, `mm1 ablate` (one pipeline per arm and seed, the CLIP and LM stages shared between arms)
 and `mm1 pipeline smol` all run one, so the hand-offs are written in one place.
 
-Stages are ordinary run folders: a finished stage is skipped, an interrupted one resumes.
+Stages are ordinary run folders: a finished stage is skipped, an interrupted one resumes. Stages
+that take nothing from each other (the CLIP and LM stages) may run side by side (`jobs=2`): on a
+CPU, two processes of one thread each train more per second than one process of two threads.
 """
 
 from __future__ import annotations
@@ -107,18 +109,60 @@ class Pipeline:
         for stage in stages:
             prepare(stage.config, stage.config.train.stage, tok, progress=progress)
 
-    def run(self, out: Path, *, only: list[str] | None = None,
-            on_stage: Callable[[int, ResolvedStage], None] | None = None) -> dict[str, float]:
-        """Train every stage (or those in `only`) in order, skipping finished ones; returns seconds per stage."""
-        from mm1.train.trainer import train_or_resume
+    def waves(self) -> list[list[str]]:
+        """Stages grouped so that each group takes only from earlier groups (they may run side by side)."""
+        level: dict[str, int] = {}
+        for stage in self.stages:
+            level[stage.name] = 1 + max((level[source] for _, source in stage.takes), default=-1)
+        return [[n for n in self.names if level[n] == w] for w in range(max(level.values()) + 1)]
 
-        timings = {}
-        for i, stage in enumerate(self.resolve(out)):
-            if only is not None and stage.name not in only:
+    def run(self, out: Path, *, only: list[str] | None = None, jobs: int = 1,
+            on_stage: Callable[[int, ResolvedStage], None] | None = None) -> dict[str, float]:
+        """Train every stage (or those in `only`) in order, skipping finished ones; with `jobs` > 1, the
+        unfinished stages of a wave run in that many processes at once. Returns seconds per stage."""
+        stages = {s.name: s for s in self.resolve(out)}
+        index = {name: i for i, name in enumerate(self.names)}
+        timings: dict[str, float] = {}
+        for wave in self.waves():
+            todo = [stages[n] for n in wave if only is None or n in only]
+            for stage in todo:
+                if on_stage:
+                    on_stage(index[stage.name], stage)
+            side_by_side = [s for s in todo if not s.done] if jobs > 1 else []
+            if len(side_by_side) > 1:
+                timings |= _run_side_by_side(side_by_side, jobs)
                 continue
-            if on_stage:
-                on_stage(i, stage)
-            t = time.perf_counter()
-            train_or_resume(stage.config, stage.folder, stage.init_from)
-            timings[stage.name] = time.perf_counter() - t
+            for stage in todo:
+                t = time.perf_counter()
+                _train(stage)
+                timings[stage.name] = time.perf_counter() - t
         return timings
+
+
+def _train(stage: ResolvedStage) -> None:
+    from mm1.train.trainer import train_or_resume
+
+    train_or_resume(stage.config, stage.folder, stage.init_from)
+
+
+def _stage_job(stage: ResolvedStage, threads: int) -> float:
+    """One stage in a worker process with its share of the cores (no progress bar: they would interleave)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    stage.config.train.logging.progress = False
+    t = time.perf_counter()
+    _train(stage)
+    return time.perf_counter() - t
+
+
+def _run_side_by_side(stages: list[ResolvedStage], jobs: int) -> dict[str, float]:
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(jobs, len(stages))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {s.name: pool.submit(_stage_job, s, threads) for s in stages}
+        return {name: f.result() for name, f in futures.items()}
