@@ -171,6 +171,9 @@ def test_a_pipeline_hands_each_stage_what_the_earlier_ones_wrote(tmp_path):
         cfg = stages[name].config
         assert (cfg.model.vision.init, cfg.model.decoder.init) == (str(tmp_path / "clip"), str(tmp_path / "lm"))
     assert stages["sft"].init_from == tmp_path / "pretrain" and stages["pretrain"].init_from is None
+    # what may run side by side: stages that take nothing from each other
+    assert get_pipeline("tiny").waves() == [["clip", "lm"], ["pretrain"], ["sft"]]
+    assert get_pipeline("smol").waves() == [["clip"], ["pretrain", "pretrain_no_text"], ["sft"]]
     smol = {s.name: s for s in get_pipeline("smol", ["train.steps=3"]).resolve(tmp_path)}
     assert smol["pretrain_no_text"].config.data.sources["text"].weight == 0
     assert smol["sft"].init_from == tmp_path / "pretrain" and smol["clip"].config.train.steps == 3
