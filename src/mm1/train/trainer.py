@@ -167,7 +167,8 @@ class Trainer:
         self.completed = self.start_step
         self._in_optimizer_step = False
         self._rng_at_step: dict | None = None
-        self.peak_flops = cfg.train.logging.peak_flops or default_peak_flops(self.info.device)
+        # the step's FLOPs are the job's (every rank's tokens): MFU divides them by the job's peak
+        self.peak_flops = (cfg.train.logging.peak_flops or default_peak_flops(self.info.device)) * self.info.world_size
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
