@@ -358,7 +358,9 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str = ""  # empty: W&B off
     wandb_mode: str = "offline"
-    peak_flops: float = 0.0  # FLOP/s for MFU; 0: a known GPU's bf16 data-sheet peak, else a measured matmul rate
+    # one device's FLOP/s for MFU (times the world size); 0: a known GPU's bf16 data-sheet peak, else a measured
+    # matmul rate
+    peak_flops: float = 0.0
     progress: bool = True
 
 
