@@ -241,3 +241,57 @@ def test_images_first_moves_each_messages_images_before_its_text():
     moved = turns(msgs, LIMITS, images_first=True)[0].parts
     assert [type(p) is str for p in as_sent] == [True, False, True]
     assert [type(p) is str for p in moved] == [False, True, True] and moved[1:] == ("what colour?", "be brief")
+
+
+HOSTILE = [  # (what, body or raw bytes, the status, a piece of the error message)
+    ("JSON nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("a 5,000-digit integer", b'{"seed": ' + b"9" * 5000 + b"}", 400, "cannot be read"),
+    ("an unpaired surrogate", {"messages": [{"role": "user", "content": "a \ud800 b"}]}, 400, "not valid Unicode"),
+    ("a role given as a list", {"messages": [{"role": ["user"], "content": "hi"}]}, 400, "role must be one of"),
+    ("seed 2**64", {"seed": 2**64, "messages": [{"role": "user", "content": "hi"}]}, 400, "'seed' must be"),
+    ("seed -2**63-1", {"seed": -(2**63) - 1, "messages": [{"role": "user", "content": "hi"}]}, 400, "'seed' must"),
+    ('"stream": "no"', {"stream": "no", "messages": [{"role": "user", "content": "hi"}]}, 400, "'stream' must be"),
+    ("logprobs", {"logprobs": True, "messages": [{"role": "user", "content": "hi"}]}, 400, "'logprobs' is not"),
+    ("tools", {"tools": [{"type": "function"}], "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "'tools' is not"),
+    ("response_format", {"response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "hi"}]},
+     400, "'response_format' is not"),
+    ("n=2", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}, 400, "only n=1"),
+    ("a 2 MB body", {"messages": [{"role": "user", "content": "ab " * 700_000}]}, 413, "the limit is"),
+    ("250 kB of text, under the body limit", {"messages": [{"role": "user", "content": "ab " * 80_000}]}, 400,
+     "characters; at most"),  # refused before the tokenizer reads it
+]
+
+
+@pytest.mark.parametrize(("what", "body", "status", "message"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_request_gets_a_4xx_naming_what_is_wrong_and_the_server_serves_on(server, client, what, body,
+                                                                                   status, message):
+    import json as jsonlib
+
+    raw = body if isinstance(body, bytes) else jsonlib.dumps(body).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=raw, timeout=30,
+                   headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
+    assert r.status_code == status, (what, r.text[:300])
+    assert message in r.json()["error"]["message"], (what, r.text[:300])
+    ok = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "red"}])
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_a_vanishing_temperature_or_top_p_is_greedy_not_a_crash(client, temperature):
+    def ask(**kw):
+        return client.chat.completions.create(model="tiny", max_tokens=6, seed=1,
+                                              messages=[{"role": "user", "content": "red circle"}], **kw)
+
+    greedy = ask(temperature=0).choices[0].message.content
+    assert ask(temperature=temperature).choices[0].message.content == greedy
+    assert ask(temperature=1.0, top_p=1e-300).choices[0].message.content == greedy
+
+
+def test_a_post_that_is_not_json_is_415_and_the_key_covers_the_docs(server):
+    r = httpx.post(server + "/v1/chat/completions", content=b'{"messages": []}', timeout=10,
+                   headers={"Authorization": "Bearer sekrit", "Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    for path in ("/docs", "/redoc", "/openapi.json", "/v1/models"):
+        assert httpx.get(server + path, timeout=10).status_code == 401, path
+    assert httpx.get(server + "/health", timeout=10).status_code == 200

@@ -42,6 +42,20 @@ class Limits:
     default_max_tokens: int = 64
     allowed_url_hosts: tuple[str, ...] = ()  # hosts whose http(s) image URLs may be fetched
     url_timeout_s: float = 10.0
+    # a prompt's text is capped before it is tokenized: the context times this many characters a token
+    # (BPE averages about 4 on English; 16 leaves room for any real text and bounds the tokenizer's work)
+    max_chars_per_token: int = 16
+
+
+# below this a temperature (or top_p) is greedy decoding: 1e-300 would overflow the softmax to inf/nan
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+# OpenAI fields this server does not implement: refused by name rather than silently ignored
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
+               "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+               "prediction": (None,)}
 
 
 class RequestError(Exception):
@@ -72,6 +86,14 @@ def _require(ok: bool, message: str, param: str, code: str = "invalid_value", st
         raise RequestError(status, message, param=param, code=code)
 
 
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    _require(isinstance(value, bool), f"'{key}' must be true or false, got {value!r}", key)
+    return value
+
+
 def _number(body: dict, key: str, lo: float, hi: float, default: float) -> float:
     value = body.get(key, default)
     if value is None:
@@ -95,11 +117,19 @@ def generation(body: dict, limits: Limits) -> GenerationConfig:
     _require(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
              "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
     seed = body.get("seed", 0)
-    _require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), "'seed' must be an integer",
-             "seed")
-    _require(body.get("n", 1) in (1, None), "only n=1 is supported", "n", "unsupported_value")
-    return GenerationConfig(max_new_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2, 1.0),
-                            top_p=_number(body, "top_p", 0, 1, 1.0) or 1.0, stop=stop, seed=seed or 0)
+    _require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)
+                              and SEED_RANGE[0] <= seed <= SEED_RANGE[1]),
+             f"'seed' must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "seed")
+    n = body.get("n", 1)
+    _require(n is None or (type(n) is int and n == 1), "only n=1 is supported", "n", "unsupported_value")
+    for key, fine in UNSUPPORTED.items():
+        _require(key not in body or body[key] in fine, f"'{key}' is not supported by this server",
+                 key, "unsupported_parameter")
+    temperature, top_p = _number(body, "temperature", 0, 2, 1.0), _number(body, "top_p", 0, 1, 1.0)
+    if temperature < MIN_TEMPERATURE or 0 < top_p < MIN_TOP_P:
+        temperature = 0.0  # both leave one token standing: greedy, without dividing by almost nothing
+    return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0, stop=stop,
+                            seed=seed or 0)
 
 
 def _image_bytes(url: str, param: str, limits: Limits) -> bytes:
@@ -146,6 +176,14 @@ def _image(part: dict, param: str, limits: Limits) -> Image.Image:
         raise RequestError(400, str(err), param=param, code=code.get(err.reason, "invalid_image")) from None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 
 
@@ -157,8 +195,8 @@ def turns(messages: object, limits: Limits, *, images_first: bool = False) -> li
     out, images = [], []
     for m, msg in enumerate(messages):
         where = f"messages[{m}]"
-        _require(isinstance(msg, dict) and msg.get("role") in ROLES, f"{where}.role must be one of "
-                 f"{sorted(ROLES)}", f"{where}.role")
+        _require(isinstance(msg, dict) and isinstance(msg.get("role"), str) and msg["role"] in ROLES,
+                 f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
         content = msg.get("content")
         content = [{"type": "text", "text": content}] if isinstance(content, str) else content
         _require(isinstance(content, list), f"{where}.content must be a string or a list of parts", where)
@@ -168,6 +206,8 @@ def turns(messages: object, limits: Limits, *, images_first: bool = False) -> li
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 _require(isinstance(part.get("text"), str), f"{param}.text must be a string", param)
+                _require(_encodable(part["text"]), f"{param}.text is not valid Unicode text (an unpaired "
+                         "surrogate?)", param, "invalid_text")
                 parts.append(part["text"])
             elif kind == "image_url":
                 _require(ROLES[msg["role"]] != Role.ASSISTANT, "images are accepted in user and system messages",
@@ -191,13 +231,20 @@ def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTempl
     """Validate a /v1/chat/completions body and encode its prompt; raises RequestError."""
     _require(isinstance(body, dict), "the request body must be a JSON object", "body")
     gen = generation(body, limits)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options") or {}
+    _require(isinstance(options, dict), "'stream_options' must be an object", "stream_options")
+    include_usage = _bool(options, "include_usage")
+    model = body.get("model", "")
+    _require(isinstance(model, str), "'model' must be a string", "model")
     history = turns(body.get("messages"), limits, images_first=images_first)
+    chars = sum(len(p) for t in history for p in t.parts if isinstance(p, str))
+    _require(chars <= context * limits.max_chars_per_token, f"the prompt's text is {chars:,} characters; at most "
+             f"{context * limits.max_chars_per_token:,} are read for this model's context of {context} tokens",
+             "messages", "context_length_exceeded")  # checked before the tokenizer spends any time on it
     encoded = engine.encode(template.render(history, generation_prompt=True))
     allowed = min(limits.max_prompt_tokens or context, context - gen.max_new_tokens)
     _require(len(encoded.ids) <= allowed, f"the prompt is {len(encoded.ids)} tokens (images included); at most "
              f"{allowed} fit with max_tokens={gen.max_new_tokens} in this model's context of {context}",
              "messages", "context_length_exceeded")
-    options = body.get("stream_options") or {}
-    return ChatRequest(encoded, gen, stream=bool(body.get("stream", False)),
-                       include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-                       model=str(body.get("model", "")))
+    return ChatRequest(encoded, gen, stream=stream, include_usage=include_usage, model=model)

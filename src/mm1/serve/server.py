@@ -72,6 +72,20 @@ async def _read_body(request: Request, limit: int) -> object:
         return json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise RequestError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise RequestError(400, f"the request body holds a value that cannot be read: {err}",
+                           code="invalid_json") from None
+
+
+def _json_content(request: Request) -> None:
+    """A POST must say it is JSON: a web page's form or `text/plain` "simple request" (no CORS preflight)
+    must not reach the model."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(415, f"Content-Type must be application/json, got {kind or 'none'!r}",
+                           code="unsupported_media_type")
 
 
 def _authorize(request: Request, key: str | None) -> None:
@@ -203,6 +217,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def refused(_: Request, err: RequestError) -> JSONResponse:
         return _error(err)
 
+    @app.middleware("http")
+    async def every_route_but_health_needs_the_key(request: Request, call_next):
+        # /docs, /redoc and /openapi.json included: they describe the server to whoever asks
+        if request.url.path != "/health":
+            try:
+                _authorize(request, state.api_key)
+            except RequestError as err:
+                return _error(err)
+        return await call_next(request)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "running": len(state.batcher.rows), "waiting": state.batcher.waiting.qsize()}
@@ -216,6 +240,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorize(request, state.api_key)
+        _json_content(request)
         body = await _read_body(request, state.limits.max_body_bytes)
         context = state.batcher.max_len
         chat = await run_in_threadpool(parse_chat, body, state.engine, state.limits, state.template, context,
