@@ -295,3 +295,61 @@ def test_a_post_that_is_not_json_is_415_and_the_key_covers_the_docs(server):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models"):
         assert httpx.get(server + path, timeout=10).status_code == 401, path
     assert httpx.get(server + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("stage", ["admit", "prefill", "step", "callback"])
+def test_one_requests_failure_is_its_own(engine, monkeypatch, stage):
+    """A failure while admitting, prefilling, stepping or delivering one request ends that request with its
+    error; the stream beside it finishes with the tokens it gets alone, and nothing is left waiting."""
+    import mm1.serve.batching as batching
+
+    good_prompt = ChatTemplate().render([user_turn("what colour is the circle?")], generation_prompt=True)
+    alone = engine.generate([good_prompt], GenerationConfig(max_new_tokens=12))[0]
+    bad_seed = 2**70 if stage == "admit" else 666
+    if stage == "prefill":
+        embed = engine.model.embed
+
+        def failing_embed(tokens, images):
+            if tokens.shape[0] == 1 and tokens[0, 0] == 7:  # the bad request alone (after the batched pass failed)
+                raise RuntimeError("injected prefill failure")
+            if any(row[0] == 7 for row in tokens):
+                raise RuntimeError("injected prefill failure")
+            return embed(tokens, images)
+
+        monkeypatch.setattr(engine.model, "embed", failing_embed)
+    if stage == "step":
+        real_pick = batching.pick
+
+        def failing_pick(logits, gen, generator):
+            if gen.seed == 666:
+                raise RuntimeError("injected sampling failure")
+            return real_pick(logits, gen, generator)
+
+        monkeypatch.setattr(batching, "pick", failing_pick)
+    batcher = ContinuousBatcher(engine, max_batch=4)
+    done: dict[str, Completion | BaseException] = {}
+
+    def on_done(name):
+        def record(result):
+            done[name] = result
+            if stage == "callback" and name == "bad":
+                raise RuntimeError("the client's callback failed")
+        return record
+
+    good = Request(engine.encode(good_prompt), GenerationConfig(max_new_tokens=12), on_done=on_done("good"))
+    bad_ids = engine.encode(ChatTemplate().render([user_turn("red")], generation_prompt=True))
+    if stage == "prefill":
+        bad_ids.ids[0] = 7
+    bad = Request(bad_ids, GenerationConfig(max_new_tokens=12, seed=bad_seed, temperature=1.0),
+                  on_done=on_done("bad"))
+    batcher.submit(good)
+    batcher.step()  # the good stream is running when the bad request arrives
+    batcher.submit(bad)
+    steps = 0
+    while batcher.busy and steps < 100:
+        batcher.step()
+        steps += 1
+    assert not batcher.busy and set(done) == {"good", "bad"}
+    assert isinstance(done["good"], Completion) and done["good"].text == alone
+    if stage != "callback":
+        assert isinstance(done["bad"], Exception)

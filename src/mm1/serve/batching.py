@@ -15,6 +15,7 @@ The batcher is not thread-safe except `submit`, which may be called from any thr
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 from mm1.model.decoder import KVCache
 from mm1.serve.engine import Encoded, Engine, GenerationConfig, pick
 
+log = logging.getLogger(__name__)
 SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
 
 
@@ -97,7 +99,7 @@ class ContinuousBatcher:
         running = len(self.rows)
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            self._prefill_each_on_failure(admitted)
         if running:
             self._decode(running)
 
@@ -110,9 +112,10 @@ class ContinuousBatcher:
                 continue
             try:
                 self.step()
-            except Exception as err:  # fail the requests in flight, keep serving
+            except Exception as err:  # the shared decoding step itself: fail the requests in it, keep serving
+                log.exception("decoding step failed; ending the %d requests in it", len(self.rows))
                 for row in self.rows:
-                    row.request.on_done(err)
+                    _end(row.request, err)
                 self.rows = []
 
     # -- admission and the prompt pass ------------------------------------------------------------
@@ -126,8 +129,27 @@ class ContinuousBatcher:
                 break
             if req.cancelled.is_set():
                 continue
-            new.append(_Running(req, torch.Generator().manual_seed(req.gen.seed)))
+            try:
+                new.append(_Running(req, torch.Generator().manual_seed(req.gen.seed)))
+            except Exception as err:  # (a seed torch refuses) this request ends; the others go on
+                _end(req, err)
         return new
+
+    def _prefill_each_on_failure(self, new: list[_Running]) -> None:
+        """One prompt pass for the admitted rows; if it fails, one pass each, so that only the request
+        that fails on its own is ended with the error."""
+        try:
+            self._prefill(new)
+            return
+        except Exception as err:
+            if len(new) == 1:
+                _end(new[0].request, err)
+                return
+        for row in new:
+            try:
+                self._prefill([row])
+            except Exception as err:
+                _end(row.request, err)
 
     def _prefill(self, new: list[_Running]) -> None:
         eng, first = self.engine, len(self.rows)
@@ -167,15 +189,18 @@ class ContinuousBatcher:
 
     def _emit(self, logits_BV: torch.Tensor, rows: range) -> None:
         """Pick each row's next token, pass on its new text, and retire finished rows."""
-        finished = []
+        finished: list[tuple[int, str | Exception]] = []
         for b, i in enumerate(rows):
             row = self.rows[i]
-            token = int(pick(logits_BV[b:b + 1], row.request.gen, row.generator)[0])
-            self.last[i] = token
-            reason = self._advance(row, token)
+            try:
+                token = int(pick(logits_BV[b:b + 1], row.request.gen, row.generator)[0])
+                self.last[i] = token
+                reason = self._advance(row, token)
+            except Exception as err:  # this row's sampling or its client's callback: this row ends
+                reason = err
             if reason:
                 finished.append((i, reason))
-        for i, reason in sorted(finished, reverse=True):  # from the back: moving rows keeps indices valid
+        for i, reason in sorted(finished, key=lambda f: f[0], reverse=True):  # from the back: indices stay valid
             self._finish(i, reason)
 
     def _advance(self, row: _Running, token: int) -> str | None:
@@ -207,10 +232,13 @@ class ContinuousBatcher:
             row.request.on_text(final[row.sent:])
             row.sent = len(final)
 
-    def _finish(self, i: int, reason: str) -> None:
+    def _finish(self, i: int, reason: str | Exception) -> None:
         row = self.rows[i]
         self._remove(i)
-        row.request.on_done(Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason))
+        if isinstance(reason, Exception):
+            _end(row.request, reason)
+        else:
+            _end(row.request, Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason))
 
     def _remove(self, i: int) -> None:
         """Free row i: the last running row moves into it (its cache slots, length and last token)."""
@@ -227,6 +255,16 @@ class ContinuousBatcher:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].request.cancelled.is_set():
                 self._remove(i)
+
+
+def _end(request: Request, result: Completion | BaseException) -> None:
+    """Give a request its ending; a client callback that fails is logged, never the batcher's problem."""
+    if isinstance(result, BaseException):
+        log.warning("request ended by an error: %s: %s", type(result).__name__, result)
+    try:
+        request.on_done(result)
+    except Exception:
+        log.exception("a request's on_done failed")
 
 
 def _held_back(text: str, stops: list[str]) -> int:
