@@ -222,7 +222,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch), limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
                         images_first=a.images_first)
-    serve(state, host=a.host, port=a.port)
+    serve(state, host=a.host, port=a.port, grace_s=a.shutdown_grace)
     return 0
 
 
@@ -291,6 +291,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "training (lmms-eval sends the text first)")
     p.add_argument("--allow-url-host", action="append", default=[],
                    help="a host whose http(s) image URLs may be fetched (repeatable; none by default)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they are ended")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

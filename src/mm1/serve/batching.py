@@ -87,6 +87,17 @@ class ContinuousBatcher:
         self.waiting.put(request)
         self.wake.set()
 
+    def end_all(self, err: BaseException) -> None:
+        """End every running and waiting request with `err` (shutdown): no client is left waiting."""
+        for row in self.rows:
+            _end(row.request, err)
+        self.rows = []
+        while True:
+            try:
+                _end(self.waiting.get_nowait(), err)
+            except queue.Empty:
+                return
+
     @property
     def busy(self) -> bool:
         return bool(self.rows) or not self.waiting.empty()

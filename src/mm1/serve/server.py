@@ -210,6 +210,7 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         state.stop.set()
         worker.join(timeout=10)
+        state.batcher.end_all(RuntimeError("the server is shutting down"))  # nothing is left waiting
 
     app = FastAPI(title="mm1", lifespan=lifespan)
 
@@ -267,7 +268,9 @@ def cpu_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def serve(state: ServerState, *, host: str, port: int) -> None:
+def serve(state: ServerState, *, host: str, port: int, grace_s: float = 10.0) -> None:
+    """Serve until SIGTERM/Ctrl-C; then stop taking requests, give running ones `grace_s` seconds, end the
+    rest (their clients get an error) and return."""
     import uvicorn
 
-    uvicorn.run(create_app(state), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=grace_s)
