@@ -61,10 +61,10 @@ CHAT = st.fixed_dictionaries(
 seen: dict[int, int] = {}
 
 
-def _post(server: str, body: object) -> httpx.Response:
+def _post(base: str, body: object) -> httpx.Response:
     raw = json.dumps(body).encode("utf-8", "surrogatepass")
     t0 = time.perf_counter()
-    r = httpx.post(server + "/v1/chat/completions", content=raw, timeout=TIME_BOUND_S,
+    r = httpx.post(base + "/v1/chat/completions", content=raw, timeout=TIME_BOUND_S,
                    headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
     assert time.perf_counter() - t0 < TIME_BOUND_S
     seen[r.status_code] = seen.get(r.status_code, 0) + 1
