@@ -353,3 +353,49 @@ def test_one_requests_failure_is_its_own(engine, monkeypatch, stage):
     assert isinstance(done["good"], Completion) and done["good"].text == alone
     if stage != "callback":
         assert isinstance(done["bad"], Exception)
+
+
+def test_every_redirect_hop_is_allow_listed_and_a_failed_fetch_says_only_that(engine):
+    """A 302 from an allowed host to another one is not followed; refused and unreachable ports read the same."""
+    import http.server
+
+    from mm1.serve.requests import RequestError, parse_chat
+
+    image = png()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/img.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                self.wfile.write(image)
+            else:  # a hop to a host the server does not allow (same machine, other name)
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/img.png")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_port
+    limits = Limits(allowed_url_hosts=("127.0.0.1",), url_timeout_s=2)
+
+    def ask(url: str):
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                           {"type": "text", "text": "red?"}]}]}
+        return parse_chat(body, engine, limits, ChatTemplate(), 256)
+
+    try:
+        assert len(ask(f"http://127.0.0.1:{port}/img.png").encoded.images) == 1
+        messages = []
+        for url in (f"http://127.0.0.1:{port}/redirect", "http://127.0.0.1:1/closed.png"):
+            with pytest.raises(RequestError) as refused:
+                ask(url)
+            assert refused.value.code == "image_fetch_failed"
+            messages.append(refused.value.message)
+        assert messages == ["cannot fetch the image URL"] * 2  # nothing about why: no port probing
+    finally:
+        httpd.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -151,13 +152,28 @@ def _image_bytes(url: str, param: str, limits: Limits) -> bytes:
     return _fetch(url, param, limits)
 
 
+class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to an allow-listed host over http(s): every hop is checked, not the first."""
+
+    def __init__(self, hosts: tuple[str, ...]) -> None:
+        self.hosts = hosts
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urlparse(newurl)
+        if target.scheme not in ("http", "https") or target.hostname not in self.hosts:
+            raise urllib.error.URLError("redirect to a host that is not allow-listed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch(url: str, param: str, limits: Limits) -> bytes:
-    """GET an allow-listed URL with a timeout, reading at most max_image_bytes."""
+    """GET an allow-listed URL with a timeout, reading at most max_image_bytes. A failure says only that
+    it failed: "refused" against "timed out" would let a client map ports on the server's network."""
+    opener = urllib.request.build_opener(_AllowListedRedirects(limits.allowed_url_hosts))
     try:
-        with urllib.request.urlopen(url, timeout=limits.url_timeout_s) as resp:
+        with opener.open(url, timeout=limits.url_timeout_s) as resp:
             data = resp.read(limits.max_image_bytes + 1)
-    except OSError as err:
-        raise RequestError(400, f"cannot fetch image URL: {err}", param=param, code="image_fetch_failed") from None
+    except (OSError, ValueError):
+        raise RequestError(400, "cannot fetch the image URL", param=param, code="image_fetch_failed") from None
     _require(len(data) <= limits.max_image_bytes, f"image at URL is larger than {limits.max_image_bytes:,} bytes",
              param, "image_too_large")
     return data
