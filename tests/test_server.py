@@ -399,3 +399,24 @@ def test_every_redirect_hop_is_allow_listed_and_a_failed_fetch_says_only_that(en
         assert messages == ["cannot fetch the image URL"] * 2  # nothing about why: no port probing
     finally:
         httpd.shutdown()
+
+
+def test_refused_large_requests_leave_memory_where_it_was(server):
+    """20 requests of 280 kB of text (under the body limit, over the character cap): refused before the
+    tokenizer reads them, and the process's resident memory stays within 100 MB of where it was."""
+    import json as jsonlib
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    raw = jsonlib.dumps({"messages": [{"role": "user", "content": "ab " * 93_000}]}).encode()
+    headers = {"Authorization": "Bearer sekrit", "Content-Type": "application/json"}
+    httpx.post(server + "/v1/chat/completions", content=raw, headers=headers, timeout=30)  # warm-up
+    before = rss_mb()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        r = httpx.post(server + "/v1/chat/completions", content=raw, headers=headers, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert rss_mb() - before < 100
+    assert time.perf_counter() - t0 < 20  # (tokenizing each would take seconds)
