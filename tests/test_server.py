@@ -420,3 +420,116 @@ def test_refused_large_requests_leave_memory_where_it_was(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert rss_mb() - before < 100
     assert time.perf_counter() - t0 < 20  # (tokenizing each would take seconds)
+
+
+SLOW_SERVER = """
+import sys, time, torch
+from mm1.config import apply_overrides
+from mm1.data.tokenizer import train_bpe
+from mm1.model.mllm import MLLM
+from mm1.recipes import get_recipe
+from mm1.serve.batching import ContinuousBatcher
+from mm1.serve.engine import Engine
+from mm1.serve.requests import Limits
+from mm1.serve.server import ServerState, serve
+
+tok = train_bpe(["red circle blue square"] * 20, vocab_size=220)
+cfg = apply_overrides(get_recipe("tiny"), ["model.decoder.vocab_size=256", "model.decoder.depth=1",
+                                           "model.decoder.max_seq_len=512"])
+cfg.model.image_token_id = tok.image_id
+engine = Engine(MLLM(cfg.model).eval(), tok)
+engine.stop_ids = set()  # no token ends a reply: only max_tokens does
+batcher = ContinuousBatcher(engine, max_batch=2)
+step = batcher.step
+def slow_step():
+    time.sleep(0.2)  # 400 tokens take 80 s: a request that will not finish on its own within the test
+    step()
+batcher.step = slow_step
+serve(ServerState(engine, batcher, Limits(max_tokens=400), model_name="slow"), host="127.0.0.1",
+      port=int(sys.argv[1]), grace_s=2.0)
+print("exited cleanly", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_gives_running_requests_the_grace_then_ends_them_and_exits(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "slow_server.py"
+    script.write_text(SLOW_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        ended: list[str] = []
+
+        def stream() -> None:
+            body = {"model": "slow", "max_tokens": 400, "stream": True,
+                    "messages": [{"role": "user", "content": "red"}]}
+            try:
+                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+                    for line in r.iter_lines():
+                        ended.append(line)
+            except httpx.HTTPError as err:  # the connection closed at the end of the grace
+                ended.append(f"closed: {type(err).__name__}")
+
+        client = threading.Thread(target=stream)
+        client.start()
+        while not ended:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        client.join(timeout=10)
+        assert proc.returncode == 0 and "exited cleanly" in out, err[-2000:]
+        assert 1.5 < time.monotonic() - t0 < 15  # waited for the grace, not for the request
+        assert not client.is_alive()  # the client was not left waiting
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_request_that_fails_while_decoding_ends_alone_over_http(server, client, monkeypatch):
+    """Through the real server: a request whose sampling fails gets an error (a final error chunk when
+    streaming, a 5xx otherwise); a stream running beside it gives the text it gives alone."""
+    import mm1.serve.batching as batching
+
+    real_pick = batching.pick
+
+    def failing_pick(logits, gen, generator):
+        if gen.seed == 666:
+            raise RuntimeError("injected sampling failure")
+        return real_pick(logits, gen, generator)
+
+    messages = [{"role": "user", "content": "what colour is the circle?"}]
+    alone = client.chat.completions.create(model="tiny", max_tokens=20, messages=messages).choices[0].message.content
+    monkeypatch.setattr(batching, "pick", failing_pick)
+    result: dict[str, str] = {}
+
+    def good_stream() -> None:
+        parts = client.chat.completions.create(model="tiny", max_tokens=20, messages=messages, stream=True)
+        result["good"] = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+    thread = threading.Thread(target=good_stream)
+    thread.start()
+    headers = {"Authorization": "Bearer sekrit"}
+    bad = {"model": "tiny", "max_tokens": 20, "seed": 666, "temperature": 1.0, "messages": messages}
+    r = httpx.post(server + "/v1/chat/completions", json=bad, headers=headers, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    with httpx.stream("POST", server + "/v1/chat/completions", json=bad | {"stream": True}, headers=headers,
+                      timeout=30) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert "injected sampling failure" in lines[-2] and lines[-1] == "data: [DONE]"
+    thread.join(timeout=30)
+    assert result["good"] == alone

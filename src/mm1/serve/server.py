@@ -158,8 +158,9 @@ def _usage(c: Completion) -> dict:
 async def _complete(state: ServerState, sink: _Sink) -> JSONResponse:
     while True:
         item = await sink.next()
-        if isinstance(item, BaseException):
-            raise item
+        if isinstance(item, BaseException):  # this request failed (logged by the batcher); the server goes on
+            return JSONResponse({"error": {"message": f"generation failed: {item}", "type": "server_error",
+                                           "param": None, "code": "generation_failed"}}, status_code=500)
         if isinstance(item, Completion):
             break
     return JSONResponse({
@@ -273,4 +274,15 @@ def serve(state: ServerState, *, host: str, port: int, grace_s: float = 10.0) ->
     rest (their clients get an error) and return."""
     import uvicorn
 
-    uvicorn.run(create_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=grace_s)
+    class _Server(uvicorn.Server):
+        def capture_signals(self):  # uvicorn re-raises SIGTERM after a graceful shutdown: the exit is ours, 0
+            self._captured_signals = []
+            return super().capture_signals()
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # handled: nothing to raise again on the way out
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=grace_s)
+    _Server(config).run()
