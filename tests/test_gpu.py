@@ -57,11 +57,17 @@ def test_torchrun_nccl_two_gpus_follow_one(world, tmp_path, kind):
         assert b[step] == pytest.approx(a[step], rel=3e-2), step
 
 
-def test_grouped_gemm_experts_equal_the_per_expert_loop():
+def test_grouped_gemm_experts_equal_the_per_expert_loop(monkeypatch):
+    """fp32 modules under bf16 autocast, as training runs them: the grouped side must take the grouped GEMM
+    (asserted), the other the loop."""
+    import mm1.model.moe as moe_mod
     from mm1.model.moe import MoEFFN
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
+    calls = []
+    real = moe_mod._grouped_swiglu
+    monkeypatch.setattr(moe_mod, "_grouped_swiglu", lambda *a: calls.append(a[0].dtype) or real(*a))
     torch.manual_seed(0)
     grouped = MoEFFN(256, 512, MoEConfig(num_experts=8, top_k=2, grouped_mm=True)).cuda()
     loop = MoEFFN(256, 512, MoEConfig(num_experts=8, top_k=2, grouped_mm=False)).cuda()
@@ -75,6 +81,7 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop():
         out.float().square().mean().backward()
         outs.append(out.float())
         grads.append((xi.grad, moe.w_gate_up.grad, moe.w_down.grad))
+    assert calls == [torch.bfloat16]  # the grouped side ran the grouped GEMM; the loop side did not
     torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
     for g, h in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(g, h, atol=2e-2, rtol=5e-2)

@@ -296,3 +296,38 @@ def test_compiled_decoding_matches_eager():
     # batch 1, then a batch of mixed lengths with an image (the compiled image encoder and prefill)
     for prompts in ([["7 8 9"]], [["7 8 9"], [image, "11 12"], ["13 14 15 16 17 18"]]):
         assert compiled.generate_ids(prompts, cfg) == eager.generate_ids(prompts, cfg)
+
+
+def test_the_grouped_gemm_experts_run_under_autocast_with_fp32_weights_and_equal_the_loop(monkeypatch):
+    """Training under bf16 autocast keeps fp32 parameters and an fp32 residual stream: the grouped GEMM must
+    still be taken (cast to bf16 and back), and equal the per-expert loop. torch runs `_grouped_mm` on a CPU
+    too, so this is checked here; on CUDA, where it is used, tests/test_gpu.py checks the same."""
+    import mm1.model.moe as moe_mod
+    from mm1.config import MoEConfig
+    from mm1.model.moe import MoEFFN
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    monkeypatch.setattr(moe_mod, "GROUPED_DEVICES", {"cuda", "cpu"})
+    calls = []
+    real = moe_mod._grouped_swiglu
+    monkeypatch.setattr(moe_mod, "_grouped_swiglu", lambda *a: calls.append(a[0].dtype) or real(*a))
+    torch.manual_seed(0)
+    grouped = MoEFFN(64, 96, MoEConfig(num_experts=4, top_k=2, grouped_mm=True))
+    loop = MoEFFN(64, 96, MoEConfig(num_experts=4, top_k=2, grouped_mm=False))
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 37, 64)  # fp32, as the residual stream is under autocast
+    outs, grads = [], []
+    for moe in (grouped, loop):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = moe(xi)
+        assert out.dtype == torch.float32
+        out.float().square().mean().backward()
+        outs.append(out.float())
+        grads.append((xi.grad, moe.w_gate_up.grad, moe.w_down.grad))
+    assert calls == [torch.bfloat16]  # the grouped module took the grouped GEMM, in bf16, once
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+    for g, h in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(g, h, atol=3e-2, rtol=6e-2)
+    assert not grouped.uses_grouped_mm(x)  # without autocast, an fp32 input keeps the loop

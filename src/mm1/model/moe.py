@@ -48,8 +48,10 @@ class MoEFFN(nn.Module):
 
     def _experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Each expert's SwiGLU on its rows (x_AD sorted by expert, counts_E rows each)."""
-        if self.cfg.grouped_mm and x_AD.is_cuda and x_AD.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            return _grouped_swiglu(x_AD, counts_E, self.w_gate_up, self.w_down)
+        if self.uses_grouped_mm(x_AD):
+            # Under autocast the residual stream stays fp32 (RMSNorm is not an autocast op): the grouped
+            # GEMM runs in bf16 and its result returns in the stream's dtype, as torchtitan does it.
+            return _grouped_swiglu(x_AD.to(torch.bfloat16), counts_E, self.w_gate_up, self.w_down).to(x_AD.dtype)
         # unbind, not w[e]: indexing one expert's slice makes its backward fill a zero tensor the size of
         # all experts' weights and add it, once per expert; unbind's backward stacks the E gradients once.
         outs = []
@@ -58,6 +60,15 @@ class MoEFFN(nn.Module):
             gate, up = F.linear(x_CD, w_gu).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, w_d))
         return torch.cat(outs)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """The grouped GEMM: on CUDA (where it is faster than the loop), when the input is bf16 or autocast
+        computes in bf16 (the per-expert loop's host sync, `counts_E.tolist()`, is what it avoids)."""
+        if not (self.cfg.grouped_mm and x.device.type in GROUPED_DEVICES and hasattr(torch, "_grouped_mm")):
+            return False
+        autocast_bf16 = torch.is_autocast_enabled(x.device.type) and \
+            torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        return x.dtype == torch.bfloat16 or autocast_bf16
 
     @torch.no_grad()
     def upcycle_from(self, gate_HD: torch.Tensor, up_HD: torch.Tensor, down_DH: torch.Tensor) -> None:
@@ -92,6 +103,7 @@ class MoEFFN(nn.Module):
         return out_ND.view(B, T, D), MoEStats(aux, load_balance, z_loss, share_E.detach())
 
 
+GROUPED_DEVICES = {"cuda"}  # where the grouped GEMM is taken (the tests add "cpu": torch runs it there too)
 GROUP_ALIGN = 16  # rows per group the grouped GEMM kernel wants each group padded to
 
 
