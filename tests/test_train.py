@@ -196,8 +196,9 @@ def test_torchrun_two_processes_match_one(world, tmp_path, kind, micro):
 
     The data has a step where one rank's micro-batch is text only while the other's has images (checked
     first, so that a change to the world cannot quietly take that case out of this test)."""
+    peak = "train.logging.peak_flops=1e12"  # one device's: MFU divides by the job's, 2e12 for two ranks
     cfg = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2", f"train.parallel={kind}",
-                      f"train.micro_batch_size={micro}")
+                      f"train.micro_batch_size={micro}", peak)
     assert uneven_image_micro_batches(cfg, steps=4, world_size=2), "no step puts a text-only micro-batch beside images"
     save(cfg, tmp_path / "cfg.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -206,11 +207,19 @@ def test_torchrun_two_processes_match_one(world, tmp_path, kind, micro):
            "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2")
+    one = tiny_config(world, *SMALL, "train.steps=4", "train.checkpoint.every=2", peak)
     train(one, out=tmp_path / "one")
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(1, 5):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+
+    def flops_per_token_over_peak(run: Path) -> list[float]:  # mfu / tokens_per_s: the step's FLOPs per token / peak
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["mfu"] / r["tokens_per_s"] for r in rows if "mfu" in r]
+
+    for x, y in zip(flops_per_token_over_peak(tmp_path / "two"), flops_per_token_over_peak(tmp_path / "one"),
+                    strict=True):
+        assert x / y == pytest.approx(0.5, rel=1e-6)  # the same FLOPs per token over twice the peak
     if kind == "fsdp" and not micro:  # a sharded checkpoint written by 2 ranks resumes in 1 process
         resumed = tiny_config(world, *SMALL, "train.steps=6", "train.checkpoint.every=2")
         Trainer(resumed, tmp_path / "two", resume=True).run()
@@ -675,3 +684,4 @@ def test_a_run_refuses_to_go_on_with_another_tokenizer(world, tmp_path):
         Trainer(bad, tmp_path / "run", resume=True)
     with pytest.raises(ConfigError, match=r"is not the tokenizer"):
         Trainer(bad, tmp_path / "sft", init_from=str(tmp_path / "run"))
+
