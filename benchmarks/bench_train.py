@@ -28,7 +28,8 @@ from mm1.data.prepare import prepare
 from mm1.data.stream import DataStream, load_tokenizer
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
-from mm1.train.lm import resolve_model_config, step_flops
+from mm1.train.flops import count_batch, step_flops
+from mm1.train.lm import resolve_model_config
 from mm1.train.metrics import default_peak_flops
 
 
@@ -118,7 +119,9 @@ def main() -> None:
     useful_packed = sum(int((b.doc_ids_BT >= 0).sum()) for b in packed)
     useful_padded = sum(b["useful"] for b in padded)
     assert useful_packed == useful_padded, (useful_packed, useful_padded)
-    flops = sum(step_flops(cfg, tokens=int((b.doc_ids_BT >= 0).sum()), images=sum(b.images_per_row)) for b in packed)
+    connector = sum(p.numel() for p in MLLM(cfg.model).connector.parameters())
+    flops = sum(step_flops(cfg, count_batch(b.tokens_BT, b.labels_BT, b.doc_ids_BT, sum(b.images_per_row)),
+                           connector_params=connector) for b in packed)
 
     def step(model, opt, b):
         model(**b.model_inputs()).loss.backward()

@@ -41,7 +41,7 @@ from mm1.data.stream import step_loader
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.clip import CLIP, CLIPEmbeddings
 from mm1.model.pretrained import CLIP_WEIGHTS, load_vision_weights
-from mm1.train.lm import vision_flops_per_image
+from mm1.train.flops import vision_forward_flops
 from mm1.train.objective import StepMetrics
 from mm1.train.parallel import all_reduce_sum
 
@@ -182,7 +182,7 @@ class CLIPObjective:
         loss, pairs, correct = all_reduce_sum(self.sums.clone(), self.device).tolist()
         tokens = int(all_reduce_sum(torch.tensor([self.text_tokens]), self.device).item())
         text_params = sum(p.numel() for n, p in self.model.text.named_parameters() if not n.startswith("embed"))
-        flops = pairs * vision_flops_per_image(self.cfg) + 6 * tokens * text_params
+        flops = pairs * 3 * vision_forward_flops(self.cfg) + 6 * tokens * text_params
         return StepMetrics(loss=loss, count=int(pairs), flops=flops, extra={"clip_accuracy": correct / max(1, pairs)})
 
     def finish(self, model: nn.Module, out: Path, *, is_main: bool, completed: bool,

@@ -21,6 +21,7 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM, MLLMOutput, lr_rule_parameters, upcycle_from_dense
 from mm1.model.pretrained import LM_DECODER, load_pretrained
 from mm1.train import checkpoint as ckpt
+from mm1.train.flops import StepCount, count_batch, step_flops
 from mm1.train.objective import StepMetrics
 from mm1.train.parallel import all_reduce_sum
 
@@ -81,27 +82,6 @@ def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
         load_strict(model, state, what=f"weights from {ck}")
 
 
-def step_flops(cfg: Config, *, tokens: int, images: int) -> float:
-    """Training FLOPs of a step: 6 per parameter use (forward + backward) for the decoder's matmuls
-    on every token (experts: top-k only), the ViT's and connector's on every patch, and causal
-    attention's 6·L·d·T per token (T: the packed sequence length)."""
-    m, d = cfg.model, cfg.model.decoder
-    per_layer_attn = d.width * d.head_size * (2 * d.heads + 2 * d.kv_heads)
-    ffn = 3 * d.width * d.ffn_hidden
-    moe_layers = d.depth // m.moe.every if m.moe.num_experts else 0
-    decoder = d.depth * per_layer_attn + (d.depth - moe_layers) * ffn + moe_layers * m.moe.top_k * ffn
-    decoder += d.vocab_size * d.width  # the output head
-    attention = 6 * d.depth * d.heads * d.head_size * cfg.data.packing.seq_len
-    return tokens * (6 * decoder + attention) + images * vision_flops_per_image(cfg)
-
-
-def vision_flops_per_image(cfg: Config) -> float:
-    """Forward + backward FLOPs of the ViT's matmuls on one image."""
-    v = cfg.model.vision
-    patches = (v.image_size // v.patch_size) ** 2
-    return 6 * patches * v.depth * (4 * v.width**2 + 2 * v.width * int(v.width * v.mlp_ratio))
-
-
 class LMObjective:
     """Next-token prediction of the MLLM on the stage's packed sequences (pre-training and SFT)."""
 
@@ -121,6 +101,7 @@ class LMObjective:
         elif fresh:
             load_pretrained(self.model, cfg)
         self.names = self.stream.names
+        self.connector_params = sum(p.numel() for p in self.model.connector.parameters())
 
     def rule_parameters(self) -> int:
         return lr_rule_parameters(self.cfg.model)
@@ -143,7 +124,7 @@ class LMObjective:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.src_sum, self.src_cnt = torch.zeros(S, device=device), torch.zeros(S, device=device)
         self.aux: dict[str, float] = {}
-        self.tokens, self.images = int((batch.doc_ids_BT >= 0).sum()), sum(batch.images_per_row)
+        self.count = count_batch(batch.tokens_BT, batch.labels_BT, batch.doc_ids_BT, sum(batch.images_per_row))
         return batch.split(accum)
 
     def loss(self, model: torch.nn.Module, micro: Batch) -> torch.Tensor:
@@ -163,13 +144,15 @@ class LMObjective:
     def end_step(self) -> StepMetrics:
         S, device = len(self.names), self.device
         reduced = all_reduce_sum(torch.cat([self.loss_sum.float().reshape(1), self.src_sum, self.src_cnt]), device)
-        tokens, images = (int(x) for x in all_reduce_sum(torch.tensor([self.tokens, self.images]), device))
+        c = self.count
+        count = StepCount(*(int(x) for x in all_reduce_sum(
+            torch.tensor([c.tokens, c.labelled, c.attention_pairs, c.images], dtype=torch.float64), device)))
         extra = {f"loss.{self.names[i]}": float(reduced[1 + i] / reduced[1 + S + i])
                  for i in range(S) if reduced[1 + S + i] > 0}
         extra |= {k: v / self.accum for k, v in self.aux.items()}
         extra |= {f"epochs.{k}": v for k, v in self.stream.epochs(self.step).items()}
-        return StepMetrics(loss=float(reduced[0]) / self.total_pred, count=tokens,
-                           flops=step_flops(self.cfg, tokens=tokens, images=images), extra=extra)
+        return StepMetrics(loss=float(reduced[0]) / self.total_pred, count=count.tokens,
+                           flops=step_flops(self.cfg, count, connector_params=self.connector_params), extra=extra)
 
     def _collect_moe(self, out: MLLMOutput) -> None:
         n, acc = len(out.moe_stats), self.aux
