@@ -533,3 +533,93 @@ def test_a_request_that_fails_while_decoding_ends_alone_over_http(server, client
     assert "injected sampling failure" in lines[-2] and lines[-1] == "data: [DONE]"
     thread.join(timeout=30)
     assert result["good"] == alone
+
+
+@pytest.fixture()
+def slow_server():
+    """A server whose decoding steps take 50 ms and never stop on a token: one row, one waiting place,
+    requests ended after 1.5 s."""
+    from mm1.serve.server import ServerState, create_app
+
+    torch.manual_seed(0)
+    tok = train_bpe(["red circle blue square"] * 20, vocab_size=220)
+    cfg = apply_overrides(get_recipe("tiny"), ["model.decoder.vocab_size=256", "model.decoder.depth=1",
+                                               "model.decoder.max_seq_len=512"])
+    cfg.model.image_token_id = tok.image_id
+    engine = Engine(MLLM(cfg.model).eval(), tok)
+    engine.stop_ids = set()
+    batcher = ContinuousBatcher(engine, max_batch=1)
+    step = batcher.step
+
+    def slow_step():
+        time.sleep(0.05)
+        step()
+
+    batcher.step = slow_step
+    limits = Limits(max_tokens=300, max_waiting=1, request_timeout_s=1.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = ServerState(engine, batcher, limits, model_name="slow")
+    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", state
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _running(base: str) -> int:
+    return httpx.get(base + "/health", timeout=5).json()["running"]
+
+
+def _wait_for(cond, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_full_queue_is_429_with_retry_after_and_a_long_request_times_out(slow_server):
+    base, _ = slow_server
+    body = {"model": "slow", "max_tokens": 300, "messages": [{"role": "user", "content": "red"}]}
+    results: list[httpx.Response] = []
+    long = [threading.Thread(target=lambda: results.append(httpx.post(base + "/v1/chat/completions", json=body,
+                                                                      timeout=30))) for _ in range(2)]
+    for t in long:  # one takes the row, one the waiting place
+        t.start()
+        assert _wait_for(lambda: _running(base) == 1)
+    assert _wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["waiting"] == 1)
+    busy = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "queue_full"
+    for t in long:
+        t.join(timeout=30)
+    assert [r.status_code for r in results] == [504, 504]  # 300 tokens at 50 ms a step outlast 1.5 s
+    assert results[0].json()["error"]["code"] == "timeout"
+    assert _wait_for(lambda: _running(base) == 0)  # the timed-out rows were freed
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(slow_server):
+    base, _ = slow_server
+    body = {"model": "slow", "max_tokens": 25, "stream": True, "messages": [{"role": "user", "content": "red"}]}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first token arrived: go away
+    assert _wait_for(lambda: _running(base) == 0, seconds=1.0)  # freed within a few steps, not 25
+
+
+def test_metrics_in_the_prometheus_format(slow_server):
+    base, _ = slow_server
+    body = {"model": "slow", "max_tokens": 3, "messages": [{"role": "user", "content": "red"}]}
+    assert httpx.post(base + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    text = httpx.get(base + "/metrics", timeout=5).text
+    for line in ('mm1_requests_total{outcome="completed"} 1.0', "mm1_generated_tokens_total 3.0",
+                 "mm1_requests_running 0.0", "mm1_time_to_first_token_seconds_count 1.0",
+                 'mm1_model_info{model="slow"} 1.0'):
+        assert line in text, line

@@ -217,7 +217,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     model, tok, cfg = load_model(a.checkpoint, device=device)
     engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
     given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
-                                         "max_tokens") if getattr(a, k) is not None}
+                                         "max_tokens", "max_waiting") if getattr(a, k) is not None}
+    if a.request_timeout is not None:
+        given["request_timeout_s"] = a.request_timeout
     limits = Limits(**given, allowed_url_hosts=tuple(a.allow_url_host))
     state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch), limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
@@ -274,7 +276,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the folder name)")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name",
+                   help="the model id clients send and /v1/models lists (default: the folder name)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
     p.add_argument("--threads", type=int, help="torch threads (default on a CPU: all cores but one, for the event "
@@ -291,6 +294,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "training (lmms-eval sends the text first)")
     p.add_argument("--allow-url-host", action="append", default=[],
                    help="a host whose http(s) image URLs may be fetched (repeatable; none by default)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests queued for a row; beyond it a request gets 429 with Retry-After (default 256)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may run before it is ended with 504 or an error chunk (default 600)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="on SIGTERM, seconds running requests may take to finish before they are ended")
 

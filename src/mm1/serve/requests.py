@@ -43,6 +43,8 @@ class Limits:
     default_max_tokens: int = 64
     allowed_url_hosts: tuple[str, ...] = ()  # hosts whose http(s) image URLs may be fetched
     url_timeout_s: float = 10.0
+    max_waiting: int = 256  # requests queued for a row; beyond it, 429 with Retry-After
+    request_timeout_s: float = 600.0  # a request still running after this is ended (504, or an error chunk)
     # a prompt's text is capped before it is tokenized: the context times this many characters a token
     # (BPE averages about 4 on English; 16 leaves room for any real text and bounds the tokenizer's work)
     max_chars_per_token: int = 16

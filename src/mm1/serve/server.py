@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   text and image_url parts (data URLs), stream or not
     GET  /v1/models             the one model served
+    GET  /metrics               Prometheus counters, gauges and latency histograms
     GET  /health                liveness
 
 The server only validates, queues and streams: one worker thread owns the model and runs
@@ -24,13 +25,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mm1.data.template import ChatTemplate, template_for
 from mm1.serve.batching import Completion, ContinuousBatcher
 from mm1.serve.batching import Request as GenRequest
 from mm1.serve.engine import Engine
+from mm1.serve.metrics import ServerMetrics
 from mm1.serve.requests import ChatRequest, Limits, RequestError, parse_chat
 
 
@@ -47,14 +49,18 @@ class ServerState:
     images_first: bool = False  # move each message's images before its text (`mm1 serve --images-first`)
     stop: threading.Event | None = None
     mailbox: _Mailbox | None = None  # made on the first request, in the server's event loop
+    metrics: ServerMetrics | None = None
 
     def __post_init__(self) -> None:
         if self.template is None:
             self.template = template_for(self.engine.tok)
+        self.metrics = ServerMetrics(waiting=self.batcher.waiting.qsize, running=lambda: len(self.batcher.rows),
+                                     model=self.model_name)
 
 
 def _error(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"Retry-After": "1"} if err.status == 429 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> object:
@@ -125,8 +131,11 @@ class _Sink:
     def __init__(self, mailbox: _Mailbox) -> None:
         self.mailbox, self.queue = mailbox, asyncio.Queue()
         self.held: str | Completion | BaseException | None = None
+        self.arrived, self.first_text_at = time.perf_counter(), None
 
     def text(self, piece: str) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
         self.mailbox.post(self.queue, piece)
 
     def done(self, result: Completion | BaseException) -> None:
@@ -155,13 +164,40 @@ def _usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
+def _account(state: ServerState, sink: _Sink, item: Completion | BaseException | None) -> None:
+    m = state.metrics
+    if isinstance(item, Completion):
+        m.requests.labels("completed").inc()
+        m.prompt_tokens.inc(item.prompt_tokens)
+        m.generated_tokens.inc(item.completion_tokens)
+        m.latency.observe(time.perf_counter() - sink.arrived)
+        if sink.first_text_at is not None:
+            m.ttft.observe(sink.first_text_at - sink.arrived)
+    else:
+        m.requests.labels("timed_out" if isinstance(item, TimeoutError) else "failed").inc()
+
+
+async def _next(state: ServerState, sink: _Sink) -> str | Completion | BaseException:
+    """The request's next item, or a TimeoutError once it has run for longer than the limit."""
+    left = state.limits.request_timeout_s - (time.perf_counter() - sink.arrived)
+    try:
+        return await asyncio.wait_for(sink.next(), timeout=max(0.0, left))
+    except TimeoutError:
+        return TimeoutError(f"the request ran for more than {state.limits.request_timeout_s:g} s")
+
+
 async def _complete(state: ServerState, sink: _Sink) -> JSONResponse:
     while True:
-        item = await sink.next()
+        item = await _next(state, sink)
         if isinstance(item, BaseException):  # this request failed (logged by the batcher); the server goes on
-            return JSONResponse({"error": {"message": f"generation failed: {item}", "type": "server_error",
-                                           "param": None, "code": "generation_failed"}}, status_code=500)
+            _account(state, sink, item)
+            timeout = isinstance(item, TimeoutError)
+            return JSONResponse({"error": {"message": str(item) if timeout else f"generation failed: {item}",
+                                           "type": "server_error", "param": None,
+                                           "code": "timeout" if timeout else "generation_failed"}},
+                                status_code=504 if timeout else 500)
         if isinstance(item, Completion):
+            _account(state, sink, item)
             break
     return JSONResponse({
         "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
@@ -183,10 +219,11 @@ async def _stream(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRe
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            item = await sink.next()
+            item = await _next(state, sink)
             if isinstance(item, str):
                 yield chunk({"content": item})
             elif isinstance(item, Completion):
+                _account(state, sink, item)
                 yield chunk({}, item.finish_reason)
                 if chat.include_usage:  # OpenAI's last chunk: no choices, the usage
                     last = {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -194,7 +231,9 @@ async def _stream(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRe
                     yield f"data: {json.dumps(last)}\n\n"
                 break
             else:
-                err = {"error": {"message": f"generation failed: {item}", "type": "server_error"}}
+                _account(state, sink, item)
+                message = str(item) if isinstance(item, TimeoutError) else f"generation failed: {item}"
+                err = {"error": {"message": message, "type": "server_error"}}
                 yield f"data: {json.dumps(err)}\n\n"
                 break
         yield "data: [DONE]\n\n"
@@ -233,6 +272,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "running": len(state.batcher.rows), "waiting": state.batcher.waiting.qsize()}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         _authorize(request, state.api_key)
@@ -245,6 +288,10 @@ def create_app(state: ServerState) -> FastAPI:
         _json_content(request)
         body = await _read_body(request, state.limits.max_body_bytes)
         context = state.batcher.max_len
+        if state.batcher.waiting.qsize() >= state.limits.max_waiting:  # before any parsing or tokenizing
+            state.metrics.requests.labels("rejected_busy").inc()
+            raise RequestError(429, f"the server is busy ({state.limits.max_waiting} requests waiting); retry "
+                                    "shortly", code="queue_full", kind="rate_limit_error")
         chat = await run_in_threadpool(parse_chat, body, state.engine, state.limits, state.template, context,
                                        images_first=state.images_first)
         if state.mailbox is None:
