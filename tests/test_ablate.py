@@ -57,7 +57,8 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
                      "text_only", "moe"]
     _, arms = select(None, quick=True)
     assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4_long", "tok16_long", "avg_pool", "attn_pool",
-                                     "cap100", "cap0", "text0", "moe", "dense_eqtime"}
+                                     "cap100", "cap0", "text0", "moe"}
+    assert "dense_eqtime" in {a.name for a in select(None, quick=False)[1]}  # beside MoE, in the full mode
     full, full_arms = select(["image_tokens"], quick=False)
     assert full[0].arms == ("tok64_long", "tok16_long", "tok4_long")
     assert {a.name for a in full_arms} == set(full[0].arms)
@@ -66,6 +67,7 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert by_name["text_only"].metric.key == "text_ppl_vs_lm"  # relative to the LM stage
     assert by_name["connector"].claim == Claim.EQUIVALENT and by_name["connector"].margin == 0.15
     assert by_name["moe"].beside == (("moe", "dense_eqtime"),)
+    assert Scale.of(True) == Scale(2, 150, 8, 100, 100) and Scale.of(False) == Scale(3, 200, 8, 100, 200)
     with pytest.raises(ValueError, match="unknown finding"):
         select(["nope"], quick=True)
 

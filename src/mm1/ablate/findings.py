@@ -167,5 +167,7 @@ def select(only: list[str] | None, *, quick: bool) -> tuple[list[Finding], list[
     findings = [f for f in FINDINGS if not only or f.name in only]
     if not quick:  # the full mode also runs 64 image tokens beside 16 and 4
         findings = [replace(f, arms=FULL_IMAGE_TOKENS) if f.name == "image_tokens" else f for f in findings]
+    if quick:  # the arms reported beside a finding, not judged, are the full mode's
+        findings = [replace(f, beside=()) for f in findings]
     wanted = {a for f in findings for a in f.all_arms}
     return findings, [arm for name, arm in ARMS.items() if name in wanted]

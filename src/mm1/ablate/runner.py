@@ -30,7 +30,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from mm1.ablate.findings import Arm, Finding, select
@@ -45,12 +45,10 @@ ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8
 
 @dataclass(frozen=True)
 class Scale:
-    """How big each arm is. The quick mode is the full mode with fewer seeds and without the 64-token arm
-    (same steps, stages and items), so a full run in the quick run's folder reuses every quick arm.
-
-    200 held-out items per task (all of the world's evaluation scenes) and a pre-trained LM stage are
-    what narrow the seed spread (docs/results/ablate); the arms stay 200 steps of 8 sequences.
-    """
+    """How big each arm is. Full: 3 seeds, 200 steps of 8 sequences, all 200 held-out items per task (the
+    world's evaluation scenes): the items and the pre-trained LM stage are what narrow the seed spread
+    (docs/results/ablate). Quick (under an hour on 2 cores with --jobs 2): 2 seeds, 150 steps, 100 items,
+    and neither the 64-token arm nor the arms reported beside a finding without judging it."""
 
     seeds: int
     steps: int
@@ -61,7 +59,8 @@ class Scale:
 
     @classmethod
     def of(cls, quick: bool, seeds: int | None = None) -> Scale:
-        return cls(seeds or (2 if quick else 3), 200, 8, 100, 200)
+        scale = cls(2, 150, 8, 100, 100) if quick else cls(3, 200, 8, 100, 200)
+        return cls(seeds or scale.seeds, *astuple(scale)[1:])
 
 
 def base_config(world: Path, scale: Scale, *, workers: int, overrides: tuple[str, ...] = ()) -> Config:
