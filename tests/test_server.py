@@ -251,12 +251,17 @@ HOSTILE = [  # (what, body or raw bytes, the status, a piece of the error messag
     ("seed 2**64", {"seed": 2**64, "messages": [{"role": "user", "content": "hi"}]}, 400, "'seed' must be"),
     ("seed -2**63-1", {"seed": -(2**63) - 1, "messages": [{"role": "user", "content": "hi"}]}, 400, "'seed' must"),
     ('"stream": "no"', {"stream": "no", "messages": [{"role": "user", "content": "hi"}]}, 400, "'stream' must be"),
-    ("logprobs", {"logprobs": True, "messages": [{"role": "user", "content": "hi"}]}, 400, "'logprobs' is not"),
+    ("top_logprobs without logprobs", {"top_logprobs": 3, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "needs 'logprobs'"),
+    ("top_logprobs 99", {"logprobs": True, "top_logprobs": 99, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "'top_logprobs' must be"),
     ("tools", {"tools": [{"type": "function"}], "messages": [{"role": "user", "content": "hi"}]}, 400,
      "'tools' is not"),
     ("response_format", {"response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "hi"}]},
      400, "'response_format' is not"),
-    ("n=2", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}, 400, "only n=1"),
+    ("n=99", {"n": 99, "messages": [{"role": "user", "content": "hi"}]}, 400, "'n' must be an integer"),
+    ("n=2 streamed", {"n": 2, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "not supported with 'stream'"),
     ("a 2 MB body", {"messages": [{"role": "user", "content": "ab " * 700_000}]}, 413, "the limit is"),
     ("250 kB of text, under the body limit", {"messages": [{"role": "user", "content": "ab " * 80_000}]}, 400,
      "characters; at most"),  # refused before the tokenizer reads it
@@ -623,3 +628,39 @@ def test_metrics_in_the_prometheus_format(slow_server):
                  "mm1_requests_running 0.0", "mm1_time_to_first_token_seconds_count 1.0",
                  'mm1_model_info{model="slow"} 1.0'):
         assert line in text, line
+
+
+def test_logprobs_are_the_models_own_and_n_choices_are_requests_with_consecutive_seeds(client, engine):
+    """`logprobs`/`top_logprobs` against a full forward pass of the model over the prompt and the tokens
+    so far; `n` choices equal separate requests seeded seed, seed + 1, ..."""
+    messages = [{"role": "user", "content": "what colour is the circle?"}]
+    resp = client.chat.completions.create(model="tiny", max_tokens=6, messages=messages, logprobs=True,
+                                          top_logprobs=3, temperature=0)
+    entries = resp.choices[0].logprobs.content
+    assert len(entries) == resp.usage.completion_tokens >= 1
+    ids = engine.encode(ChatTemplate().render([user_turn("what colour is the circle?")],
+                                              generation_prompt=True)).ids
+    with torch.no_grad():
+        for entry in entries:
+            lp_V = torch.log_softmax(engine.model(tokens_BT=torch.tensor([ids])).logits_BTV[0, -1].float(), -1)
+            best = lp_V.topk(3)
+            token = int(best.indices[0])  # greedy: the most likely token is the one chosen
+            assert entry.token == engine.tok.decode([token]) and entry.bytes == list(entry.token.encode())
+            assert entry.logprob == pytest.approx(float(lp_V[token]), abs=1e-4)
+            assert [t.token for t in entry.top_logprobs] == [engine.tok.decode([int(i)]) for i in best.indices]
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+            ids = [*ids, token]
+    streamed = client.chat.completions.create(model="tiny", max_tokens=6, messages=messages, logprobs=True,
+                                              stream=True, temperature=0)
+    got = [e.logprob for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert got == pytest.approx([e.logprob for e in entries], abs=1e-6)  # streamed: the same, chunk by chunk
+
+    def sample(seed: int, n: int = 1):
+        return client.chat.completions.create(model="tiny", max_tokens=8, messages=messages, temperature=1.0,
+                                              seed=seed, n=n)
+
+    three = sample(5, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    alone = [sample(s) for s in (5, 6, 7)]
+    assert [c.message.content for c in three.choices] == [a.choices[0].message.content for a in alone]
+    assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)  # over the choices

@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Completion:
     """What a finished request produced: its text, token counts and why it stopped."""
@@ -38,6 +47,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens reached)
+    logprobs: list[TokenLogprob] | None = None  # when asked for: one per generated token
 
 
 @dataclass
@@ -53,6 +63,8 @@ class Request:
     gen: GenerationConfig
     on_text: Callable[[str], None] = lambda _: None
     on_done: Callable[[Completion | BaseException], None] = lambda _: None
+    # when logprobs are asked for: the entries of the tokens whose text the next `on_text` carries
+    on_logprobs: Callable[[list[TokenLogprob]], None] = lambda _: None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -63,6 +75,8 @@ class _Running:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already passed to on_text
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0
 
 
 class ContinuousBatcher:
@@ -206,6 +220,8 @@ class ContinuousBatcher:
             try:
                 token = int(pick(logits_BV[b:b + 1], row.request.gen, row.generator)[0])
                 self.last[i] = token
+                if row.request.gen.logprobs:
+                    row.logprobs.append(_logprob(logits_BV[b], token, row.request.gen.top_logprobs))
                 reason = self._advance(row, token)
             except Exception as err:  # this row's sampling or its client's callback: this row ends
                 reason = err
@@ -240,6 +256,9 @@ class ContinuousBatcher:
 
     def _flush(self, row: _Running, final: str) -> None:
         if len(final) > row.sent:
+            if row.request.gen.logprobs:  # the entries of the tokens this text comes from, first
+                row.request.on_logprobs(row.logprobs[row.logprobs_sent:len(row.ids)])
+                row.logprobs_sent = len(row.ids)
             row.request.on_text(final[row.sent:])
             row.sent = len(final)
 
@@ -249,7 +268,9 @@ class ContinuousBatcher:
         if isinstance(reason, Exception):
             _end(row.request, reason)
         else:
-            _end(row.request, Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason))
+            logprobs = row.logprobs[:len(row.ids)] if row.request.gen.logprobs else None  # not the end token's
+            _end(row.request, Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason,
+                                         logprobs))
 
     def _remove(self, i: int) -> None:
         """Free row i: the last running row moves into it (its cache slots, length and last token)."""
@@ -266,6 +287,13 @@ class ContinuousBatcher:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].request.cancelled.is_set():
                 self._remove(i)
+
+
+def _logprob(logits_V: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    lp_V = torch.log_softmax(logits_V.float(), dim=-1)
+    best = lp_V.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(lp_V[token]), alternatives)
 
 
 def _end(request: Request, result: Completion | BaseException) -> None:

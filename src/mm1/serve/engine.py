@@ -43,6 +43,8 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    logprobs: bool = False  # report each chosen token's log-probability (the model's, before temperature)
+    top_logprobs: int = 0  # and this many most likely alternatives at each position
 
 
 def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:

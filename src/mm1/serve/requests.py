@@ -43,6 +43,7 @@ class Limits:
     default_max_tokens: int = 64
     allowed_url_hosts: tuple[str, ...] = ()  # hosts whose http(s) image URLs may be fetched
     url_timeout_s: float = 10.0
+    max_n: int = 8  # choices per request (each takes a row)
     max_waiting: int = 256  # requests queued for a row; beyond it, 429 with Retry-After
     request_timeout_s: float = 600.0  # a request still running after this is ended (504, or an error chunk)
     # a prompt's text is capped before it is tokenized: the context times this many characters a token
@@ -55,7 +56,8 @@ MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 # OpenAI fields this server does not implement: refused by name rather than silently ignored
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
                "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
                "prediction": (None,)}
@@ -79,6 +81,7 @@ class ChatRequest:
 
     encoded: Encoded
     gen: GenerationConfig
+    n: int = 1  # choices: n requests with seeds seed, seed + 1, ...
     stream: bool = False
     include_usage: bool = False
     model: str = ""
@@ -123,8 +126,11 @@ def generation(body: dict, limits: Limits) -> GenerationConfig:
     _require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)
                               and SEED_RANGE[0] <= seed <= SEED_RANGE[1]),
              f"'seed' must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "seed")
-    n = body.get("n", 1)
-    _require(n is None or (type(n) is int and n == 1), "only n=1 is supported", "n", "unsupported_value")
+    logprobs = _bool(body, "logprobs")
+    top = body.get("top_logprobs") or 0
+    _require(type(top) is int and 0 <= top <= MAX_TOP_LOGPROBS, f"'top_logprobs' must be an integer in "
+             f"[0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    _require(logprobs or not top, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     for key, fine in UNSUPPORTED.items():
         _require(key not in body or body[key] in fine, f"'{key}' is not supported by this server",
                  key, "unsupported_parameter")
@@ -132,7 +138,7 @@ def generation(body: dict, limits: Limits) -> GenerationConfig:
     if temperature < MIN_TEMPERATURE or 0 < top_p < MIN_TOP_P:
         temperature = 0.0  # both leave one token standing: greedy, without dividing by almost nothing
     return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0, stop=stop,
-                            seed=seed or 0)
+                            seed=seed or 0, logprobs=logprobs, top_logprobs=top)
 
 
 def _image_bytes(url: str, param: str, limits: Limits) -> bytes:
@@ -250,6 +256,10 @@ def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTempl
     _require(isinstance(body, dict), "the request body must be a JSON object", "body")
     gen = generation(body, limits)
     stream = _bool(body, "stream")
+    n = body.get("n", 1)
+    n = 1 if n is None else n
+    _require(type(n) is int and 1 <= n <= limits.max_n, f"'n' must be an integer in [1, {limits.max_n}]", "n")
+    _require(n == 1 or not stream, "'n' above 1 is not supported with 'stream': true", "n", "unsupported_value")
     options = body.get("stream_options") or {}
     _require(isinstance(options, dict), "'stream_options' must be an object", "stream_options")
     include_usage = _bool(options, "include_usage")
@@ -265,4 +275,4 @@ def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTempl
     _require(len(encoded.ids) <= allowed, f"the prompt is {len(encoded.ids)} tokens (images included); at most "
              f"{allowed} fit with max_tokens={gen.max_new_tokens} in this model's context of {context}",
              "messages", "context_length_exceeded")
-    return ChatRequest(encoded, gen, stream=stream, include_usage=include_usage, model=model)
+    return ChatRequest(encoded, gen, n=n, stream=stream, include_usage=include_usage, model=model)

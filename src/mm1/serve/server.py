@@ -15,6 +15,7 @@ client works unchanged against it (tested).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -29,9 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mm1.data.template import ChatTemplate, template_for
-from mm1.serve.batching import Completion, ContinuousBatcher
+from mm1.serve.batching import Completion, ContinuousBatcher, TokenLogprob
 from mm1.serve.batching import Request as GenRequest
-from mm1.serve.engine import Engine
+from mm1.serve.engine import Engine, GenerationConfig
 from mm1.serve.metrics import ServerMetrics
 from mm1.serve.requests import ChatRequest, Limits, RequestError, parse_chat
 
@@ -132,6 +133,17 @@ class _Sink:
         self.mailbox, self.queue = mailbox, asyncio.Queue()
         self.held: str | Completion | BaseException | None = None
         self.arrived, self.first_text_at = time.perf_counter(), None
+        self.pending: list = []  # log-probabilities of tokens whose text is on its way
+        self.lock = threading.Lock()
+
+    def logprobs(self, entries: list) -> None:  # (worker thread) always before the text they belong to
+        with self.lock:
+            self.pending.extend(entries)
+
+    def take_logprobs(self) -> list:
+        with self.lock:
+            taken, self.pending = self.pending, []
+        return taken
 
     def text(self, piece: str) -> None:
         if self.first_text_at is None:
@@ -186,32 +198,53 @@ async def _next(state: ServerState, sink: _Sink) -> str | Completion | BaseExcep
         return TimeoutError(f"the request ran for more than {state.limits.request_timeout_s:g} s")
 
 
-async def _complete(state: ServerState, sink: _Sink) -> JSONResponse:
+def _logprobs(state: ServerState, entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's `logprobs` object: each token with its log-probability, bytes and the top alternatives."""
+    if entries is None:
+        return None
+    tok = state.engine.tok
+
+    def one(token_id: int, logprob: float) -> dict:
+        text = tok.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+async def _one_completion(state: ServerState, sink: _Sink) -> Completion | BaseException:
     while True:
         item = await _next(state, sink)
-        if isinstance(item, BaseException):  # this request failed (logged by the batcher); the server goes on
+        if isinstance(item, BaseException | Completion):
             _account(state, sink, item)
-            timeout = isinstance(item, TimeoutError)
-            return JSONResponse({"error": {"message": str(item) if timeout else f"generation failed: {item}",
-                                           "type": "server_error", "param": None,
-                                           "code": "timeout" if timeout else "generation_failed"}},
-                                status_code=504 if timeout else 500)
-        if isinstance(item, Completion):
-            _account(state, sink, item)
-            break
+            return item
+
+
+async def _complete(state: ServerState, sinks: list[_Sink]) -> JSONResponse:
+    results = await asyncio.gather(*(_one_completion(state, s) for s in sinks))
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:  # this request failed (logged by the batcher); the server goes on
+        timeout = isinstance(failed, TimeoutError)
+        return JSONResponse({"error": {"message": str(failed) if timeout else f"generation failed: {failed}",
+                                       "type": "server_error", "param": None,
+                                       "code": "timeout" if timeout else "generation_failed"}},
+                            status_code=504 if timeout else 500)
+    usage = {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results)}
     return JSONResponse({
         "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": state.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": item.text},
-                     "finish_reason": item.finish_reason, "logprobs": None}],
-        "usage": _usage(item)})
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "finish_reason": r.finish_reason, "logprobs": _logprobs(state, r.logprobs)}
+                    for i, r in enumerate(results)],
+        "usage": usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}})
 
 
 async def _stream(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRequest) -> AsyncIterator[str]:
     cid, created = _completion_id(), int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        logprobs = _logprobs(state, sink.take_logprobs()) if chat.gen.logprobs and "content" in delta else None
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -239,6 +272,12 @@ async def _stream(state: ServerState, chat: ChatRequest, sink: _Sink, req: GenRe
         yield "data: [DONE]\n\n"
     finally:
         req.cancelled.set()  # a client that went away frees its row at the next step
+
+
+def _choice(gen: GenerationConfig, i: int) -> GenerationConfig:
+    """Choice i of n: its own seed (seed + i, kept within what torch takes)."""
+    seed = gen.seed + i if gen.seed + i < 2**64 else gen.seed - i
+    return dataclasses.replace(gen, seed=seed)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -296,15 +335,18 @@ def create_app(state: ServerState) -> FastAPI:
                                        images_first=state.images_first)
         if state.mailbox is None:
             state.mailbox = _Mailbox(asyncio.get_running_loop())
-        sink = _Sink(state.mailbox)
-        req = GenRequest(chat.encoded, chat.gen, on_text=sink.text, on_done=sink.done)
-        state.batcher.submit(req)
+        sinks = [_Sink(state.mailbox) for _ in range(chat.n)]
+        reqs = [GenRequest(chat.encoded, _choice(chat.gen, i), on_text=s.text, on_done=s.done,
+                           on_logprobs=s.logprobs) for i, s in enumerate(sinks)]
+        for req in reqs:
+            state.batcher.submit(req)
         if chat.stream:
-            return StreamingResponse(_stream(state, chat, sink, req), media_type="text/event-stream")
+            return StreamingResponse(_stream(state, chat, sinks[0], reqs[0]), media_type="text/event-stream")
         try:
-            return await _complete(state, sink)
+            return await _complete(state, sinks)
         finally:
-            req.cancelled.set()
+            for req in reqs:
+                req.cancelled.set()
 
     return app
 
