@@ -314,12 +314,12 @@ def test_one_requests_failure_is_its_own(engine, monkeypatch, stage):
     if stage == "prefill":
         embed = engine.model.embed
 
-        def failing_embed(tokens, images):
+        def failing_embed(tokens, images, **kw):
             if tokens.shape[0] == 1 and tokens[0, 0] == 7:  # the bad request alone (after the batched pass failed)
                 raise RuntimeError("injected prefill failure")
             if any(row[0] == 7 for row in tokens):
                 raise RuntimeError("injected prefill failure")
-            return embed(tokens, images)
+            return embed(tokens, images, **kw)
 
         monkeypatch.setattr(engine.model, "embed", failing_embed)
     if stage == "step":
@@ -664,3 +664,32 @@ def test_logprobs_are_the_models_own_and_n_choices_are_requests_with_consecutive
     alone = [sample(s) for s in (5, 6, 7)]
     assert [c.message.content for c in three.choices] == [a.choices[0].message.content for a in alone]
     assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)  # over the choices
+
+
+def test_an_image_sent_again_is_not_encoded_again(client, engine, server):
+    """A multi-turn chat resends its image with every turn: the encoder runs on it once (the cache's
+    embeddings are the encoder's own), and /metrics counts the hits."""
+    from mm1.serve.image_cache import ImageCache
+
+    calls = []
+    hook = engine.model.vision.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        image = image_part(png(colour=(10, 200, 30)))
+        first = ask(client, [image, {"type": "text", "text": "what colour?"}], max_tokens=4)
+        turns = [{"role": "user", "content": [image, {"type": "text", "text": "what colour?"}]},
+                 {"role": "assistant", "content": first.choices[0].message.content or "x"},
+                 {"role": "user", "content": [image, {"type": "text", "text": "and now?"}]}]
+        hits = engine.image_cache.hits
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=turns)
+    finally:
+        hook.remove()
+    assert calls == [1]  # the first request encoded it; the second (twice the same image) did not
+    assert engine.image_cache.hits == hits + 2
+    metrics = httpx.get(server + "/metrics", headers={"Authorization": "Bearer sekrit"}, timeout=5).text
+    assert f"mm1_image_cache_hits {float(engine.image_cache.hits)}" in metrics
+    cache = ImageCache(max_bytes=3 * 16 * 4)  # room for three embeddings of 4×4 floats
+    images = torch.randn(5, 3, 8, 8)
+    encode = lambda x: x[:, 0, :4, :4].clone()  # noqa: E731  (a stand-in encoder: one 4×4 "embedding" per image)
+    assert torch.equal(cache.encode(images, encode), encode(images))
+    assert len(cache.entries) == 3 and cache.bytes == 3 * 64  # bounded: the oldest two were evicted
+    assert torch.equal(cache.encode(images[[4, 3]], encode), encode(images[[4, 3]])) and cache.hits == 2

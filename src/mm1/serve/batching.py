@@ -187,7 +187,8 @@ class ContinuousBatcher:
         valid = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
         mask = (torch.ones(T, T, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
         images = [im for r in new for im in r.request.encoded.images]
-        embeds = eng.model.embed(tokens.to(dev), torch.stack(images).to(dev, eng.dtype) if images else None)
+        embeds = eng.model.embed(tokens.to(dev), torch.stack(images).to(dev, eng.dtype) if images else None,
+                                 encode_images=eng.encode_images)
         rows = slice(first, first + n)
         cache = KVCache([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v], torch.arange(T, device=dev))
         positions = torch.arange(T, device=dev)[None].expand(n, T)

@@ -20,6 +20,7 @@ from mm1.data.template import Control, Markup, Text, template_for
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
+from mm1.serve.image_cache import ImageCache
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,10 @@ class Encoded:
 class Engine:
     """Inference apart from the model: prompt encoding, prefill and decoding with a KV cache."""
 
-    def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0, compile: bool = False) -> None:
+    def __init__(self, model: MLLM, tok: Tokenizer, *, sub_image_grid: int = 0, compile: bool = False,
+                 image_cache_bytes: int = 256 * 2**20) -> None:
         self.model = model.eval()
+        self.image_cache = ImageCache(image_cache_bytes)  # each distinct image is encoded once
         self.grid = sub_image_grid  # models fine-tuned with sub-image decomposition see images the same way
         self.tok = tok
         p = next(model.parameters())
@@ -105,6 +108,10 @@ class Engine:
             self._prefill_fn = torch.compile(self._prefill, options=opts)
         else:
             self._step_fn, self._encode_fn, self._prefill_fn = self._step, model.encode_images, self._prefill
+
+    def encode_images(self, images_NCHW: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] → [N, tokens, D], images seen before taken from the cache."""
+        return self.image_cache.encode(images_NCHW, self._encode_fn)
 
     def views(self, image: Image.Image | LowRes) -> list[Image.Image]:
         """The views the model sees of an image: the overview and crops of sub-image decomposition."""
@@ -188,7 +195,7 @@ class Engine:
         dev = self.device
         cache = self.model.new_cache(B, max_len)
         embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype),
-                                  encode_images=self._encode_fn)
+                                  encode_images=self.encode_images)
         logits = self._prefill_fn(embeds, positions.to(dev), mask.to(dev), cache.k, cache.v,
                                   torch.arange(T, device=dev))
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)

@@ -17,7 +17,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class ServerMetrics:
     """What `/metrics` reports; `waiting` and `running` are read when scraped."""
 
-    def __init__(self, *, waiting: Callable[[], int], running: Callable[[], int], model: str) -> None:
+    def __init__(self, *, waiting: Callable[[], int], running: Callable[[], int], model: str,
+                 image_cache=None) -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, {"model": model}
         self.requests = Counter("mm1_requests", "requests answered, by outcome", ["outcome"], registry=r)
@@ -29,6 +30,13 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         Gauge("mm1_requests_waiting", "requests queued for a row", registry=r).set_function(waiting)
         Gauge("mm1_requests_running", "requests decoding", registry=r).set_function(running)
+        if image_cache is not None:  # counts that only grow, read when scraped
+            Gauge("mm1_image_cache_hits", "images whose embedding came from the cache", registry=r).set_function(
+                lambda: image_cache.hits)
+            Gauge("mm1_image_cache_misses", "images the encoder ran on", registry=r).set_function(
+                lambda: image_cache.misses)
+            Gauge("mm1_image_cache_bytes", "memory the cached embeddings take", registry=r).set_function(
+                lambda: image_cache.bytes)
         Gauge("mm1_model_info", "the model served", list(labels), registry=r).labels(**labels).set(1)
 
     def render(self) -> bytes:

@@ -56,7 +56,7 @@ class ServerState:
         if self.template is None:
             self.template = template_for(self.engine.tok)
         self.metrics = ServerMetrics(waiting=self.batcher.waiting.qsize, running=lambda: len(self.batcher.rows),
-                                     model=self.model_name)
+                                     model=self.model_name, image_cache=self.engine.image_cache)
 
 
 def _error(err: RequestError) -> JSONResponse:
