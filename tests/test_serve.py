@@ -8,7 +8,7 @@ from PIL import Image
 
 from mm1.cli import main
 from mm1.config import apply_overrides
-from mm1.data.template import Control, Text
+from mm1.data.template import Control, Text, template_for, user_turn
 from mm1.data.tokenizer import train_bpe
 from mm1.model.mllm import MLLM
 from mm1.recipes import get_recipe
@@ -72,8 +72,14 @@ def test_generate_once_raw_and_templated(engine, tmp_path):
     img = tmp_path / "b.png"
     Image.new("RGB", (30, 10)).save(img)
     gen = GenerationConfig(max_new_tokens=3)
-    assert isinstance(generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=True), str)
-    assert isinstance(generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=False), str)
+    picture = Image.open(img).convert("RGB")
+    raw = generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=True)
+    templated = generate_once(engine, prompt="colour?", images=[str(img)], gen=gen, raw=False)
+    # raw: the image then the prompt as given; templated: the model's chat template around them
+    assert raw == engine.generate([[picture, "colour?"]], gen)[0]
+    template = template_for(engine.tok)
+    assert templated == engine.generate([template.render([user_turn("colour?", [picture])],
+                                                         generation_prompt=True)], gen)[0]
 
 
 def test_generate_cli_reports_unreadable_image(tmp_path, capsys, monkeypatch, engine):
