@@ -255,3 +255,20 @@ def test_an_arm_whose_prompts_would_outgrow_its_context_is_refused_before_traini
     assert too_long and all("past its context of 320" in line for line in too_long)
     assert any(line.startswith("synth_caption 8-shot prompts reach ") for line in too_long)
     assert check(16) == []  # the same arm at 16 tokens fits
+
+
+def test_a_setting_added_after_a_run_was_made_at_its_default_does_not_refuse_the_run(tmp_path):
+    """A spec saved before mm1 grew a setting holds no value for it: at its default it is the same run."""
+    from mm1.ablate.runner import claim_run
+    from mm1.config import to_dict
+    from mm1.recipes import get_recipe
+
+    cfg = get_recipe("tiny")
+    saved = to_dict(cfg)
+    del saved["data"]["sources"]["caption"]["weight"], saved["model"]["decoder"]["trained_context"]
+    (tmp_path / "spec.json").write_text(json.dumps(saved))
+    cfg.data.sources["caption"].weight = 1.0  # the schema's default
+    claim_run(tmp_path, cfg)  # accepted
+    cfg.model.decoder.trained_context = 77  # not the default: another run
+    with pytest.raises(ValueError, match="trained_context: 0 here, 77 asked"):
+        claim_run(tmp_path, cfg)

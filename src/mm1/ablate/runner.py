@@ -287,12 +287,31 @@ def _leaves(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _generic(key: str) -> str:
+    """A leaf key with a source's name replaced by `*` (sources are named by the recipe)."""
+    parts = key.split(".")
+    return ".".join("*" if i > 0 and parts[i - 1] in ("sources", "sft_sources") else p for i, p in enumerate(parts))
+
+
+def _schema_defaults() -> dict:
+    from mm1.config import SourceConfig, SourceKind
+
+    defaults = {_generic(k): v for k, v in _leaves(json.loads(json.dumps(to_dict(Config())))).items()}
+    source = json.loads(json.dumps(to_dict(SourceConfig(kind=SourceKind.TEXT))))
+    for group in ("sources", "sft_sources"):
+        defaults |= {f"data.{group}.*.{k}": v for k, v in _leaves(source).items()}
+    return defaults
+
+
 def claim_run(folder: Path, cfg: Config) -> None:
     """Record the config a reused folder (a CLIP stage, a sweep run) is for, or refuse one that holds a
     run of other settings: resuming it would silently continue another experiment."""
     spec, spec_file = to_dict(cfg), folder / "spec.json"
     if spec_file.exists():
         have, want = _leaves(json.loads(spec_file.read_text())), _leaves(json.loads(json.dumps(spec)))
+        defaults = _schema_defaults()
+        # a setting added to mm1 after the run was made, at its default, is the run's own setting
+        have |= {k: defaults[_generic(k)] for k in want.keys() - have.keys() if _generic(k) in defaults}
         diff = [f"{k}: {have.get(k)} here, {want.get(k)} asked" for k in sorted(have.keys() | want.keys())
                 if have.get(k) != want.get(k)]
         if diff:
