@@ -125,6 +125,18 @@ def _cmd_data_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_dedup(a: argparse.Namespace) -> int:
+    from mm1.config import Stage
+    from mm1.data.dedup import DedupSettings, dedup_folder, run_dedup, summary_lines
+
+    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    settings = DedupSettings(threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram)
+    results = run_dedup(cfg, Stage(cfg.train.stage), settings)
+    print("\n".join(summary_lines(results)))
+    print(f"dedup lists in {dedup_folder(cfg)}; prepare with data.prepare.dedup=true to leave the duplicates out")
+    return 0
+
+
 def _cmd_data_batch(a: argparse.Namespace) -> int:
     from mm1.data.stream import describe_batch
 
@@ -505,6 +517,15 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
     q.add_argument("--force", action="store_true", help="prepare again even if this spec is already prepared")
     q.set_defaults(func=_cmd_data_prepare)
+    q = dsub.add_parser("dedup", help="find near-duplicate texts (MinHash-LSH) and duplicate images in a stage's "
+                                      "sources; `prepare` with data.prepare.dedup=true leaves them out")
+    _config_args(q)
+    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    q.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard similarity of word 5-grams "
+                                                                  "at which a record is a near-duplicate")
+    q.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    q.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    q.set_defaults(func=_cmd_data_dedup)
     q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")
     _config_args(q)
     q.add_argument("--step", type=int, required=True)

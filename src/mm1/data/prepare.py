@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mm1.config import Config, SourceKind, Stage
+from mm1.data.dedup import dedup_file, drops_fingerprint, read_drops
 from mm1.data.errors import ImageError, RecordError
 from mm1.data.formats import Reader, open_reader
 from mm1.data.packing import Chunk, Tokenized, layout, pack, split_chunks, tokenize
@@ -72,10 +73,15 @@ class SourceSpec:
     check_images: bool
     unit_records: int
     version: int = FORMAT_VERSION
+    dedup: str = ""  # the dedup list whose records are left out ("" none) ...
+    dedup_hash: str = ""  # ... and its content's fingerprint (a new list is a new spec)
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        if not self.dedup:  # specs from before deduplication existed keep their key (and their prepared data)
+            del fields["dedup"], fields["dedup_hash"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def dirname(self) -> str:
@@ -91,12 +97,14 @@ def source_specs(cfg: Config, stage: Stage, tok: Tokenizer) -> dict[str, SourceS
     views = views_per_image(cfg, stage)
     out = {}
     for name, src in stage_sources(cfg, stage).items():
+        dedup = str(dedup_file(cfg, name)) if cfg.data.prepare.dedup else ""
         out[name] = SourceSpec(
             name=name, kind=src.kind.value, files=resolve_files(src, cfg.data.root, name),
             images=expand(src.images, cfg.data.root), seq_len=cfg.data.packing.seq_len,
             max_images=cfg.data.packing.max_images, image_tokens=cfg.model.connector.num_tokens, views=views,
             chat=stage == Stage.SFT, template=template_for(tok).name, tokenizer=tok.fingerprint,
-            check_images=cfg.data.prepare.check_images, unit_records=cfg.data.prepare.unit_records)
+            check_images=cfg.data.prepare.check_images, unit_records=cfg.data.prepare.unit_records,
+            dedup=dedup, dedup_hash=drops_fingerprint(Path(dedup)) if dedup else "")
     return out
 
 
@@ -160,6 +168,11 @@ def _reader(kind: str, path: str, images: str) -> Reader:
     return open_reader(SourceKind(kind), Path(path), Path(images) if images else None)
 
 
+@lru_cache(maxsize=8)
+def _drops(path: str, files: tuple[str, ...]) -> dict[int, frozenset[int]]:
+    return read_drops(Path(path), files)
+
+
 def _checked(record: Record, stats: UnitStats) -> Record | None:
     """The record with its unusable images left out, or None when the record cannot do without them."""
     bad: dict[ImageRef, ImageError] = {}
@@ -187,8 +200,12 @@ def _records(spec: SourceSpec, unit: Unit, stats: UnitStats):
             stats.problems.append(str(err))
             stats.note(stats.skipped, err)
     stop = len(reader) if unit.stop is None else unit.stop
+    drop = _drops(spec.dedup, spec.files).get(unit.file, frozenset()) if spec.dedup else frozenset()
     for i in range(unit.start, stop):
         stats.records += 1
+        if i in drop:
+            stats.note(stats.skipped, RecordError(reader.where(i), "duplicate (mm1 data dedup)"))
+            continue
         try:
             record = reader.read(i)
         except RecordError as err:
