@@ -685,3 +685,21 @@ def test_a_run_refuses_to_go_on_with_another_tokenizer(world, tmp_path):
     with pytest.raises(ConfigError, match=r"is not the tokenizer"):
         Trainer(bad, tmp_path / "sft", init_from=str(tmp_path / "run"))
 
+
+
+def test_fsdp_mixed_precision_follows_train_precision():
+    """fp32 asked is fp32 under FSDP on a GPU too (it was forced to bf16); bf16 asked is bf16 on a CPU too."""
+    import torch
+
+    from mm1.config import TrainConfig
+    from mm1.train.metrics import GPU_PEAK_FLOPS
+    from mm1.train.parallel import mixed_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert mixed_precision(TrainConfig(precision="fp32"), cuda) is None
+    assert mixed_precision(TrainConfig(precision="auto"), cuda).param_dtype == torch.bfloat16
+    assert mixed_precision(TrainConfig(precision="bf16"), cpu).param_dtype == torch.bfloat16
+    assert mixed_precision(TrainConfig(precision="auto"), cpu) is None
+    # the peak table: a PCIe H100 is not an SXM one
+    name = "NVIDIA H100 PCIe"
+    assert next(v for k, v in GPU_PEAK_FLOPS.items() if k in name) == 756e12

@@ -187,7 +187,10 @@ def _engine(checkpoint: str, a: argparse.Namespace):
     from mm1.serve.engine import Engine, GenerationConfig
     from mm1.serve.loading import inference_sub_image_grid, load_model
 
-    model, tok, cfg = load_model(checkpoint)
+    import torch
+
+    device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, cfg = load_model(checkpoint, device=device)
     grid = inference_sub_image_grid(cfg)
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed)
@@ -316,6 +319,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

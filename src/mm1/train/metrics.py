@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from mm1.config import LoggingConfig
 
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the data sheets
+# dense bf16, from the data sheets; the most specific name first (an "H100 PCIe" is not an SXM H100)
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+                  "A100": 312e12}
 
 
 def default_peak_flops(device: torch.device) -> float:

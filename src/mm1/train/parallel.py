@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from mm1.config import ParallelKind, TrainConfig
+from mm1.config import ParallelKind, Precision, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,15 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
+        torch.set_float32_matmul_precision("high")  # TF32 for what stays fp32 (as torchtitan does)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         # On GPUs, NCCL for CUDA tensors and gloo beside it for anything on the CPU (a stop flag, a
-        # metric): a CPU tensor handed to an NCCL-only group fails at the first step.
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        # metric): a CPU tensor handed to an NCCL-only group fails at the first step. device_id binds
+        # the NCCL communicator to this rank's GPU at once (no guessing, no lazy init on the first call).
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local, device)
 
 
@@ -145,6 +148,15 @@ def _checkpoint_blocks(model: nn.Module) -> None:
             container[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def mixed_precision(train: TrainConfig, device: torch.device):
+    """FSDP2's policy: bf16 parameters and fp32 gradient reduction when the run computes in bf16 (bf16, or
+    auto on a GPU), none (fp32 throughout) otherwise: train.precision=fp32 is honoured under FSDP too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    bf16 = train.precision == Precision.BF16 or (train.precision == Precision.AUTO and device.type == "cuda")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+
+
 def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Module:
     if train.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -163,11 +175,9 @@ def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Modu
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    mp = None
-    if info.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = mixed_precision(train, info.device)
     kw = {"mp_policy": mp} if mp else {}
     for name in ("vision", "text"):  # the image encoder; the CLIP stage's text encoder
         if _has(model, name):
