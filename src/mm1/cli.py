@@ -184,10 +184,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _engine(checkpoint: str, a: argparse.Namespace):
+    import torch
+
     from mm1.serve.engine import Engine, GenerationConfig
     from mm1.serve.loading import inference_sub_image_grid, load_model
-
-    import torch
 
     device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, cfg = load_model(checkpoint, device=device)
