@@ -693,3 +693,35 @@ def test_an_image_sent_again_is_not_encoded_again(client, engine, server):
     assert torch.equal(cache.encode(images, encode), encode(images))
     assert len(cache.entries) == 3 and cache.bytes == 3 * 64  # bounded: the oldest two were evicted
     assert torch.equal(cache.encode(images[[4, 3]], encode), encode(images[[4, 3]])) and cache.hits == 2
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_their_pace(engine):
+    """With rows decoding, a long prompt (several images) is prefilled 16 tokens a step between their
+    steps; each running row still gains a token every step, and every request gives what it gives alone."""
+    img = Image.open(io.BytesIO(png(colour=(0, 0, 255))))
+    long_prompt = ChatTemplate().render([user_turn("what is in these?", [img, img, img])], generation_prompt=True)
+    short = [ChatTemplate().render([user_turn(q)], generation_prompt=True) for q in ("red", "a green star")]
+    gen = GenerationConfig(max_new_tokens=20)
+    alone = [engine.generate([p], gen)[0] for p in [*short, long_prompt]]
+    batcher = ContinuousBatcher(engine, max_batch=4, prefill_chunk=16)
+    done: dict[int, Completion] = {}
+    for i, p in enumerate(short):
+        batcher.submit(Request(engine.encode(p), gen, on_done=lambda c, i=i: done.__setitem__(i, c)))
+    batcher.step()  # the short ones run
+    engine.stop_ids, stops = set(), engine.stop_ids  # (keep them running through the long prefill)
+    try:
+        batcher.submit(Request(engine.encode(long_prompt), gen, on_done=lambda c: done.__setitem__(2, c)))
+        long_len = len(engine.encode(long_prompt).ids)
+        chunked_steps = 0
+        while batcher.rows and len(batcher.rows) < 3:
+            before = [len(r.ids) for r in batcher.rows]
+            batcher.step()
+            if batcher.filling is not None:
+                chunked_steps += 1
+                assert [len(r.ids) for r in batcher.rows[:2]] == [b + 1 for b in before[:2]]  # their pace kept
+    finally:
+        engine.stop_ids = stops
+    assert chunked_steps >= long_len // 16 - 1  # the prompt went in over many steps, not one
+    while batcher.busy:
+        batcher.step()
+    assert done[2].text == alone[2]  # the chunked prompt decodes as it does alone

@@ -236,7 +236,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if a.request_timeout is not None:
         given["request_timeout_s"] = a.request_timeout
     limits = Limits(**given, allowed_url_hosts=tuple(a.allow_url_host))
-    state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch), limits,
+    state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk), limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
                         images_first=a.images_first)
     serve(state, host=a.host, port=a.port, grace_s=a.shutdown_grace)
@@ -295,6 +295,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send and /v1/models lists (default: the folder name)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="while requests decode, a longer prompt is prefilled this many tokens a step between their "
+                        "steps (0: every prompt in one pass)")
     p.add_argument("--threads", type=int, help="torch threads (default on a CPU: all cores but one, for the event "
                                                "loop that streams tokens)")
     # limits: unset ones keep mm1.serve.requests.Limits' defaults

@@ -9,12 +9,18 @@ computes the rows in use and attends over the slots in use (rounded up, to limit
 a finished row's slot is refilled by moving the last running row into it. Greedy rows decode
 exactly as `Engine.generate` decodes them alone, up to floating-point summation order.
 
+Chunked prefill: while rows are decoding, a prompt longer than `prefill_chunk` tokens (many images)
+is not prefilled in one pass that would stall them; it waits in `pending`, then fills the cache row
+after the running ones (`filling`) `prefill_chunk` tokens per step, between decoding steps, and joins
+the running rows with its first token when its prompt is in. Prompts queue behind it in order.
+
 The batcher is not thread-safe except `submit`, which may be called from any thread; one thread
 (the server's worker) calls `step`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -75,6 +81,8 @@ class _Running:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already passed to on_text
     text: str = ""
+    filled: int = 0  # prompt positions in the cache (chunked prefill)
+    embeds_TD: torch.Tensor | None = None  # the prompt's embeddings while it is being chunked
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0
 
@@ -82,8 +90,12 @@ class _Running:
 class ContinuousBatcher:
     """Continuous batching: requests join and leave a shared KV cache between decoding steps."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 16, max_len: int | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_len: int | None = None,
+                 prefill_chunk: int = 256) -> None:
         self.engine, self.max_batch = engine, max_batch
+        self.prefill_chunk = prefill_chunk  # 0: every prompt in one pass
+        self.filling: _Running | None = None  # the prompt being prefilled in chunks (cache row len(rows))
+        self.pending: collections.deque[_Running] = collections.deque()  # prompts waiting to be chunked
         self.max_len = max_len or engine.model.cfg.decoder.max_seq_len
         self.cache = engine.model.new_cache(max_batch, self.max_len)
         self.length = torch.zeros(max_batch, dtype=torch.long)  # tokens in each row's cache
@@ -103,9 +115,10 @@ class ContinuousBatcher:
 
     def end_all(self, err: BaseException) -> None:
         """End every running and waiting request with `err` (shutdown): no client is left waiting."""
-        for row in self.rows:
+        for row in [*self.rows, *([self.filling] if self.filling else []), *self.pending]:
             _end(row.request, err)
-        self.rows = []
+        self.rows, self.filling = [], None
+        self.pending.clear()
         while True:
             try:
                 _end(self.waiting.get_nowait(), err)
@@ -114,19 +127,79 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows) or not self.waiting.empty()
+        return bool(self.rows) or self.filling is not None or bool(self.pending) or not self.waiting.empty()
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits (their prompt pass gives their first token), then advance every row that
-        was already running by one token."""
+        """Admit what fits (a short prompt's pass gives its first token; a long one is chunked), prefill
+        the next chunk of a long prompt, then advance every row that was already running by one token."""
         self._drop_cancelled()
         running = len(self.rows)
         admitted = self._admit()
         if admitted:
-            self._prefill_each_on_failure(admitted)
+            chunked = [r for r in admitted if self._chunks(r, running)]
+            whole = [r for r in admitted if r not in chunked]
+            if whole:
+                self._prefill_each_on_failure(whole)
+            self.pending.extend(chunked)
+        if self.filling is not None or self.pending:
+            self._fill(self.prefill_chunk if self.rows else 1 << 30)  # no one decoding: no reason to chunk
         if running:
             self._decode(running)
+
+    def _chunks(self, row: _Running, running: int) -> bool:
+        """Whether a prompt is prefilled in chunks: it is long while rows decode, or others queue already."""
+        if not self.prefill_chunk:
+            return False
+        return self.filling is not None or bool(self.pending) or (
+            running > 0 and len(row.request.encoded.ids) > self.prefill_chunk)
+
+    def _fill(self, budget: int) -> None:
+        """Prefill up to `budget` prompt tokens of the pending prompts, in order."""
+        while budget > 0 and (self.filling is not None or self.pending):
+            if self.filling is None:
+                row = self.pending.popleft()
+                if row.request.cancelled.is_set():
+                    continue
+                try:
+                    row.embeds_TD = self._embed_prompt(row)
+                except Exception as err:
+                    _end(row.request, err)
+                    continue
+                self.filling = row
+            row, i = self.filling, len(self.rows)
+            total = len(row.request.encoded.ids)
+            size = min(budget, total - row.filled)
+            try:
+                logits = self._prefill_chunk(row, i, size)
+            except Exception as err:
+                self.filling = None
+                _end(row.request, err)
+                continue
+            row.filled += size
+            budget -= size
+            if row.filled == total:  # its prompt is in: it joins the running rows with its first token
+                self.filling, row.embeds_TD = None, None
+                self.length[i] = total
+                self.rows.append(row)
+                self._emit(logits, range(i, i + 1))
+
+    def _embed_prompt(self, row: _Running) -> torch.Tensor:
+        eng, dev = self.engine, self.engine.device
+        enc = row.request.encoded
+        images = torch.stack(enc.images).to(dev, eng.dtype) if enc.images else None
+        return eng.model.embed(torch.tensor([enc.ids], device=dev), images, encode_images=eng.encode_images)[0]
+
+    def _prefill_chunk(self, row: _Running, i: int, size: int) -> torch.Tensor:
+        """Positions [p, p + size) of the row's prompt into cache row i; the last position's logits."""
+        eng, dev, p = self.engine, self.engine.device, row.filled
+        S = p + size
+        mask = torch.ones(size, S, dtype=torch.bool).tril(diagonal=p)  # all earlier slots, causal within
+        cache = KVCache([k[i:i + 1] for k in self.cache.k], [v[i:i + 1] for v in self.cache.v],
+                        torch.arange(p, S, device=dev))
+        hidden = eng.model.decoder(row.embeds_TD[p:S][None], torch.arange(p, S, device=dev)[None],
+                                   mask[None, None].to(dev), cache).hidden_BTD
+        return eng.model.decoder.lm_head(hidden[:, -1]).float().cpu()
 
     def run(self, stop: threading.Event) -> None:
         """The worker loop: step while there is work, sleep until a request arrives otherwise."""
@@ -147,7 +220,8 @@ class ContinuousBatcher:
 
     def _admit(self) -> list[_Running]:
         new: list[_Running] = []
-        while len(self.rows) + len(new) < self.max_batch:
+        queued = len(self.pending) + (self.filling is not None)
+        while len(self.rows) + queued + len(new) < self.max_batch:
             try:
                 req = self.waiting.get_nowait()
             except queue.Empty:
@@ -274,20 +348,27 @@ class ContinuousBatcher:
                                          logprobs))
 
     def _remove(self, i: int) -> None:
-        """Free row i: the last running row moves into it (its cache slots, length and last token)."""
+        """Free row i: the last running row moves into it (its cache slots, length and last token), and a
+        prompt being chunked moves down with it (it stays in the row after the running ones)."""
         last = len(self.rows) - 1
         if i != last:
-            L = int(self.length[last])
-            for k in (*self.cache.k, *self.cache.v):
-                k[i, :, :L] = k[last, :, :L]
+            self._move(last, i, int(self.length[last]))
             self.length[i], self.last[i] = self.length[last], self.last[last]
             self.rows[i] = self.rows[last]
         self.rows.pop()
+        if self.filling is not None and self.filling.filled:
+            self._move(last + 1, last, self.filling.filled)
+
+    def _move(self, src: int, dst: int, slots: int) -> None:
+        for k in (*self.cache.k, *self.cache.v):
+            k[dst, :, :slots] = k[src, :, :slots]
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].request.cancelled.is_set():
                 self._remove(i)
+        if self.filling is not None and self.filling.request.cancelled.is_set():
+            self.filling = None
 
 
 def _logprob(logits_V: torch.Tensor, token: int, top: int) -> TokenLogprob:
