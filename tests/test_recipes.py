@@ -182,3 +182,22 @@ def test_a_pipeline_hands_each_stage_what_the_earlier_ones_wrote(tmp_path):
         Pipeline((PipelineStage("pretrain", base, ((Handoff.DECODER, "lm"),)), PipelineStage("lm", base)))
     with pytest.raises(ConfigError, match="unknown pipeline 'big'"):
         get_pipeline("big")
+
+
+def test_mm1_pipeline_runs_every_stage_in_order_and_skips_finished_ones(world, tmp_path, capsys):
+    import json
+
+    from mm1.cli import main
+
+    small = [f"data.root={world}", "train.steps=2", "train.batch_size=4", "data.packing.seq_len=128",
+             "data.packing.max_images=4", "data.num_workers=0", "data.prepare.workers=1",
+             "train.logging.progress=false", "train.logging.tensorboard=false", "model.decoder.depth=2",
+             "model.vision.depth=1"]
+    out = tmp_path / "p"
+    assert main(["pipeline", "tiny", "--out", str(out), *small]) == 0
+    for stage in ("clip", "lm", "pretrain", "sft"):
+        assert json.loads((out / stage / "config.json").read_text())["train"]["steps"] == 2, stage
+    assert (out / "lm" / "decoder" / "config.json").exists()
+    capsys.readouterr()
+    assert main(["pipeline", "tiny", "--out", str(out), *small]) == 0
+    assert capsys.readouterr().out.count("(finished: skipped)") == 4

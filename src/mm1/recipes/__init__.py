@@ -60,7 +60,8 @@ def get_recipe(name: str) -> Config:
 
 # `mm1 pipeline NAME --out DIR [overrides]`: every stage of a recipe in MM1's order, overrides on each.
 PIPELINES: dict[str, Callable[[list[str]], Pipeline]] = {
-    "tiny": lambda overrides: tiny_pipeline(apply_overrides(tiny(), overrides)),
+    "tiny": lambda overrides: tiny_pipeline(apply_overrides(tiny(), overrides), clip=overrides, lm=overrides,
+                                            sft=overrides),
     "smol": smol_pipeline,
 }
 
