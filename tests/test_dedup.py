@@ -48,6 +48,17 @@ def test_dedup_finds_planted_near_duplicates_and_duplicate_images_and_keeps_the_
     assert again.drop == found.drop  # deterministic
     images = dedup_source("caption", SourceKind.CAPTION, (str(captions),), "", DedupSettings(), progress=False)
     assert images.drop == {0: [2]} and images.image_duplicates == 1 and images.near_duplicates == 0
+    # the same caption on another picture is not a duplicate, unless captions are asked to count
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(blue)
+    lines = captions.read_text().splitlines()
+    same_caption = {"image": str(blue), "caption": json.loads(lines[0])["caption"]}
+    captions.write_text("\n".join([*lines, json.dumps(same_caption)]) + "\n")
+    again = dedup_source("caption", SourceKind.CAPTION, (str(captions),), "", DedupSettings(), progress=False)
+    assert again.drop == {0: [2]}
+    text_too = dedup_source("caption", SourceKind.CAPTION, (str(captions),), "",
+                            DedupSettings(caption_text=True), progress=False)
+    assert text_too.drop == {0: [2, 3]} and text_too.near_duplicates == 1
 
 
 def test_prepare_leaves_out_what_dedup_found(tmp_path, world, capsys):

@@ -130,7 +130,7 @@ def _cmd_data_dedup(a: argparse.Namespace) -> int:
     from mm1.data.dedup import DedupSettings, dedup_folder, run_dedup, summary_lines
 
     cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
-    settings = DedupSettings(threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram)
+    settings = DedupSettings(threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram, caption_text=a.caption_text)
     results = run_dedup(cfg, Stage(cfg.train.stage), settings)
     print("\n".join(summary_lines(results)))
     print(f"dedup lists in {dedup_folder(cfg)}; prepare with data.prepare.dedup=true to leave the duplicates out")
@@ -532,6 +532,9 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
                                                                   "at which a record is a near-duplicate")
     q.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     q.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    q.add_argument("--caption-text", action="store_true",
+                   help="caption pairs are near-duplicates by their caption too (default: only a duplicate image "
+                        "makes one: short captions repeat across distinct images)")
     q.set_defaults(func=_cmd_data_dedup)
     q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")
     _config_args(q)
