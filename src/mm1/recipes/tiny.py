@@ -48,8 +48,10 @@ def tiny() -> Config:
                           image_size=128),
         num_workers=2,
     )
+    # 150 steps from the LM stage's decoder (measured 2026-12-06, one seed: 0-shot captioning 0.960 CIDEr-D,
+    # 3.3× the baseline, VQA 0.32; 200 steps from a random decoder gave 0.823 in about a minute more)
     train = TrainConfig(
-        steps=200, batch_size=16, schedule=ScheduleConfig(warmup_steps=20, final_lr_fraction=0.1),
+        steps=150, batch_size=16, schedule=ScheduleConfig(warmup_steps=15, final_lr_fraction=0.1),
         checkpoint=CheckpointConfig(every=200, keep_last=2), logging=LoggingConfig(every=10),
     )
     return Config(model=model, data=data, train=train,
@@ -72,11 +74,13 @@ def tiny_lm(base: Config) -> Config:
     text mixed into them where `data.synth.real_text` is set), as MM1 starts from a pre-trained LLM.
     Its `decoder/` folder is what `model.decoder.init` names for the multimodal stage.
 
-    The world's text is small (about 90k tokens) and regular: LM_STEPS steps of 16 sequences of 384
-    tokens read it several times over, enough to learn its words and sentence forms."""
+    The world's text is small (about 90k tokens) and regular: LM_STEPS steps of 8 sequences of 384
+    tokens read it about 3.5 times, enough for its words and sentence forms. Twice that (16 sequences)
+    over-learned one of its phrases: measured in the quickstart, the pre-trained model then ended every
+    caption with 'with the word "cat"' (0.40 CIDEr-D against 0.96 at 8 sequences, one seed each)."""
     cfg = copy.deepcopy(base)
     cfg.train.stage = Stage.LM
-    cfg.train.steps = LM_STEPS
+    cfg.train.steps, cfg.train.batch_size = LM_STEPS, 8
     cfg.train.schedule = ScheduleConfig(warmup_steps=10, final_lr_fraction=0.1)
     cfg.train.checkpoint.every = LM_STEPS
     return cfg
