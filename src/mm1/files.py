@@ -69,14 +69,19 @@ def read_json(path: Path):
 
 
 def check_writable(folder: Path, what: str = "--out") -> None:
-    """Refuse, before any work, an output folder that cannot be written (read-only, not a folder)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".mm1-write-test{os.getpid()}"
+    """Refuse, before any work, an output folder that cannot be written (read-only, under a file); nothing
+    is created: the folder's nearest existing ancestor is what is checked."""
+    from mm1.config import ConfigError
+
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: cannot write there ({existing} is not a folder)")
+    probe = existing / f".mm1-write-test{os.getpid()}"
+    try:  # a real write: os.access says yes to root on a read-only mount
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        from mm1.config import ConfigError
-
         raise ConfigError(f"{what} {folder}: cannot write there ({err.strerror})") from None
