@@ -55,8 +55,8 @@ class Limits:
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
-# OpenAI fields this server does not implement: refused by name rather than silently ignored
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+# OpenAI fields this server does not implement: refused by name rather than silently ignored
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
                "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
