@@ -50,6 +50,11 @@ def over_context_arms(finding: Finding, scores: dict[str, list[dict]]) -> list[s
             if any(s.get("over_context", {}).get(k, 0) for s in scores.get(a, []) for k in keys)]
 
 
+def judged_spread(finding: Finding, scores: dict[str, list[dict]]) -> tuple[float, int]:
+    """The seed spread of the finding's metric on its judged scale, pooled over every arm."""
+    return pooled_sd([judged(finding, _values(scores, a, finding.metric.key)) for a in scores])
+
+
 def judge(finding: Finding, scores: dict[str, list[dict]]) -> Verdict | None:
     """The verdict of one finding, its spread pooled over every arm's seeds on the judged scale; a finding
     whose arms' judged prompts outgrow their context is not judged."""
@@ -58,7 +63,7 @@ def judge(finding: Finding, scores: dict[str, list[dict]]) -> Verdict | None:
     if over_context_arms(finding, scores):
         return Verdict(NOT_JUDGED, ())
     key = finding.metric.key
-    sd, df = pooled_sd([judged(finding, _values(scores, a, key)) for a in scores])
+    sd, df = judged_spread(finding, scores)
     return verdict(finding, {a: judged(finding, _values(scores, a, key)) for a in finding.arms}, sd, df)
 
 
@@ -131,7 +136,7 @@ def _difference(finding: Finding, scores: dict[str, list[dict]], a: str, b: str)
     key = finding.metric.key
     if not _values(scores, a, key) or not _values(scores, b, key):
         return None
-    sd, df = pooled_sd([judged(finding, _values(scores, x, key)) for x in scores])
+    sd, df = judged_spread(finding, scores)
     return diff_interval(judged(finding, _values(scores, a, key)), judged(finding, _values(scores, b, key)), sd, df)
 
 
@@ -145,7 +150,7 @@ def seed_spread(findings: list[Finding], scores: dict[str, list[dict]], verdicts
     for key in dict.fromkeys(f.metric.key for f in findings):
         finding = next(f for f in findings if f.metric.key == key)
         base = judged(finding, _values(scores, reference, key))
-        sd, df = pooled_sd([judged(finding, _values(scores, a, key)) for a in scores])
+        sd, df = judged_spread(finding, scores)
         n = statistics.fmean(len(v) for v in scores.values()) if scores else 0
         half = t975(df) * sd * math.sqrt(2 / n) if df and n else math.inf
         effects = [abs(d.mean) for f in findings if f.metric.key == key and (v := verdicts.get(f.name))

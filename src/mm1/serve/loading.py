@@ -7,7 +7,6 @@ checkpoint inside it (`.../checkpoints/step_00000600`), or a local Hugging Face 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from mm1.config import Config, PromptFormat, Stage, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
+from mm1.model.pretrained import hf_config
 from mm1.model.size import check_fits
 from mm1.train import checkpoint as ckpt
 
@@ -34,8 +34,7 @@ def inference_sub_image_grid(cfg: Config) -> int:
 def describe_checkpoint(path: str | Path) -> dict:
     """What a result was computed from: the folder, its kind, and for a run the checkpoint and its step."""
     path = Path(path).resolve()
-    cfg_file = path / "config.json"
-    if cfg_file.exists() and "model_type" in json.loads(cfg_file.read_text()):
+    if hf_config(path) is not None:
         return {"path": str(path), "kind": "transformers folder"}
     if (path / "mm1_config.json").exists():
         return {"path": str(path), "kind": "mm1 export"}
@@ -48,8 +47,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    cfg_file = path / "config.json"
-    if cfg_file.exists() and "model_type" in json.loads(cfg_file.read_text()):
+    if hf_config(path) is not None:
         from mm1.model.weights import load_hf_model
 
         return load_hf_model(path, device=device)
