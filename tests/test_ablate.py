@@ -56,8 +56,10 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert names == ["resolution", "image_tokens", "connector", "caption_zero_shot", "interleaved_few_shot",
                      "text_only", "moe"]
     _, arms = select(None, quick=True)
-    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4_long", "tok16_long", "avg_pool", "attn_pool",
+    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "avg_pool", "attn_pool",
                                      "cap100", "cap0", "text0", "moe"}
+    quick_tokens = select(["image_tokens"], quick=True)[0][0]
+    assert quick_tokens.arms == ("base", "tok4")  # 16 > 4 at the base context, where both fit
     assert "dense_eqtime" in {a.name for a in select(None, quick=False)[1]}  # beside MoE, in the full mode
     full, full_arms = select(["image_tokens"], quick=False)
     assert full[0].arms == ("tok64_long", "tok16_long", "tok4_long")

@@ -47,9 +47,9 @@ ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8
 class Scale:
     """How big each arm is. Full: 3 seeds, 200 steps of 8 sequences, all 200 held-out items per task (the
     world's evaluation scenes): the items and the pre-trained LM stage are what narrow the seed spread
-    (docs/results/ablate). Quick: 2 seeds, 150 steps, 100 items, and neither the 64-token arm nor the arms
-    reported beside a finding without judging it (aimed at an hour on 2 cores with --jobs 2; estimated from
-    measured arm times at about 70 minutes, the 1024-token arms being 3-4x slower per token: not yet met)."""
+    (docs/results/ablate). Quick: 2 seeds, 150 steps, 100 items, no arm reported beside a finding without
+    judging it, and no 64-token arm, hence no 1024-position arm (image tokens: 16 against 4 at the base
+    context): an hour on 2 cores with --jobs 2."""
 
     seeds: int
     steps: int
