@@ -251,6 +251,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
     out = Path(a.out)
     check_writable(out.parent, "--out's folder")
     model, tok, cfg = load_model(a.checkpoint)
+    if a.hf:
+        from mm1.hf.export import export_transformers
+
+        export_transformers(model, cfg, tok, out, max_shard_bytes=int(a.max_shard_gb * 2**30))
+        print(f"whole model as a transformers folder (AutoModelForImageTextToText and AutoProcessor with "
+              f"trust_remote_code=True; `mm1 chat/eval/serve --checkpoint {out}` load it too): {out}")
+        return 0
     with atomic_folder(out) as tmp:  # a half-written export never takes the place of a whole one
         export(model, cfg, tmp)
         tok.save(tmp / "tokenizer.json")
@@ -479,6 +486,10 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint as safetensors, and its decoder as a transformers folder")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--out", required=True)
+    p.add_argument("--hf", action="store_true", help="the whole model as a transformers folder (modeling code, "
+                                                     "processor, tokenizer, chat template), loaded with "
+                                                     "trust_remote_code=True")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="--hf: largest safetensors file (default 5)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("checkpoint-weights", help="write model.safetensors into a checkpoint of an older mm1 (reads "

@@ -314,6 +314,7 @@ def export(model: nn.Module, cfg: Config, folder: Path) -> Path:
 
 
 def import_exported(folder: Path):
+    """A folder written by `mm1 export` (with or without `--hf`) as our model and config, bit for bit."""
     from mm1.files import read_json
     from mm1.model.mllm import MLLM
     from mm1.train.checkpoint import load_weights
@@ -321,7 +322,9 @@ def import_exported(folder: Path):
     cfg = from_saved(read_json(folder / "mm1_config.json"))
     check_fits(cfg, training=False)
     model = MLLM(cfg.model)
-    state = load_weights(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"  # `mm1 export --hf` shards a large model
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {k: v for f in files for k, v in load_weights(folder / f).items()}
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
                                 if cfg.model.decoder.tie_embeddings else {}), what=str(folder))
     return model, cfg

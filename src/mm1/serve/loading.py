@@ -34,10 +34,10 @@ def inference_sub_image_grid(cfg: Config) -> int:
 def describe_checkpoint(path: str | Path) -> dict:
     """What a result was computed from: the folder, its kind, and for a run the checkpoint and its step."""
     path = Path(path).resolve()
+    if (path / "mm1_config.json").exists():
+        return {"path": str(path), "kind": "mm1 export" + (" (transformers)" if hf_config(path) else "")}
     if hf_config(path) is not None:
         return {"path": str(path), "kind": "transformers folder"}
-    if (path / "mm1_config.json").exists():
-        return {"path": str(path), "kind": "mm1 export"}
     run, ck = ckpt.resolve(path)
     return {"path": str(run), "kind": "mm1 run", "checkpoint": str(ck), "step": ckpt.load_meta(ck)["step"],
             "config": str(run / "config.json")}
@@ -47,15 +47,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / "mm1_config.json").exists():  # a folder written by `mm1 export` (`--hf` too)
+        from mm1.hf.export import read_tokenizer
+        from mm1.model.weights import import_exported
+
+        model, cfg = import_exported(path)
+        return model.to(device).eval(), read_tokenizer(path), cfg
     if hf_config(path) is not None:
         from mm1.model.weights import load_hf_model
 
         return load_hf_model(path, device=device)
-    if (path / "mm1_config.json").exists():  # a folder written by `mm1 export`
-        from mm1.model.weights import import_exported
-
-        model, cfg = import_exported(path)
-        return model.to(device).eval(), Tokenizer.from_file(path / "tokenizer.json"), cfg
     run, ck = ckpt.resolve(path)
     cfg = load(run / "config.json")
     tok = Tokenizer.from_file(run / "tokenizer.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, ConfigError, Stage, load
+from mm1.config import Config, ConfigError, Stage, from_saved, load
 from mm1.data.packing import IGNORE
 from mm1.data.stats import DataStats
 from mm1.data.stream import Batch, DataStream, make_loader
@@ -56,30 +56,44 @@ def record_trained_context(cfg: Config, init_from: str | None) -> None:
     this stage's packed sequences. Evaluation counts prompts that run past it."""
     inherited = cfg.model.decoder.trained_context
     if init_from:
-        run, _ = ckpt.resolve(Path(init_from))
-        source = load(run / "config.json")
+        source = source_config(Path(init_from))
         # a run from before the context was recorded trained on its own packed sequences
         inherited = max(inherited, source.model.decoder.trained_context or source.data.packing.seq_len)
     cfg.model.decoder.trained_context = max(inherited, cfg.data.packing.seq_len)
 
 
-def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
-    """Start from a checkpoint's weights (strict about names). A dense checkpoint into an MoE model is
-    upcycled; position tables trained at another resolution are interpolated (SFT at 672 px from a
-    378-px pre-training checkpoint)."""
-    from mm1.model.size import check_fits
-    from mm1.model.weights import fit_position_tables, load_strict
+def source_config(path: Path) -> Config:
+    """The config of what `--init-from` names: a run or checkpoint, or a folder of `mm1 export` (`--hf` too)."""
+    if (path / "mm1_config.json").exists():
+        from mm1.files import read_json
 
-    run, ck = ckpt.resolve(path)
-    source_cfg = load(run / "config.json")
-    check_fits(source_cfg, training=False)  # the run started from is checked as the run itself is
-    source = MLLM(source_cfg.model)
-    ckpt.load_model_weights(ck, source)
+        return from_saved(read_json(path / "mm1_config.json"))
+    run, _ = ckpt.resolve(path)
+    return load(run / "config.json")
+
+
+def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
+    """Start from a checkpoint's (or an export's) weights, strict about names. A dense checkpoint into an
+    MoE model is upcycled; position tables trained at another resolution are interpolated (SFT at 672 px
+    from a 378-px pre-training checkpoint)."""
+    from mm1.model.size import check_fits
+    from mm1.model.weights import fit_position_tables, import_exported, load_strict
+
+    if (path / "mm1_config.json").exists():
+        source, _ = import_exported(path)  # checks the size before it builds
+        what = str(path)
+    else:
+        run, ck = ckpt.resolve(path)
+        source_cfg = load(run / "config.json")
+        check_fits(source_cfg, training=False)  # the run started from is checked as the run itself is
+        source = MLLM(source_cfg.model)
+        ckpt.load_model_weights(ck, source)
+        what = str(ck)
     state = fit_position_tables(source.state_dict(), model)
     if cfg.model.moe.num_experts and not source.cfg.moe.num_experts:
         upcycle_from_dense(model, state)
     else:
-        load_strict(model, state, what=f"weights from {ck}")
+        load_strict(model, state, what=f"weights from {what}")
 
 
 class LMObjective:

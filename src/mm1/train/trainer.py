@@ -106,10 +106,10 @@ def make_objective(cfg: Config, tok, *, world_size: int, fresh: bool, init_from:
 def same_tokenizer(tok, run: Path, cfg: Config) -> None:
     """Refuse to continue (or start from) a run whose model was trained with another tokenizer: the same
     vocabulary size would let it run, on ids that mean other words."""
-    from mm1.data.tokenizer import Tokenizer
+    from mm1.hf.export import read_tokenizer
 
     saved = run / "tokenizer.json"
-    if saved.exists() and Tokenizer.from_file(saved).fingerprint != tok.fingerprint:
+    if saved.exists() and read_tokenizer(run).fingerprint != tok.fingerprint:
         where = cfg.data.tokenizer or f"{cfg.data.root}/tokenizer.json"
         raise ConfigError(f"data.tokenizer: {where} is not the tokenizer {run} was trained with ({saved}); "
                           f"point data.tokenizer at {saved} to go on from it")
@@ -128,7 +128,9 @@ class Trainer:
         if resume:
             same_tokenizer(self.tok, out, cfg)
         elif init_from:
-            same_tokenizer(self.tok, ckpt.resolve(Path(init_from))[0], cfg)
+            source = Path(init_from)  # an export's folder holds its tokenizer; a checkpoint's run does
+            same_tokenizer(self.tok, source if (source / "mm1_config.json").exists() else ckpt.resolve(source)[0],
+                           cfg)
         # a config handed over with 100,000 layers is refused here, before anything is allocated
         check_fits(cfg, training=True, world_size=self.info.world_size, device=self.info.device.type)
         self.objective = make_objective(cfg, self.tok, world_size=self.info.world_size, fresh=not resume,

@@ -1,0 +1,196 @@
+"""`mm1 export --hf`: the whole model as a transformers folder, loaded where mm1 is not installed.
+
+Each variant (the three connectors, an MoE decoder, an SFT model that sees sub-images) is a random model
+moved off its initialisation (so a wrong weight map shows), exported, then loaded by
+`AutoModelForImageTextToText` and `AutoProcessor` in one subprocess whose path has no mm1. The processor's
+ids must equal mm1's engine's, the logits of every position agree within 1e-4, and greedy `generate()`
+gives mm1's tokens, on prompts with two images.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {
+    "c_abstractor": (),
+    "avg_pool": ("model.connector.kind=avg_pool",),
+    "attention_pool": ("model.connector.kind=attention_pool",),
+    "moe": ("model.moe.num_experts=4", "model.moe.every=2", "model.decoder.ffn_hidden=256"),
+    "sft_sub_images": ("data.sub_image_grid=2",),
+}
+QUESTION = "What color is the big shape?"
+PRETRAIN_PROMPT = "<image>Photo 1: a small red circle. <image>Photo 2:"
+
+# Runs with mm1 off sys.path: what a user with transformers and no mm1 runs.
+LOADER = r'''
+import json, sys
+from pathlib import Path
+sys.path = [p for p in sys.path if not (Path(p) / "mm1").is_dir()]
+import importlib.util
+assert importlib.util.find_spec("mm1") is None, "mm1 is importable"
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+jobs, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+for job in jobs:
+    model = AutoModelForImageTextToText.from_pretrained(job["folder"], trust_remote_code=True,
+                                                        dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(job["folder"], trust_remote_code=True)
+    text = job["text"]
+    if job["chat"]:
+        content = [{"type": "image"} for _ in job["images"]] + [{"type": "text", "text": text}]
+        text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+    inputs = proc(text=text, images=[Image.open(p) for p in job["images"]], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    torch.save({"prompt": inputs["input_ids"][0], "logits": logits, "ids": ids, "class": type(model).__name__,
+                "image_token_id": proc.image_token_id, "tokens_per_image": proc.image_tokens_per_image(),
+                "text": text}, out / (job["name"] + ".pt"))
+'''
+
+
+def _model(world: Path, overrides: tuple[str, ...], *, sft: bool):
+    from mm1.config import Stage, apply_overrides
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.model.mllm import MLLM
+    from mm1.recipes import get_recipe
+
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    cfg = apply_overrides(get_recipe("tiny"), [f"data.root={world}", f"model.decoder.vocab_size={len(tok)}",
+                                               f"model.image_token_id={tok.image_id}", *overrides])
+    if sft:
+        cfg.train.stage = Stage.SFT
+    torch.manual_seed(len(overrides))
+    model = MLLM(cfg.model).eval()
+    with torch.no_grad():  # off the initialisation: norms away from 1, biases from 0, weights larger
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.dim() == 1 else 0.05))
+    return model, tok, cfg
+
+
+def _mm1_prompt(text: str, images: list, *, chat: bool, tok) -> list:
+    from mm1.data.template import Text, template_for, user_turn
+
+    if chat:
+        return [s.text if isinstance(s, Text) else s
+                for s in template_for(tok).render([user_turn(text, images)], generation_prompt=True)]
+    parts: list = []
+    for i, piece in enumerate(text.split("<image>")):
+        parts += [images[i - 1]] if i else []
+        parts += [piece] if piece else []
+    return parts
+
+
+@pytest.fixture(scope="module")
+def exported(world, tmp_path_factory):
+    """Every variant exported, and what transformers made of it (one subprocess, mm1 off its path)."""
+    from PIL import Image
+
+    from mm1.hf.export import export_transformers
+
+    root = tmp_path_factory.mktemp("hf_export")
+    images = sorted((world / "tasks" / "synth_vqa" / "images").glob("*.png"))[:2]
+    jobs, ours = [], {}
+    for name, overrides in VARIANTS.items():
+        sft = name.startswith("sft")
+        model, tok, cfg = _model(world, overrides, sft=sft)
+        # the MoE variant is cut into 1 MiB shards, the way a large model is (with an index)
+        export_transformers(model, cfg, tok, root / name, max_shard_bytes=2**20 if name == "moe" else 2**30)
+        text = QUESTION if sft else PRETRAIN_PROMPT
+        ours[name] = (model, tok, cfg, _mm1_prompt(text, [Image.open(p).convert("RGB") for p in images],
+                                                  chat=sft, tok=tok))
+        jobs.append({"name": name, "folder": str(root / name), "images": [str(p) for p in images], "text": text,
+                     "chat": sft})
+    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs), str(root)], capture_output=True,
+                         text=True, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return root, ours, {name: torch.load(root / f"{name}.pt", weights_only=True) for name in VARIANTS}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_transformers_generates_what_mm1_generates(exported, name):
+    from mm1.hf.export import sub_image_grid
+    from mm1.serve.engine import Engine, GenerationConfig
+
+    root, ours, theirs = exported
+    model, tok, cfg, prompt = ours[name]
+    hf = theirs[name]
+    engine = Engine(model, tok, sub_image_grid=sub_image_grid(cfg))
+    encoded = engine.encode(prompt)
+    assert hf["class"] == "MM1ForConditionalGeneration"
+    assert hf["prompt"].tolist() == encoded.ids  # the processor (and chat template) prepare mm1's very ids
+    views = 5 if name.startswith("sft") else 1  # an overview and 2×2 crops
+    assert hf["tokens_per_image"] == cfg.model.connector.num_tokens * views
+    assert hf["image_token_id"] == tok.image_id and encoded.ids.count(tok.image_id) == 2 * hf["tokens_per_image"]
+    with torch.no_grad():
+        logits = model(tokens_BT=torch.tensor([encoded.ids]), images_NCHW=torch.stack(encoded.images),
+                       return_logits=True).logits_BTV[0]
+    assert (logits - hf["logits"]).abs().max() <= 1e-4
+    ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
+    stops = set(json.loads((root / name / "config.json").read_text())["eos_token_id"])
+    theirs_ids = hf["ids"].tolist()
+    assert theirs_ids[: len(ids)] == ids and (len(theirs_ids) == len(ids) or theirs_ids[len(ids)] in stops)
+    assert len(ids) > 0
+
+
+def test_export_loads_back_into_mm1_bit_for_bit(exported):
+    from mm1.serve.loading import describe_checkpoint, load_model
+
+    root, ours, _ = exported
+    for name in ("moe", "sft_sub_images"):  # sharded, and tied with mm1's chat template
+        model, tok, cfg, _ = ours[name]
+        again, tok2, cfg2 = load_model(root / name)
+        assert again.state_dict().keys() == model.state_dict().keys()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, again.state_dict()[k]), k
+        assert tok2.chat_template is None and tok2.fingerprint == tok.fingerprint  # mm1's own template
+        assert cfg2.train.stage == cfg.train.stage and cfg2.data.sub_image_grid == cfg.data.sub_image_grid
+        assert describe_checkpoint(root / name)["kind"] == "mm1 export (transformers)"
+    files = {p.name for p in (root / "moe").iterdir()}
+    assert "model.safetensors.index.json" in files and "model-00001-of-" in " ".join(sorted(files))
+    assert {"modeling_mm1.py", "configuration_mm1.py", "processing_mm1.py", "chat_template.jinja",
+            "preprocessor_config.json", "processor_config.json", "tokenizer.json"} <= files
+
+
+def test_remote_files_import_nothing_of_mm1():
+    from mm1.hf.export import REMOTE, REMOTE_FILES
+
+    for name in REMOTE_FILES:
+        source = (REMOTE / name).read_text()
+        assert "import mm1" not in source and "from mm1" not in source, name
+
+
+def test_cli_export_hf_and_init_from_it(world, tmp_path):
+    """`mm1 export --hf` on a trained run; `--init-from` the export starts from its weights exactly."""
+    from conftest import tiny_config
+
+    from mm1.cli import main
+    from mm1.serve.loading import load_model
+    from mm1.train.lm import init_weights
+    from mm1.train.trainer import train
+
+    cfg = tiny_config(world, "train.steps=1", "train.batch_size=2")
+    train(cfg, out=tmp_path / "run")
+    assert main(["export", "--hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    ours, _, _ = load_model(tmp_path / "run")
+    fresh, _, _ = load_model(tmp_path / "run")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    init_weights(fresh, cfg, tmp_path / "hf")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    again = tiny_config(world, "train.steps=1", "train.batch_size=2")
+    train(again, out=tmp_path / "next", init_from=str(tmp_path / "hf"))  # the trainer accepts the folder
+    assert (tmp_path / "next" / "checkpoints").exists()
