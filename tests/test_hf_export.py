@@ -74,7 +74,7 @@ def _model(world: Path, overrides: tuple[str, ...], *, sft: bool):
     torch.manual_seed(len(overrides))
     model = MLLM(cfg.model).eval()
     with torch.no_grad():  # off the initialisation: norms away from 1, biases from 0, weights larger
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.2 if p.dim() == 1 else 0.05))
     return model, tok, cfg
 
@@ -174,7 +174,6 @@ def test_remote_files_import_nothing_of_mm1():
 def test_cli_export_hf_and_init_from_it(world, tmp_path):
     """`mm1 export --hf` on a trained run; `--init-from` the export starts from its weights exactly."""
     from conftest import tiny_config
-
     from mm1.cli import main
     from mm1.serve.loading import load_model
     from mm1.train.lm import init_weights
