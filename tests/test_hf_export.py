@@ -54,7 +54,13 @@ for job in jobs:
     with torch.no_grad():
         logits = model(**inputs).logits[0]
         ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    torch.save({"prompt": inputs["input_ids"][0], "logits": logits, "ids": ids, "class": type(model).__name__,
+    # the written-out attention, as other engines' attention functions replace it, computes the same
+    eager = AutoModelForImageTextToText.from_pretrained(job["folder"], trust_remote_code=True, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    with torch.no_grad():
+        eager_logits = eager(**inputs).logits[0]
+    torch.save({"prompt": inputs["input_ids"][0], "logits": logits, "eager_logits": eager_logits, "ids": ids,
+                "class": type(model).__name__, "attn": model.config._attn_implementation,
                 "image_token_id": proc.image_token_id, "tokens_per_image": proc.image_tokens_per_image(),
                 "text": text}, out / (job["name"] + ".pt"))
 '''
@@ -137,6 +143,7 @@ def test_transformers_generates_what_mm1_generates(exported, name):
         logits = model(tokens_BT=torch.tensor([encoded.ids]), images_NCHW=torch.stack(encoded.images),
                        return_logits=True).logits_BTV[0]
     assert (logits - hf["logits"]).abs().max() <= 1e-4
+    assert hf["attn"] == "sdpa" and (logits - hf["eager_logits"]).abs().max() <= 1e-4
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
     stops = set(json.loads((root / name / "config.json").read_text())["eos_token_id"])
     theirs_ids = hf["ids"].tolist()
@@ -193,3 +200,29 @@ def test_cli_export_hf_and_init_from_it(world, tmp_path):
     again = tiny_config(world, "train.steps=1", "train.batch_size=2")
     train(again, out=tmp_path / "next", init_from=str(tmp_path / "hf"))  # the trainer accepts the folder
     assert (tmp_path / "next" / "checkpoints").exists()
+
+
+def test_average_pooling_is_idefics3_pixel_shuffle_with_the_projection_tiled():
+    """MM1's average-pooling connector is a standard one: Idefics3's (served natively by vLLM) with the
+    projection tiled, when its bias is zero (Idefics3's projection has none)."""
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3Config
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    from mm1.config import ConnectorConfig, ConnectorKind
+    from mm1.hf.export import pixel_shuffle_weight
+    from mm1.model.connector import AvgPoolConnector
+
+    vision_width, width, grid, scale = 32, 48, 8, 2
+    ours = AvgPoolConnector(vision_width, width, ConnectorConfig(kind=ConnectorKind.AVG_POOL,
+                                                                 num_tokens=(grid // scale) ** 2))
+    with torch.no_grad():
+        ours.proj.bias.zero_()
+    cfg = Idefics3Config(scale_factor=scale, vision_config={"hidden_size": vision_width, "num_attention_heads": 4},
+                         text_config={"hidden_size": width, "num_attention_heads": 4, "num_key_value_heads": 4})
+    theirs = Idefics3Connector(cfg)
+    with torch.no_grad():
+        theirs.modality_projection.proj.weight.copy_(pixel_shuffle_weight(ours.proj.weight, scale))
+        x_NPC = torch.randn(3, grid * grid, vision_width)
+        assert (ours(x_NPC) - theirs(x_NPC)).abs().max() <= 1e-5
+        ours.proj.bias.fill_(0.1)  # with a bias the two differ: the equivalence is not vacuous
+        assert (ours(x_NPC) - theirs(x_NPC)).abs().max() > 1e-2

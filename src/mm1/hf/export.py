@@ -157,3 +157,11 @@ def export_transformers(model: torch.nn.Module, cfg: Config, tok: Tokenizer, fol
             "num_image_tokens": cfg.model.connector.num_tokens, "image_token": IMAGE})
         write_json(tmp / "mm1_config.json", to_dict(cfg))
     return folder
+
+
+def pixel_shuffle_weight(proj_weight_DC: torch.Tensor, scale: int) -> torch.Tensor:
+    """The projection of Idefics3's pixel-shuffle connector (`Idefics3Connector`: s×s neighbouring patches
+    concatenated, then one bias-free linear layer) that computes what mm1's average-pooling connector
+    computes over s×s windows: the mean of s² vectors times W is the concatenation times [W/s², …, W/s²].
+    Exact when the pooling projection's bias is zero (Idefics3's has none) and s divides the patch grid."""
+    return proj_weight_DC.repeat(1, scale * scale) / (scale * scale)
