@@ -21,7 +21,7 @@ import torch
 from mm1.config import EvalConfig
 from mm1.eval.harness import evaluate
 from mm1.eval.tasks import get_task
-from mm1.serve.loading import inference_sub_image_grid, load_model, resolve_prompt_format
+from mm1.store.loading import inference_sub_image_grid, load_model, resolve_prompt_format
 
 
 def main() -> None:

@@ -36,12 +36,12 @@ import uvicorn
 from PIL import Image
 
 from bench_decode import run_theirs, setup
-from mm1.model.weights import export
 from mm1.serve.batching import ContinuousBatcher
 from mm1.serve.engine import Engine, GenerationConfig
-from mm1.serve.loading import load_model
 from mm1.serve.requests import Limits
 from mm1.serve.server import ServerState, cpu_threads, create_app
+from mm1.store.hf import export
+from mm1.store.loading import load_model
 
 QUESTION = "what colour is the circle?"
 

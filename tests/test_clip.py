@@ -52,8 +52,8 @@ def test_contrastive_loss_is_clips_symmetric_cross_entropy_and_ignores_empty_row
 
 
 def test_clip_stage_logs_images_per_s_resumes_exactly_and_writes_the_encoder(world, tmp_path):
-    from mm1.model.pretrained import load_vision_weights
     from mm1.model.vision import VisionEncoder
+    from mm1.store.pretrained import load_vision_weights
 
     cfg = clip_config(world, "train.steps=6")
     last = train(cfg, out=tmp_path / "ref")

@@ -307,7 +307,7 @@ def test_baseline_and_scores_use_the_same_items(world):
 def test_prompt_format_follows_the_stage_unless_chosen(world):
     from conftest import tiny_config
     from mm1.config import Stage, apply_overrides
-    from mm1.serve.loading import resolve_prompt_format
+    from mm1.store.loading import resolve_prompt_format
 
     cfg = tiny_config(world)
     assert resolve_prompt_format(cfg) == PromptFormat.PRETRAIN
@@ -406,7 +406,7 @@ def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answe
     from mm1.data.template import SHORT_ANSWER
     from mm1.serve.chat import generate_once
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.serve.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import inference_sub_image_grid, load_model
     from mm1.train.trainer import train
 
     vqa = get_task("synth_vqa", world=world)

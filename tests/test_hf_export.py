@@ -103,7 +103,7 @@ def exported(world, tmp_path_factory):
     """Every variant exported, and what transformers made of it (one subprocess, mm1 off its path)."""
     from PIL import Image
 
-    from mm1.hf.export import export_transformers
+    from mm1.store.transformers import export_transformers
 
     root = tmp_path_factory.mktemp("hf_export")
     images = sorted((world / "tasks" / "synth_vqa" / "images").glob("*.png"))[:2]
@@ -126,8 +126,8 @@ def exported(world, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_transformers_generates_what_mm1_generates(exported, name):
-    from mm1.hf.export import sub_image_grid
     from mm1.serve.engine import Engine, GenerationConfig
+    from mm1.store.transformers import sub_image_grid
 
     root, ours, theirs = exported
     model, tok, cfg, prompt = ours[name]
@@ -152,7 +152,7 @@ def test_transformers_generates_what_mm1_generates(exported, name):
 
 
 def test_export_loads_back_into_mm1_bit_for_bit(exported):
-    from mm1.serve.loading import describe_checkpoint, load_model
+    from mm1.store.loading import describe_checkpoint, load_model
 
     root, ours, _ = exported
     for name in ("moe", "sft_sub_images"):  # sharded, and tied with mm1's chat template
@@ -171,7 +171,7 @@ def test_export_loads_back_into_mm1_bit_for_bit(exported):
 
 
 def test_remote_files_import_nothing_of_mm1():
-    from mm1.hf.export import REMOTE, REMOTE_FILES
+    from mm1.store.transformers import REMOTE, REMOTE_FILES
 
     for name in REMOTE_FILES:
         source = (REMOTE / name).read_text()
@@ -182,7 +182,7 @@ def test_cli_export_hf_and_init_from_it(world, tmp_path):
     """`mm1 export --hf` on a trained run; `--init-from` the export starts from its weights exactly."""
     from conftest import tiny_config
     from mm1.cli import main
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.lm import init_weights
     from mm1.train.trainer import train
 
@@ -209,8 +209,8 @@ def test_average_pooling_is_idefics3_pixel_shuffle_with_the_projection_tiled():
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
     from mm1.config import ConnectorConfig, ConnectorKind
-    from mm1.hf.export import pixel_shuffle_weight
     from mm1.model.connector import AvgPoolConnector
+    from mm1.store.transformers import pixel_shuffle_weight
 
     vision_width, width, grid, scale = 32, 48, 8, 2
     ours = AvgPoolConnector(vision_width, width, ConnectorConfig(kind=ConnectorKind.AVG_POOL,
@@ -226,3 +226,25 @@ def test_average_pooling_is_idefics3_pixel_shuffle_with_the_projection_tiled():
         assert (ours(x_NPC) - theirs(x_NPC)).abs().max() <= 1e-5
         ours.proj.bias.fill_(0.1)  # with a bias the two differ: the equivalence is not vacuous
         assert (ours(x_NPC) - theirs(x_NPC)).abs().max() > 1e-2
+
+
+def test_layers_model_below_data_and_train_serve_below_train():
+    """The room for models on disk (`mm1.store`) sits below train/serve/eval: `mm1.model` imports neither
+    data nor train (nor what is above them), and inference (`mm1.serve`, `mm1.eval`) does not import train."""
+    import ast
+
+    import mm1
+
+    root = Path(mm1.__file__).parent
+    rules = {"model": ("mm1.data", "mm1.train", "mm1.serve", "mm1.eval", "mm1.store"),
+             "serve": ("mm1.train",), "eval": ("mm1.train",), "store": ("mm1.train", "mm1.serve", "mm1.eval")}
+    broken = []
+    for package, banned in rules.items():
+        for file in (root / package).rglob("*.py"):
+            if "remote" in file.parts:
+                continue
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                broken += [f"{file.relative_to(root)} imports {n}" for n in names if n.startswith(banned)]
+    assert broken == []

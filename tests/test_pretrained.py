@@ -11,9 +11,9 @@ import torch
 from mm1.config import ImageNorm, RopeScaling, apply_overrides
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
-from mm1.model.pretrained import load_pretrained, resolve_pretrained
 from mm1.model.weights import WeightsError, decoder_config_from_hf
 from mm1.recipes import get_recipe
+from mm1.store.pretrained import load_pretrained, resolve_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,7 +210,7 @@ def test_training_from_hf_folders_then_export(world, tmp_path):
     from conftest import prepare_for, tiny_config
     from mm1.cli import main
     from mm1.data.template import HFChatTemplate, template_for
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train
 
     hf = hf_decoder_folder(tmp_path / "llm")

@@ -248,7 +248,7 @@ def test_frozen_components_stay_fixed_and_lr_multipliers_apply(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_torchrun_freezing_and_lr_multipliers_hold_through_the_wrapper(world, tmp_path, kind):
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     train(tiny_config(world, *SMALL, "train.steps=1"), out=tmp_path / "init")
     cfg = tiny_config(world, *SMALL, "train.steps=2", "train.checkpoint.every=2", f"train.parallel={kind}",
@@ -424,7 +424,7 @@ def test_sft_from_dense_checkpoint_upcycles_into_moe(world, tmp_path):
     moe_cfg = tiny_config(world, *SMALL, "train.steps=2", "model.moe.num_experts=4", "model.moe.every=2",
                           "train.stage=sft")
     trainer = Trainer(moe_cfg, tmp_path / "moe", init_from=str(tmp_path / "dense"))
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     dense, _, _ = load_model(tmp_path / "dense")
     moe_ffn = trainer.model.decoder.layers[1].ffn
@@ -440,7 +440,7 @@ def test_a_run_records_the_longest_sequence_its_lineage_trained_on(world, tmp_pa
     """Pre-training at 128 tokens, then SFT at 96: the SFT model has still seen 128 positions; one at
     160 has seen 160. Evaluation checks prompts against this, not the larger position table."""
     from mm1.config import load
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     train(tiny_config(world, *SMALL, "train.steps=1"), out=tmp_path / "pre")
     assert load(tmp_path / "pre" / "config.json").model.decoder.trained_context == 128
@@ -455,7 +455,7 @@ def test_a_run_records_the_longest_sequence_its_lineage_trained_on(world, tmp_pa
 def test_a_checkpoint_loads_into_another_resolution_with_interpolated_position_tables(world, tmp_path):
     """MM1 fine-tunes at 672 px from a 378-px checkpoint; here 64 px → 96 px (8×8 → 12×12 patches)."""
     from mm1.model.vision import resize_pos_embed
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     train(tiny_config(world, *SMALL, "train.steps=2"), out=tmp_path / "low")
     high = tiny_config(world, *SMALL, "train.steps=2", "train.stage=sft", "model.vision.image_size=96",
@@ -629,7 +629,7 @@ def test_lm_stage_trains_the_decoder_on_text_and_the_next_stage_starts_from_it(w
     a second call reuses the finished stage."""
     from mm1.config import ConfigError, apply_overrides, load
     from mm1.data.sources import stage_sources
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train_or_resume
 
     lm = tiny_config(world, *SMALL, "train.steps=2", "train.stage=lm")

@@ -45,7 +45,7 @@ def run(world, tmp_path_factory) -> Path:
 def test_weight_reading_commands_never_unpickle_what_a_run_folder_holds(run, tmp_path, world):
     """serve/eval/generate/chat (load_model), export and --init-from read model.safetensors only."""
     from mm1.cli import main
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     copy = tmp_path / "handed_over"
     shutil.copytree(run, copy)
@@ -69,7 +69,7 @@ def test_checkpoint_rng_states_are_not_pickles(run):
 
 
 def test_a_checkpoint_without_safetensors_or_with_a_truncated_one_is_one_line(run, tmp_path):
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     copy = tmp_path / "old"
     shutil.copytree(run, copy)
@@ -110,7 +110,7 @@ def test_an_hf_config_used_as_an_init_is_checked_before_anything_is_built(tmp_pa
 
     from mm1.config import ConfigError
     from mm1.model.weights import WeightsError
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     hf = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
@@ -181,7 +181,7 @@ def test_results_name_what_they_scored_and_a_cut_export_never_passes_for_a_whole
 
     from mm1.cli import main
     from mm1.files import FileFormatError
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
 
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(run), "--out", str(out), "--tasks", "synth_vqa", "--shots", "0",
@@ -205,6 +205,6 @@ def test_results_name_what_they_scored_and_a_cut_export_never_passes_for_a_whole
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mm1.model.weights.export_hf_decoder", killed)
+    monkeypatch.setattr("mm1.store.hf.export_hf_decoder", killed)
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "second")]) == 130
     assert not (tmp_path / "second").exists()  # nothing half-written in its place

@@ -15,12 +15,11 @@ from mm1.model.vision import VisionEncoder
 from mm1.model.weights import (
     WeightsError,
     decoder_config_from_hf,
-    export,
-    import_exported,
     import_hf_decoder,
     import_hf_vision,
     vision_config_from_hf,
 )
+from mm1.store.hf import export, import_exported
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,8 +117,8 @@ def test_export_roundtrip(tmp_path):
 def test_export_decoder_loads_in_transformers_with_our_logits(tmp_path, family):
     from mm1.config import apply_overrides
     from mm1.model.mllm import MLLM
-    from mm1.model.weights import export_hf_decoder
     from mm1.recipes import get_recipe
+    from mm1.store.hf import export_hf_decoder
 
     torch.manual_seed(0)
     extra = ["model.decoder.tie_embeddings=false", "model.decoder.qkv_bias=true"] if family == "qwen2_untied" else []
@@ -140,7 +139,7 @@ def test_export_decoder_loads_in_transformers_with_our_logits(tmp_path, family):
 def test_mm1_export_writes_a_folder_mm1_loads_bit_exactly(world, tmp_path):
     from conftest import tiny_config
     from mm1.cli import main
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train
 
     cfg = tiny_config(world, "train.steps=1", "train.batch_size=2", "data.packing.seq_len=128",
@@ -177,7 +176,7 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     from transformers import AutoModelForCausalLM
 
     from mm1.eval.perplexity import perplexity
-    from mm1.model.weights import load_hf_model
+    from mm1.store.hf import load_hf_model
 
     model, tok, _ = load_hf_model(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -195,8 +194,8 @@ def test_smollm2_real_weights_logits_and_wikitext_perplexity(tmp_path_factory, s
     from mm1.config import apply_overrides
     from mm1.data.template import HFChatTemplate, template_for
     from mm1.model.mllm import MLLM
-    from mm1.model.pretrained import load_pretrained, resolve_pretrained
     from mm1.recipes import get_recipe
+    from mm1.store.pretrained import load_pretrained, resolve_pretrained
 
     cfg = resolve_pretrained(apply_overrides(get_recipe("smol"), [f"model.decoder.init={folder}"]))
     assert cfg.model.decoder.vocab_size == 49152 + 6 and cfg.model.decoder.depth == 30

@@ -28,8 +28,8 @@ def _config_args(p: argparse.ArgumentParser, *, default_recipe: str = "tiny") ->
 def resolve_config(recipe: str, config_path: str | None, overrides: list[str], *, pretrained: bool = True) -> Config:
     """Recipe (or saved config), then overrides; `pretrained`: the shapes and tokenizer of the folders
     in `model.decoder.init` / `model.vision.init` filled in (the trainer does it itself)."""
-    from mm1.model.pretrained import resolve_pretrained
     from mm1.recipes import get_recipe
+    from mm1.store.pretrained import resolve_pretrained
 
     cfg = apply_overrides(load(config_path) if config_path else get_recipe(recipe), overrides)
     return resolve_pretrained(cfg) if pretrained else cfg
@@ -151,7 +151,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
     from mm1.files import check_writable
-    from mm1.serve.loading import describe_checkpoint, inference_sub_image_grid, load_model, resolve_prompt_format
+    from mm1.store.loading import describe_checkpoint, inference_sub_image_grid, load_model, resolve_prompt_format
 
     check_writable(Path(a.out))  # before the model is loaded and the items decoded
     model, tok, cfg = load_model(a.checkpoint)
@@ -187,7 +187,7 @@ def _engine(checkpoint: str, a: argparse.Namespace):
     import torch
 
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.serve.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import inference_sub_image_grid, load_model
 
     device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, cfg = load_model(checkpoint, device=device)
@@ -223,9 +223,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     from mm1.serve.batching import ContinuousBatcher
     from mm1.serve.engine import Engine
-    from mm1.serve.loading import inference_sub_image_grid, load_model
     from mm1.serve.requests import Limits
     from mm1.serve.server import ServerState, cpu_threads, serve
+    from mm1.store.loading import inference_sub_image_grid, load_model
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
@@ -245,14 +245,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from mm1.files import atomic_folder, check_writable
-    from mm1.model.weights import WeightsError, export, export_hf_decoder
-    from mm1.serve.loading import load_model
+    from mm1.model.weights import WeightsError
+    from mm1.store.hf import export, export_hf_decoder
+    from mm1.store.loading import load_model
 
     out = Path(a.out)
     check_writable(out.parent, "--out's folder")
     model, tok, cfg = load_model(a.checkpoint)
     if a.hf:
-        from mm1.hf.export import export_transformers
+        from mm1.store.transformers import export_transformers
 
         export_transformers(model, cfg, tok, out, max_shard_bytes=int(a.max_shard_gb * 2**30))
         print(f"whole model as a transformers folder (AutoModelForImageTextToText and AutoProcessor with "

@@ -27,7 +27,7 @@ from mm1.recipes import get_recipe
 from mm1.recipes.pipeline import ResolvedStage
 from mm1.recipes.tiny import tiny_pipeline
 from mm1.report import read_metrics, write_report
-from mm1.serve.loading import inference_sub_image_grid, load_model
+from mm1.store.loading import inference_sub_image_grid, load_model
 
 STEPS = 8
 WORDS = "synth_words"  # the task that needs resolution: its printed words are barely legible at 64 px

@@ -221,7 +221,7 @@ def write_report(out: Path, findings: list[Finding], scores: dict[str, list[dict
               *seed_spread(findings, scores, judged_verdicts)]
     arms = sorted(scores)
     loss = [statistics.fmean(_values(scores, a, "val_loss")) for a in arms]
-    for key in ("synth_caption@0", "synth_vqa@8"):
+    for key in ("synth_caption@0", "synth_vqa@8") if len(arms) >= 3 else ():  # a rank needs arms to rank
         rho = spearman([-x for x in loss], [statistics.fmean(_values(scores, a, key)) for a in arms])
         lines.append(f"\nRank correlation across arms of (−validation loss) with {COLUMNS[key]}: {rho:.2f} "
                      f"({len(arms)} arms).")

@@ -189,7 +189,7 @@ def lm_job(cfg_dict: dict, out: str, threads: int) -> str:
     """Train one LM stage (or resume it) and write the perplexity of held-out text to its scores.json:
     the text ability its arms start from."""
     from mm1.eval.perplexity import perplexity
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train_or_resume
 
     job_setup(threads)
@@ -236,7 +236,7 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     from mm1.config import PromptFormat
     from mm1.eval.harness import evaluate, write_results
     from mm1.eval.tasks import get_task
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train_or_resume
 
     job_setup(threads)

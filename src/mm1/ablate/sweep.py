@@ -66,7 +66,7 @@ FULL_SIZES = (Size(64, 2), Size(96, 2), Size(144, 3), Size(192, 4), Size(256, 6)
 
 def sweep_job(cfg_dict: dict, out: str, threads: int) -> dict:
     """Train one (size, rate) and write its validation loss to scores.json."""
-    from mm1.serve.loading import load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train_or_resume
 
     job_setup(threads)

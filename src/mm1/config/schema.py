@@ -111,7 +111,7 @@ class VisionConfig:
 
     `init` starts it from pre-trained weights: an HF CLIP or SigLIP folder, or the output of
     `mm1 train --stage clip` (its run folder or `vision.safetensors`). The tower's shape and pixel
-    normalisation are then read from there (`mm1.model.pretrained`); `image_size` stays this config's
+    normalisation are then read from there (`mm1.store.pretrained`); `image_size` stays this config's
     (MM1 chooses the resolution; the position table is interpolated).
     """
 
@@ -159,7 +159,7 @@ class DecoderConfig:
     """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
     `init` starts it from a pre-trained HF text model's folder (Llama, Qwen2, SmolLM families); its
-    shape, tokenizer and chat template are then read from there (`mm1.model.pretrained`).
+    shape, tokenizer and chat template are then read from there (`mm1.store.pretrained`).
     """
 
     init: str = ""

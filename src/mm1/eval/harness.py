@@ -269,7 +269,7 @@ def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], c
              fmt: PromptFormat, progress: bool = True, sub_image_grid: int = 0) -> Evaluation:
     """Every task at every shot count, prompted in `fmt` (resolve AUTO first: `resolve_prompt_format`)."""
     if fmt == PromptFormat.AUTO:
-        raise ValueError("resolve eval.prompt=auto to chat or pretrain first (mm1.serve.loading)")
+        raise ValueError("resolve eval.prompt=auto to chat or pretrain first (mm1.store.loading)")
     engine = Engine(model, tok, sub_image_grid=sub_image_grid)
     context, context_from = context_of(model)
     evaluation = Evaluation({"prompt": fmt.value, "context": context, "context_from": context_from, "tasks": {}})

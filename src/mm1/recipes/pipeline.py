@@ -51,7 +51,7 @@ class ResolvedStage:
 
     @property
     def done(self) -> bool:
-        from mm1.train import checkpoint as ckpt
+        from mm1.store import runs as ckpt
 
         last = ckpt.latest(self.folder)
         return last is not None and ckpt.load_meta(last)["step"] >= self.config.train.steps

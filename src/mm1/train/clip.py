@@ -40,7 +40,7 @@ from mm1.data.sources import stage_sources
 from mm1.data.stream import step_loader
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.clip import CLIP, CLIPEmbeddings
-from mm1.model.pretrained import CLIP_WEIGHTS, load_vision_weights
+from mm1.store.pretrained import CLIP_WEIGHTS, load_vision_weights
 from mm1.train.flops import vision_forward_flops
 from mm1.train.objective import StepMetrics
 from mm1.train.parallel import all_reduce_sum

@@ -19,8 +19,8 @@ from mm1.data.stats import DataStats
 from mm1.data.stream import Batch, DataStream, make_loader
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM, MLLMOutput, lr_rule_parameters, upcycle_from_dense
-from mm1.model.pretrained import LM_DECODER, load_pretrained
-from mm1.train import checkpoint as ckpt
+from mm1.store import runs as ckpt
+from mm1.store.pretrained import LM_DECODER, load_pretrained
 from mm1.train.flops import StepCount, count_batch, step_flops
 from mm1.train.objective import StepMetrics
 from mm1.train.parallel import all_reduce_sum
@@ -39,7 +39,7 @@ def export_lm_decoder(model: torch.nn.Module, cfg: Config, tok: Tokenizer, folde
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from mm1.model.decoder import Decoder
-    from mm1.model.weights import export_hf_decoder
+    from mm1.store.hf import export_hf_decoder
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
@@ -77,7 +77,8 @@ def init_weights(model: MLLM, cfg: Config, path: Path) -> None:
     MoE model is upcycled; position tables trained at another resolution are interpolated (SFT at 672 px
     from a 378-px pre-training checkpoint)."""
     from mm1.model.size import check_fits
-    from mm1.model.weights import fit_position_tables, import_exported, load_strict
+    from mm1.model.weights import fit_position_tables, load_strict
+    from mm1.store.hf import import_exported
 
     if (path / "mm1_config.json").exists():
         source, _ = import_exported(path)  # checks the size before it builds

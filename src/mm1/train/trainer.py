@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 
 from mm1.config import Config, ConfigError, OnNonFinite, Precision, Stage, save, to_dict
 from mm1.data.stream import load_tokenizer
-from mm1.model.pretrained import resolve_pretrained
 from mm1.model.size import check_fits
+from mm1.store.pretrained import resolve_pretrained
 from mm1.train import checkpoint as ckpt
 from mm1.train.failstop import Decision, FailureChannel, PeerFailedError, Report, decide
 from mm1.train.metrics import RunLogger, default_peak_flops
@@ -106,7 +106,7 @@ def make_objective(cfg: Config, tok, *, world_size: int, fresh: bool, init_from:
 def same_tokenizer(tok, run: Path, cfg: Config) -> None:
     """Refuse to continue (or start from) a run whose model was trained with another tokenizer: the same
     vocabulary size would let it run, on ids that mean other words."""
-    from mm1.hf.export import read_tokenizer
+    from mm1.store.transformers import read_tokenizer
 
     saved = run / "tokenizer.json"
     if saved.exists() and read_tokenizer(run).fingerprint != tok.fingerprint:

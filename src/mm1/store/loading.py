@@ -14,9 +14,9 @@ import torch
 from mm1.config import Config, PromptFormat, Stage, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
-from mm1.model.pretrained import hf_config
 from mm1.model.size import check_fits
-from mm1.train import checkpoint as ckpt
+from mm1.store import runs as ckpt
+from mm1.store.pretrained import hf_config
 
 
 def resolve_prompt_format(cfg: Config) -> PromptFormat:
@@ -48,13 +48,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ML
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / "mm1_config.json").exists():  # a folder written by `mm1 export` (`--hf` too)
-        from mm1.hf.export import read_tokenizer
-        from mm1.model.weights import import_exported
+        from mm1.store.hf import import_exported
+        from mm1.store.transformers import read_tokenizer
 
         model, cfg = import_exported(path)
         return model.to(device).eval(), read_tokenizer(path), cfg
     if hf_config(path) is not None:
-        from mm1.model.weights import load_hf_model
+        from mm1.store.hf import load_hf_model
 
         return load_hf_model(path, device=device)
     run, ck = ckpt.resolve(path)

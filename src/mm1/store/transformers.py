@@ -57,7 +57,7 @@ def sub_image_grid(cfg: Config) -> int:
 def model_config(cfg: Config, tok: Tokenizer) -> dict:
     """config.json: MM1Config's fields, the auto_map, and the ids generation stops at."""
     from mm1.data.template import template_for
-    from mm1.model.weights import _rope_scaling_to_hf
+    from mm1.store.hf import _rope_scaling_to_hf
 
     m = cfg.model
     dec, vis, con = m.decoder, m.vision, m.connector
@@ -124,7 +124,7 @@ def write_weights(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) 
 def export_transformers(model: torch.nn.Module, cfg: Config, tok: Tokenizer, folder: Path, *,
                         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `folder` (whole or not at all): everything `AutoModelForImageTextToText` and `AutoProcessor`
-    need with `trust_remote_code=True`, and the mm1 config that `mm1.serve.loading.load_model` reads."""
+    need with `trust_remote_code=True`, and the mm1 config that `mm1.store.loading.load_model` reads."""
     from mm1.files import atomic_folder, write_json, write_text
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
