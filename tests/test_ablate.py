@@ -128,6 +128,7 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     assert "text-only data preserves text ability" in report and "95% interval" in report
     assert (out / "text_only.png").exists() and "val loss" in report
     # a call whose every job failed still writes its report, saying so
+    (tmp_path / "none").mkdir()
     assert set(write_report(tmp_path / "none", findings, {}, scale, wall_s=1.0).values()) == {"not run"}
     # the same folder with other settings is refused, not mixed
     with pytest.raises(ValueError, match=r"other settings \(.*train.steps: 2 here, 3 asked"):
