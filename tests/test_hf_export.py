@@ -10,12 +10,12 @@ gives mm1's tokens, on prompts with two images.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from hf_loader import mm1_prompt, run_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,41 +29,6 @@ VARIANTS = {
 QUESTION = "What color is the big shape?"
 PRETRAIN_PROMPT = "<image>Photo 1: a small red circle. <image>Photo 2:"
 
-# Runs with mm1 off sys.path: what a user with transformers and no mm1 runs.
-LOADER = r'''
-import json, sys
-from pathlib import Path
-sys.path = [p for p in sys.path if not (Path(p) / "mm1").is_dir()]
-import importlib.util
-assert importlib.util.find_spec("mm1") is None, "mm1 is importable"
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-jobs, out = json.loads(sys.argv[1]), Path(sys.argv[2])
-for job in jobs:
-    model = AutoModelForImageTextToText.from_pretrained(job["folder"], trust_remote_code=True,
-                                                        dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(job["folder"], trust_remote_code=True)
-    text = job["text"]
-    if job["chat"]:
-        content = [{"type": "image"} for _ in job["images"]] + [{"type": "text", "text": text}]
-        text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
-    inputs = proc(text=text, images=[Image.open(p) for p in job["images"]], return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**inputs).logits[0]
-        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    # the written-out attention, as other engines' attention functions replace it, computes the same
-    eager = AutoModelForImageTextToText.from_pretrained(job["folder"], trust_remote_code=True, dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
-    with torch.no_grad():
-        eager_logits = eager(**inputs).logits[0]
-    torch.save({"prompt": inputs["input_ids"][0], "logits": logits, "eager_logits": eager_logits, "ids": ids,
-                "class": type(model).__name__, "attn": model.config._attn_implementation,
-                "image_token_id": proc.image_token_id, "tokens_per_image": proc.image_tokens_per_image(),
-                "text": text}, out / (job["name"] + ".pt"))
-'''
 
 
 def _model(world: Path, overrides: tuple[str, ...], *, sft: bool):
@@ -85,19 +50,6 @@ def _model(world: Path, overrides: tuple[str, ...], *, sft: bool):
     return model, tok, cfg
 
 
-def _mm1_prompt(text: str, images: list, *, chat: bool, tok) -> list:
-    from mm1.data.template import Text, template_for, user_turn
-
-    if chat:
-        return [s.text if isinstance(s, Text) else s
-                for s in template_for(tok).render([user_turn(text, images)], generation_prompt=True)]
-    parts: list = []
-    for i, piece in enumerate(text.split("<image>")):
-        parts += [images[i - 1]] if i else []
-        parts += [piece] if piece else []
-    return parts
-
-
 @pytest.fixture(scope="module")
 def exported(world, tmp_path_factory):
     """Every variant exported, and what transformers made of it (one subprocess, mm1 off its path)."""
@@ -114,14 +66,11 @@ def exported(world, tmp_path_factory):
         # the MoE variant is cut into 1 MiB shards, the way a large model is (with an index)
         export_transformers(model, cfg, tok, root / name, max_shard_bytes=2**20 if name == "moe" else 2**30)
         text = QUESTION if sft else PRETRAIN_PROMPT
-        ours[name] = (model, tok, cfg, _mm1_prompt(text, [Image.open(p).convert("RGB") for p in images],
+        ours[name] = (model, tok, cfg, mm1_prompt(text, [Image.open(p).convert("RGB") for p in images],
                                                   chat=sft, tok=tok))
         jobs.append({"name": name, "folder": str(root / name), "images": [str(p) for p in images], "text": text,
                      "chat": sft})
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs), str(root)], capture_output=True,
-                         text=True, cwd=root, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return root, ours, {name: torch.load(root / f"{name}.pt", weights_only=True) for name in VARIANTS}
+    return root, ours, run_transformers(jobs, root)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -42,6 +42,7 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     for stage in ("pretrain", "sft"):
         assert json.loads((out / stage / "config.json").read_text())["model"]["decoder"]["init"] == str(out / "lm")
     lm_steps = [json.loads(x)["step"] for x in (out / "lm" / "metrics.jsonl").read_text().splitlines()]
+    _sft_model_exports_to_transformers(out, tmp_path)
     # a second run reuses every finished stage
     again = run_quickstart(out=out, overrides=SMALL, clip_overrides=("train.steps=3", "train.batch_size=8"),
                            lm_overrides=("train.steps=3",), sft_overrides=("train.steps=3",))
@@ -58,3 +59,36 @@ def test_the_summary_never_calls_a_score_at_or_below_the_baseline_learned():
     assert learned_summary({"pretrain": res(0.05, 0.035)})[0].endswith("+0.015 over the baseline")
     below = learned_summary({"pretrain": res(0.010, 0.035)})[0]
     assert below.endswith("not above the baseline") and "learned" not in below.lower()
+
+
+def _sft_model_exports_to_transformers(out, tmp_path) -> None:
+    """The quickstart's SFT model (sub-images, mm1's chat template) through `mm1 export --hf`: transformers,
+    with mm1 off its path, prepares mm1's ids for a chat turn with an image and generates mm1's tokens."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    import torch
+    from PIL import Image
+
+    from hf_loader import mm1_prompt, run_transformers
+    from mm1.cli import main
+    from mm1.serve.engine import Engine, GenerationConfig
+    from mm1.store.loading import inference_sub_image_grid, load_model
+
+    assert main(["export", "--hf", "--checkpoint", str(out / "sft"), "--out", str(tmp_path / "hf")]) == 0
+    image = sorted((out / "world" / "tasks" / "synth_vqa" / "images").glob("*.png"))[0]
+    question = "What color is the big shape?"
+    hf = run_transformers([{"name": "sft", "folder": str(tmp_path / "hf"), "images": [str(image)],
+                            "text": question, "chat": True}], tmp_path)["sft"]
+    model, tok, cfg = load_model(out / "sft")
+    assert inference_sub_image_grid(cfg) == 2
+    prompt = mm1_prompt(question, [Image.open(image).convert("RGB")], chat=True, tok=tok)
+    engine = Engine(model, tok, sub_image_grid=2)
+    encoded = engine.encode(prompt)
+    assert hf["prompt"].tolist() == encoded.ids and hf["tokens_per_image"] == 5 * cfg.model.connector.num_tokens
+    with torch.no_grad():
+        logits = model(tokens_BT=torch.tensor([encoded.ids]), images_NCHW=torch.stack(encoded.images),
+                       return_logits=True).logits_BTV[0]
+    assert (logits - hf["logits"]).abs().max() <= 1e-4
+    ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
+    assert hf["ids"].tolist()[: len(ids)] == ids

@@ -84,6 +84,10 @@ def import_exported(folder: Path):
     index = folder / "model.safetensors.index.json"  # `mm1 export --hf` shards a large model
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state = {k: v for f in files for k, v in load_weights(folder / f).items()}
+    if (folder / "config.json").exists() and read_json(folder / "config.json").get("model_type") == "mm1":
+        from mm1.store.transformers import FROM_TRANSFORMERS
+
+        state = map_names(state, FROM_TRANSFORMERS, [])  # `mm1 export --hf` names
     load_strict(model, state | ({"decoder.lm_head.weight": state["decoder.embed.weight"]}
                                 if cfg.model.decoder.tie_embeddings else {}), what=str(folder))
     return model, cfg

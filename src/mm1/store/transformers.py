@@ -40,6 +40,22 @@ CHAT_TEMPLATE = (
 )
 
 
+# mm1's weight names → the export's: the model under `model.`, its LM head at the top, the experts packed as
+# Mixtral's are (same layout, transformers' names), as other engines' transformers backends look for them.
+TO_TRANSFORMERS = [
+    (r"decoder\.lm_head\.weight", "lm_head.weight"),
+    (r"decoder\.layers\.(\d+)\.ffn\.w_gate_up", r"model.decoder.layers.\1.ffn.experts.gate_up_proj"),
+    (r"decoder\.layers\.(\d+)\.ffn\.w_down", r"model.decoder.layers.\1.ffn.experts.down_proj"),
+    (r"(.+)", r"model.\1"),
+]
+FROM_TRANSFORMERS = [
+    (r"lm_head\.weight", "decoder.lm_head.weight"),
+    (r"model\.decoder\.layers\.(\d+)\.ffn\.experts\.gate_up_proj", r"decoder.layers.\1.ffn.w_gate_up"),
+    (r"model\.decoder\.layers\.(\d+)\.ffn\.experts\.down_proj", r"decoder.layers.\1.ffn.w_down"),
+    (r"model\.(.+)", r"\1"),
+]
+
+
 def read_tokenizer(folder: Path) -> Tokenizer:
     """An export's tokenizer as mm1 uses it: the Jinja rendering of mm1's own chat template that an
     `--hf` export ships is mm1's template itself, not an imported Instruct one."""
@@ -67,6 +83,7 @@ def model_config(cfg: Config, tok: Tokenizer) -> dict:
         "model_type": "mm1",
         "auto_map": {
             "AutoConfig": "configuration_mm1.MM1Config",
+            "AutoModel": "modeling_mm1.MM1Model",
             "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration",
             "AutoModelForCausalLM": "modeling_mm1.MM1ForConditionalGeneration",
             "AutoProcessor": "processing_mm1.MM1Processor",
@@ -126,10 +143,12 @@ def export_transformers(model: torch.nn.Module, cfg: Config, tok: Tokenizer, fol
     """Write `folder` (whole or not at all): everything `AutoModelForImageTextToText` and `AutoProcessor`
     need with `trust_remote_code=True`, and the mm1 config that `mm1.store.loading.load_model` reads."""
     from mm1.files import atomic_folder, write_json, write_text
+    from mm1.model.weights import map_names
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.model.decoder.tie_embeddings:  # stored once: transformers ties it back from `tie_word_embeddings`
         state.pop("decoder.lm_head.weight", None)
+    state = map_names(state, TO_TRANSFORMERS, [])
     mean, std = NORMS[cfg.model.vision.norm]
     config = model_config(cfg, tok)
     with atomic_folder(folder) as tmp:

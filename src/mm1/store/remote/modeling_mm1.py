@@ -9,8 +9,9 @@ Written by `mm1 export --hf`; it needs torch and transformers, not mm1. Read top
       → MM1Decoder            RMSNorm, RoPE, grouped-query attention, SwiGLU or top-k mixture of experts
       → logits [B, T, V]
 
-Weight names are mm1's own (`vision.blocks.0.attn.q.weight`, `decoder.layers.3.ffn.w_gate_up`), so an
-export loads back into mm1 bit for bit. Attention goes through transformers' attention interface
+Weight names are mm1's own under `model.` (`model.vision.blocks.0.attn.q.weight`), but for the LM head
+(`lm_head.weight`) and the experts, packed as Mixtral's (`...ffn.experts.gate_up_proj`); mm1 maps them back
+bit for bit. Attention goes through transformers' attention interface
 (`ALL_ATTENTION_FUNCTIONS`, the `**kwargs` passed on), with a KV `Cache`, so that `generate()` works and
 engines that run transformers models (vLLM's and SGLang's transformers backends) can plug in their own.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_mm1 import MM1Config
@@ -334,19 +335,41 @@ class MM1SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class MM1MoE(nn.Module):
-    """Top-k routing over SwiGLU experts stacked in two tensors ([E, 2H, D] gate and up, [E, D, H] down).
+class MM1Experts(nn.Module):
+    """An MoE layer's SwiGLU experts, packed as Mixtral's are: `gate_up_proj` [E, 2H, D], `down_proj` [E, D, H].
 
-    The (token, expert) assignments are sorted by expert and each expert runs on its contiguous rows,
-    the results added back weighted by the router (renormalised over the top k)."""
+    The (token, expert) assignments are sorted by expert, each expert runs on its contiguous rows, and the
+    results are added back weighted by the router."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * hidden, width))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, width, hidden))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        x_ND, K = hidden_states, top_k_index.shape[-1]
+        expert_A = top_k_index.reshape(-1)
+        order_A = expert_A.argsort(stable=True)
+        token_A = order_A // K
+        counts = torch.bincount(expert_A, minlength=self.gate_up_proj.shape[0]).tolist()
+        outs = []
+        for x_CD, w_gu, w_d in zip(x_ND.index_select(0, token_A).split(counts), self.gate_up_proj.unbind(0),
+                                   self.down_proj.unbind(0), strict=True):
+            gate, up = F.linear(x_CD, w_gu).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_d))
+        y_AD = torch.cat(outs) * top_k_weights.reshape(-1)[order_A, None].to(x_ND.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+
+class MM1MoE(nn.Module):
+    """Top-k routing over the experts, the weights renormalised over the top k (MM1-MoE: top-2)."""
 
     def __init__(self, width: int, hidden: int, moe: dict) -> None:
         super().__init__()
-        E = moe["num_experts"]
         self.top_k = moe["top_k"]
-        self.router = nn.Linear(width, E, bias=False)
-        self.w_gate_up = nn.Parameter(torch.zeros(E, 2 * hidden, width))
-        self.w_down = nn.Parameter(torch.zeros(E, width, hidden))
+        self.router = nn.Linear(width, moe["num_experts"], bias=False)
+        self.experts = MM1Experts(moe["num_experts"], width, hidden)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -354,17 +377,7 @@ class MM1MoE(nn.Module):
         probs_NE = self.router(x_ND).float().softmax(dim=-1)
         weight_NK, expert_NK = probs_NE.topk(self.top_k, dim=-1)
         weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
-        expert_A = expert_NK.reshape(-1)
-        order_A = expert_A.argsort(stable=True)
-        token_A = order_A // self.top_k
-        counts = torch.bincount(expert_A, minlength=self.w_gate_up.shape[0]).tolist()
-        outs = []
-        for x_CD, w_gu, w_d in zip(x_ND.index_select(0, token_A).split(counts), self.w_gate_up.unbind(0),
-                                   self.w_down.unbind(0), strict=True):
-            gate, up = F.linear(x_CD, w_gu).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w_d))
-        y_AD = torch.cat(outs) * weight_NK.reshape(-1)[order_A, None].to(x_ND.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD).view(B, T, D)
+        return self.experts(x_ND, expert_NK, weight_NK).view(B, T, D)
 
 
 class MM1DecoderLayer(nn.Module):
@@ -385,14 +398,13 @@ class MM1DecoderLayer(nn.Module):
 
 
 class MM1Decoder(nn.Module):
-    """Embeddings, layers, final norm and the LM head of the decoder LLM."""
+    """The decoder LLM's embeddings, layers and final norm (its LM head is the generation model's)."""
 
     def __init__(self, config: MM1Config) -> None:
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(MM1DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MM1RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -415,17 +427,16 @@ class MM1PreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
 
 
-def _output(**fields) -> CausalLMOutputWithPast:
+def _output(cls, **fields):
     """transformers 5.20+ names the cache field `cache`, earlier versions `past_key_values`."""
     cache = fields.pop("cache")
-    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-    return CausalLMOutputWithPast(**fields, **{name: cache})
+    return cls(**fields, **{"cache" if "cache" in cls.__dataclass_fields__ else "past_key_values": cache})
 
 
-class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
-    """MM1: `<image>` tokens of `input_ids` are replaced, in order, by the image tokens of `pixel_values`."""
-
-    _tied_weights_keys: ClassVar[dict[str, str]] = {"decoder.lm_head.weight": "decoder.embed.weight"}
+class MM1Model(MM1PreTrainedModel):
+    """MM1 without its LM head: `<image>` tokens of `input_ids` are replaced, in order, by the image tokens
+    of `pixel_values`, and the decoder returns its last hidden states. (vLLM's transformers backend runs
+    this class, `auto_map.AutoModel`, with a head of its own.)"""
 
     def __init__(self, config: MM1Config) -> None:
         super().__init__(config)
@@ -439,9 +450,6 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.decoder.embed = value
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.decoder.lm_head
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """[N, 3, H, W] views → their image tokens [N, num_image_tokens, D]."""
@@ -467,11 +475,9 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> BaseModelOutputWithPast:
         kwargs.pop("cache_position", None)
         cache = cache if cache is not None else past_key_values
         x_BTD = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values)
@@ -487,29 +493,59 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
             else:
                 position_ids = torch.arange(past, past + T, device=x_BTD.device).expand(B, T)
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else \
-            self._causal_mask(attention_mask, B, T, past, x_BTD.device)
+            causal_mask(attention_mask, B, T, past, x_BTD.device)
         rope = rope_tables(self.config, position_ids)
         for layer in self.decoder.layers:
             x_BTD = layer(x_BTD, rope, mask, cache, **kwargs)
-        h_BTD = self.decoder.norm(x_BTD)
-        logits = self.decoder.lm_head(h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD).float()
+        return _output(BaseModelOutputWithPast, last_hidden_state=self.decoder.norm(x_BTD), cache=cache)
+
+
+def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
+    """Boolean [B, 1, T, past + T], True = may attend: causal, padding hidden; each position also sees
+    itself, so that a padding row is never all False (its softmax would be NaN and reach the cache)."""
+    S = past + T
+    query_pos = torch.arange(past, S, device=device)[:, None]
+    key_pos = torch.arange(S, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None].expand(B, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -S:].bool()
+    return mask | (key_pos == query_pos)[None, None]
+
+
+class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
+    """MM1 with its LM head: what `AutoModelForImageTextToText` loads and `generate()` runs."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.decoder.embed.weight"}
+
+    def __init__(self, config: MM1Config) -> None:
+        super().__init__(config)
+        self.model = MM1Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.decoder.embed
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.decoder.embed = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        h_BTD = out.last_hidden_state
+        logits = self.lm_head(h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD).float()
         loss = None
         if labels is not None:  # labels as transformers' causal LMs take them: shifted here, -100 ignored
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return _output(loss=loss, logits=logits, cache=cache)
-
-    @staticmethod
-    def _causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
-        """Boolean [B, 1, T, past + T], True = may attend: causal, padding hidden; each position also sees
-        itself, so that a padding row is never all False (its softmax would be NaN and reach the cache)."""
-        S = past + T
-        query_pos = torch.arange(past, S, device=device)[:, None]
-        key_pos = torch.arange(S, device=device)[None, :]
-        mask = (key_pos <= query_pos)[None, None].expand(B, 1, T, S)
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, -S:].bool()
-        return mask | (key_pos == query_pos)[None, None]
+        cache = out.cache if "cache" in out.__dataclass_fields__ else out.past_key_values
+        return _output(CausalLMOutputWithPast, loss=loss, logits=logits, cache=cache)
 
 
-__all__ = ["MM1ForConditionalGeneration", "MM1PreTrainedModel"]
+__all__ = ["MM1ForConditionalGeneration", "MM1Model", "MM1PreTrainedModel"]
