@@ -412,7 +412,7 @@ class MM1Decoder(nn.Module):
 
 class MM1PreTrainedModel(PreTrainedModel):
     config_class = MM1Config
-    base_model_prefix = "mm1"
+    base_model_prefix = "model"  # MM1Model inside MM1ForConditionalGeneration: AutoModel loads its weights
     main_input_name = "input_ids"
     _no_split_modules: ClassVar[list[str]] = ["MM1DecoderLayer", "MM1VisionBlock"]
     _supports_sdpa = True
