@@ -10,6 +10,7 @@ gives mm1's tokens, on prompts with two images.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def exported(world, tmp_path_factory):
                                                   chat=sft, tok=tok))
         jobs.append({"name": name, "folder": str(root / name), "images": [str(p) for p in images], "text": text,
                      "chat": sft})
-    return root, ours, run_transformers(jobs, root)
+    return root, ours, run_transformers(jobs, root), [str(p) for p in images]
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -78,7 +79,7 @@ def test_transformers_generates_what_mm1_generates(exported, name):
     from mm1.serve.engine import Engine, GenerationConfig
     from mm1.store.transformers import sub_image_grid
 
-    root, ours, theirs = exported
+    root, ours, theirs, _ = exported
     model, tok, cfg, prompt = ours[name]
     hf = theirs[name]
     engine = Engine(model, tok, sub_image_grid=sub_image_grid(cfg))
@@ -103,7 +104,7 @@ def test_transformers_generates_what_mm1_generates(exported, name):
 def test_export_loads_back_into_mm1_bit_for_bit(exported):
     from mm1.store.loading import describe_checkpoint, load_model
 
-    root, ours, _ = exported
+    root, ours, _, _ = exported
     for name in ("moe", "sft_sub_images"):  # sharded, and tied with mm1's chat template
         model, tok, cfg, _ = ours[name]
         again, tok2, cfg2 = load_model(root / name)
@@ -197,3 +198,51 @@ def test_layers_model_below_data_and_train_serve_below_train():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 broken += [f"{file.relative_to(root)} imports {n}" for n in names if n.startswith(banned)]
     assert broken == []
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+VLLM_SCRIPT = r'''
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: `-c` cannot spawn
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from PIL import Image
+from vllm import LLM, SamplingParams
+
+folder, job = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=folder, trust_remote_code=True, model_impl="transformers", dtype="float32", max_model_len=512,
+          enforce_eager=True, limit_mm_per_prompt={"image": 2})
+kind = llm.apply_model(lambda m: type(m).__name__)
+images = [Image.open(p).convert("RGB") for p in job["images"]]
+out = llm.generate([{"prompt": job["text"], "multi_modal_data": {"image": images}}],
+                   SamplingParams(max_tokens=12, temperature=0.0))[0]
+print("RESULT " + json.dumps({"ids": list(out.outputs[0].token_ids), "prompt": list(out.prompt_token_ids),
+                              "class": kind}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="vLLM 0.32's transformers backend wants HF's multimodal layout: a nested "
+                   "text_config, a `language_model` whose forward takes input_ids, get_image_features(...)"
+                   ".pooler_output and a processor going through ProcessorMixin's replace_image_token "
+                   "(docs/serving.md)")
+def test_vllm_serves_the_export_through_its_transformers_backend(exported):
+    """vLLM's CPU build (its own venv beside the CPU torch: ../shared/reference/outside-tools.md) runs the export
+    with `model_impl="transformers"` and generates mm1's greedy tokens for a two-image prompt."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"vLLM's CPU build is not installed in {VLLM_PYTHON.parent.parent} (see docs/serving.md)")
+    from mm1.serve.engine import Engine, GenerationConfig
+
+    root, ours, _, images = exported
+    model, tok, _, prompt = ours["avg_pool"]
+    job = {"text": PRETRAIN_PROMPT, "images": images}
+    run = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_SCRIPT, str(root / "avg_pool"), json.dumps(job)],
+                         capture_output=True, text=True, cwd=root, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    theirs = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    engine = Engine(model, tok)
+    assert theirs["prompt"] == engine.encode(prompt).ids
+    ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
+    assert theirs["ids"][: len(ids)] == ids and theirs["class"].startswith("Transformers")
