@@ -216,10 +216,9 @@ def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding(
 
 
 def test_a_finding_whose_judged_prompts_outgrow_the_context_is_not_judged():
-    from mm1.ablate.findings import FINDINGS
     from mm1.ablate.report import NOT_JUDGED, judge
 
-    finding = next(f for f in FINDINGS if f.name == "image_tokens")  # judged on caption 0-shot
+    finding = select(["image_tokens"], quick=True)[0][0]  # two arms, judged on caption 0-shot
     key = finding.metric.key
 
     def arm(value: float, over: dict) -> dict:
