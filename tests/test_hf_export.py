@@ -77,12 +77,12 @@ def exported(world, tmp_path_factory):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_transformers_generates_what_mm1_generates(exported, name):
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.transformers import sub_image_grid
+    from mm1.store.loading import inference_sub_image_grid
 
     root, ours, theirs, _ = exported
     model, tok, cfg, prompt = ours[name]
     hf = theirs[name]
-    engine = Engine(model, tok, sub_image_grid=sub_image_grid(cfg))
+    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
     encoded = engine.encode(prompt)
     assert hf["class"] == "MM1ForConditionalGeneration"
     assert hf["prompt"].tolist() == encoded.ids  # the processor (and chat template) prepare mm1's very ids

@@ -170,6 +170,11 @@ class HFChatTemplate(ChatTemplate):
         return out
 
 
+def stop_token_ids(tok: Tokenizer) -> list[int]:
+    """What ends generation: the end of text, and what ends an assistant turn in the model's chat template."""
+    return sorted({tok.eos_id, *(tok.control_id(t) for t in template_for(tok).stop_tokens)})
+
+
 def template_for(tok: Tokenizer) -> ChatTemplate:
     """The chat template of a tokenizer's model: its Instruct template if it ships one, else mm1's."""
     if tok.chat_template is None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mm1.data.images import sub_images, to_tensor
 from mm1.data.packing import Tokenized, tokenize
-from mm1.data.template import Control, Markup, Text, template_for
+from mm1.data.template import Control, Markup, Text, stop_token_ids
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
@@ -90,7 +90,7 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.image_size, self.norm = model.cfg.vision.image_size, model.cfg.vision.norm
         # The end of text, and what ends an assistant turn in the model's chat template.
-        self.stop_ids = {tok.eos_id, *(tok.control_id(t) for t in template_for(tok).stop_tokens)}
+        self.stop_ids = set(stop_token_ids(tok))
         # Padding is masked out, so any id will do, but it must be one the embedding has: an HF
         # decoder's vocabulary may lack the special tokens our tokenizer adds.
         self.pad_id = tok.pad_id if tok.pad_id < model.cfg.decoder.vocab_size else 0

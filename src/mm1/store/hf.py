@@ -137,9 +137,9 @@ def export_hf_decoder(decoder: nn.Module, folder: Path, *, tokenizer: Tokenizer 
     hf_state = {k: v.detach().contiguous().cpu() for k, v in map_names(state, EXPORT_DECODER_MAP, []).items()}
     eos_id: int | list[int] | None = None
     if tokenizer is not None:  # the end of text, and what ends a turn in the model's chat template
-        from mm1.data.template import template_for
+        from mm1.data.template import stop_token_ids
 
-        eos_id = sorted({tokenizer.eos_id, *(tokenizer.control_id(t) for t in template_for(tokenizer).stop_tokens)})
+        eos_id = stop_token_ids(tokenizer)
     from mm1.files import atomic_folder, write_json
 
     with atomic_folder(folder) as tmp:  # a folder that exists is whole

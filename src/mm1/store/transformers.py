@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mm1.config import Config, Stage, to_dict
+from mm1.config import Config, to_dict
 from mm1.data.images import NORMS
 from mm1.data.tokenizer import ASSISTANT, END, EOS, IMAGE, PAD, SYSTEM, USER, Tokenizer
+from mm1.store.loading import inference_sub_image_grid
 
 REMOTE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_mm1.py", "modeling_mm1.py", "processing_mm1.py")
@@ -65,19 +66,14 @@ def read_tokenizer(folder: Path) -> Tokenizer:
     return tok
 
 
-def sub_image_grid(cfg: Config) -> int:
-    """The views an engine shows of each image: an SFT model's sub-image grid (as mm1's engine does)."""
-    return cfg.data.sub_image_grid if cfg.train.stage == Stage.SFT else 0
-
-
 def model_config(cfg: Config, tok: Tokenizer) -> dict:
     """config.json: MM1Config's fields, the auto_map, and the ids generation stops at."""
-    from mm1.data.template import template_for
+    from mm1.data.template import stop_token_ids
     from mm1.store.hf import _rope_scaling_to_hf
 
     m = cfg.model
     dec, vis, con = m.decoder, m.vision, m.connector
-    stops = sorted({tok.eos_id, *(tok.control_id(t) for t in template_for(tok).stop_tokens)})
+    stops = stop_token_ids(tok)
     return {
         "architectures": ["MM1ForConditionalGeneration"],
         "model_type": "mm1",
@@ -100,7 +96,8 @@ def model_config(cfg: Config, tok: Tokenizer) -> dict:
         "head_dim": dec.head_size, "rms_norm_eps": dec.norm_eps, "rope_theta": dec.rope_theta,
         "rope_frequency_scaling": _rope_scaling_to_hf(dec.rope_scaling), "attention_bias": dec.qkv_bias,
         "max_position_embeddings": dec.max_seq_len, "tie_word_embeddings": dec.tie_embeddings,
-        "image_token_id": m.image_token_id, "image_size": vis.image_size, "sub_image_grid": sub_image_grid(cfg),
+        "image_token_id": m.image_token_id, "image_size": vis.image_size,
+        "sub_image_grid": inference_sub_image_grid(cfg),
         "mm1_trained_context": dec.trained_context or dec.max_seq_len,
         "bos_token_id": None, "eos_token_id": stops, "pad_token_id": tok.pad_id, "torch_dtype": "float32",
     }
@@ -169,7 +166,7 @@ def export_transformers(model: torch.nn.Module, cfg: Config, tok: Tokenizer, fol
             "image_processor_type": "MM1ImageProcessor", "processor_class": "MM1Processor",
             "auto_map": {"AutoImageProcessor": "processing_mm1.MM1ImageProcessor",
                          "AutoProcessor": "processing_mm1.MM1Processor"},
-            "image_size": cfg.model.vision.image_size, "sub_image_grid": sub_image_grid(cfg),
+            "image_size": cfg.model.vision.image_size, "sub_image_grid": inference_sub_image_grid(cfg),
             "image_mean": list(mean), "image_std": list(std)})
         write_json(tmp / "processor_config.json", {
             "processor_class": "MM1Processor", "auto_map": {"AutoProcessor": "processing_mm1.MM1Processor"},
