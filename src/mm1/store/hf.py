@@ -105,7 +105,7 @@ def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | l
         "vocab_size": dec.vocab_size, "hidden_size": dec.width, "num_hidden_layers": dec.depth,
         "num_attention_heads": dec.heads, "num_key_value_heads": dec.kv_heads, "intermediate_size": dec.ffn_hidden,
         "head_dim": dec.head_size, "hidden_act": "silu", "rms_norm_eps": dec.norm_eps,
-        "rope_theta": dec.rope_theta, "rope_scaling": _rope_scaling_to_hf(dec.rope_scaling),
+        "rope_theta": dec.rope_theta, "rope_scaling": rope_scaling_to_hf(dec.rope_scaling),
         "max_position_embeddings": dec.max_seq_len,
         # the longest sequence trained on, for evaluation's context check (transformers ignores the key)
         "mm1_trained_context": dec.trained_context or dec.max_seq_len,
@@ -114,7 +114,7 @@ def hf_decoder_config(dec: DecoderConfig, *, bos_id: int | None, eos_id: int | l
     }
 
 
-def _rope_scaling_to_hf(rs: RopeScalingConfig) -> dict | None:
+def rope_scaling_to_hf(rs: RopeScalingConfig) -> dict | None:
     if rs.kind == RopeScaling.NONE:
         return None
     if rs.kind == RopeScaling.LINEAR:

@@ -1,8 +1,9 @@
-"""Loading a trained model for inference from a run directory, a checkpoint, or an HF folder.
+"""Loading a trained model for inference from a run directory, a checkpoint, an export, or an HF folder.
 
 Accepted paths: a run directory (`config.json`, `tokenizer.json`, `checkpoints/latest`), one
-checkpoint inside it (`.../checkpoints/step_00000600`), or a local Hugging Face model folder
-(`config.json` with a `model_type`, safetensors weights), imported by `mm1.model.weights`.
+checkpoint inside it (`.../checkpoints/step_00000600`), a folder written by `mm1 export` (with or
+without `--hf`: `mm1_config.json` beside the weights), or a local Hugging Face decoder folder
+(`config.json` with a `model_type`, safetensors weights), imported by `mm1.store.hf`.
 """
 
 from __future__ import annotations

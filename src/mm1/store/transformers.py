@@ -69,7 +69,7 @@ def read_tokenizer(folder: Path) -> Tokenizer:
 def model_config(cfg: Config, tok: Tokenizer) -> dict:
     """config.json: MM1Config's fields, the auto_map, and the ids generation stops at."""
     from mm1.data.template import stop_token_ids
-    from mm1.store.hf import _rope_scaling_to_hf
+    from mm1.store.hf import rope_scaling_to_hf
 
     m = cfg.model
     dec, vis, con = m.decoder, m.vision, m.connector
@@ -94,7 +94,7 @@ def model_config(cfg: Config, tok: Tokenizer) -> dict:
         "vocab_size": dec.vocab_size, "hidden_size": dec.width, "intermediate_size": dec.ffn_hidden,
         "num_hidden_layers": dec.depth, "num_attention_heads": dec.heads, "num_key_value_heads": dec.kv_heads,
         "head_dim": dec.head_size, "rms_norm_eps": dec.norm_eps, "rope_theta": dec.rope_theta,
-        "rope_frequency_scaling": _rope_scaling_to_hf(dec.rope_scaling), "attention_bias": dec.qkv_bias,
+        "rope_frequency_scaling": rope_scaling_to_hf(dec.rope_scaling), "attention_bias": dec.qkv_bias,
         "max_position_embeddings": dec.max_seq_len, "tie_word_embeddings": dec.tie_embeddings,
         "image_token_id": m.image_token_id, "image_size": vis.image_size,
         "sub_image_grid": inference_sub_image_grid(cfg),
