@@ -246,3 +246,32 @@ def test_vllm_serves_the_export_through_its_transformers_backend(exported):
     assert theirs["prompt"] == engine.encode(prompt).ids
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
     assert theirs["ids"][: len(ids)] == ids and theirs["class"].startswith("Transformers")
+
+
+def test_a_tampered_export_is_refused_in_one_line_before_anything_large_is_built(exported, tmp_path):
+    """An export from elsewhere: a weight under a name no module has is named in the error; a config asking for
+    100,000 layers is refused by the size check before a model is built; nothing is unpickled either way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mm1.config import ConfigError
+    from mm1.files import read_json, write_json
+    from mm1.model.weights import WeightsError
+    from mm1.store.loading import load_model
+
+    root, _, _, _ = exported
+    renamed = tmp_path / "renamed"
+    shutil.copytree(root / "sft_sub_images", renamed)
+    state = load_file(str(renamed / "model.safetensors"))
+    state["model.vision.extra.weight"] = state.pop("model.vision.pos_embed")
+    save_file(state, str(renamed / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing vision.pos_embed \| unexpected vision.extra.weight"):
+        load_model(renamed)
+    huge = tmp_path / "huge"
+    shutil.copytree(root / "sft_sub_images", huge)
+    cfg = read_json(huge / "mm1_config.json")
+    cfg["model"]["decoder"]["depth"] = 100000
+    write_json(huge / "mm1_config.json", cfg)
+    with pytest.raises(ConfigError, match=r"model.decoder.depth=100000, .*B parameters"):
+        load_model(huge)
