@@ -40,7 +40,8 @@ for job in jobs:
     with torch.no_grad():
         eager_logits = eager(**inputs).logits[0]
     torch.save({"prompt": inputs["input_ids"][0], "logits": logits, "eager_logits": eager_logits, "ids": ids,
-                "class": type(model).__name__, "attn": model.config._attn_implementation,
+                "class": type(model).__name__, "attn": model.config.get_text_config()._attn_implementation,
+                "eager_attn": eager.config.get_text_config()._attn_implementation,
                 "image_token_id": proc.image_token_id, "tokens_per_image": proc.image_tokens_per_image(),
                 "text": text}, out / (job["name"] + ".pt"))
 '''

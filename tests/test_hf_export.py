@@ -93,7 +93,8 @@ def test_transformers_generates_what_mm1_generates(exported, name):
         logits = model(tokens_BT=torch.tensor([encoded.ids]), images_NCHW=torch.stack(encoded.images),
                        return_logits=True).logits_BTV[0]
     assert (logits - hf["logits"]).abs().max() <= 1e-4
-    assert hf["attn"] == "sdpa" and (logits - hf["eager_logits"]).abs().max() <= 1e-4
+    assert hf["attn"] == "sdpa" and hf["eager_attn"] == "eager"  # what the decoder's attention layers read
+    assert (logits - hf["eager_logits"]).abs().max() <= 1e-4
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
     stops = set(json.loads((root / name / "config.json").read_text())["eos_token_id"])
     theirs_ids = hf["ids"].tolist()
@@ -202,7 +203,7 @@ def test_layers_model_below_data_and_train_serve_below_train():
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
-VLLM_SCRIPT = r'''
+VLLM_SCRIPT = r"""
 import json, os, sys
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: `-c` cannot spawn
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -214,38 +215,50 @@ from vllm import LLM, SamplingParams
 folder, job = sys.argv[1], json.loads(sys.argv[2])
 llm = LLM(model=folder, trust_remote_code=True, model_impl="transformers", dtype="float32", max_model_len=512,
           enforce_eager=True, limit_mm_per_prompt={"image": 2})
-kind = llm.apply_model(lambda m: type(m).__name__)
+kind = llm.apply_model(lambda m: type(m).__name__)[0]
 images = [Image.open(p).convert("RGB") for p in job["images"]]
 out = llm.generate([{"prompt": job["text"], "multi_modal_data": {"image": images}}],
-                   SamplingParams(max_tokens=12, temperature=0.0))[0]
-print("RESULT " + json.dumps({"ids": list(out.outputs[0].token_ids), "prompt": list(out.prompt_token_ids),
+                   SamplingParams(max_tokens=12, temperature=0.0, logprobs=1))[0]
+ids = list(out.outputs[0].token_ids)
+logprobs = [step[i].logprob for step, i in zip(out.outputs[0].logprobs, ids)]
+print("RESULT " + json.dumps({"ids": ids, "logprobs": logprobs, "prompt": list(out.prompt_token_ids),
                               "class": kind}))
-'''
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="vLLM 0.32's transformers backend wants HF's multimodal layout: a nested "
-                   "text_config, a `language_model` whose forward takes input_ids, get_image_features(...)"
-                   ".pooler_output and a processor going through ProcessorMixin's replace_image_token "
-                   "(docs/serving.md)")
-def test_vllm_serves_the_export_through_its_transformers_backend(exported):
-    """vLLM's CPU build (its own venv beside the CPU torch: ../shared/reference/outside-tools.md) runs the export
-    with `model_impl="transformers"` and generates mm1's greedy tokens for a two-image prompt."""
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_vllm_serves_the_export_through_its_transformers_backend(exported, name):
+    """vLLM's CPU build (its own venv beside the CPU torch: scripts/setup_vllm.sh) runs the export with
+    `model_impl="transformers"` as a multimodal model and generates mm1's greedy tokens for a two-image prompt
+    (the SFT model: a chat turn, each image an overview and 2×2 sub-images)."""
     if not VLLM_PYTHON.exists():
-        pytest.skip(f"vLLM's CPU build is not installed in {VLLM_PYTHON.parent.parent} (see docs/serving.md)")
+        pytest.skip(f"vLLM's CPU build is not installed in {VLLM_PYTHON.parent.parent} (scripts/setup_vllm.sh)")
     from mm1.serve.engine import Engine, GenerationConfig
+    from mm1.store.loading import inference_sub_image_grid
 
-    root, ours, _, images = exported
-    model, tok, _, prompt = ours["avg_pool"]
-    job = {"text": PRETRAIN_PROMPT, "images": images}
-    run = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_SCRIPT, str(root / "avg_pool"), json.dumps(job)],
+    root, ours, theirs, images = exported
+    model, tok, cfg, prompt = ours[name]
+    job = {"text": theirs[name]["text"], "images": images}  # the SFT model's: its chat template, rendered
+    run = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_SCRIPT, str(root / name), json.dumps(job)],
                          capture_output=True, text=True, cwd=root, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    theirs = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    engine = Engine(model, tok)
-    assert theirs["prompt"] == engine.encode(prompt).ids
+    vllm = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert vllm["class"] == "TransformersMultiModalForCausalLM"  # images in, not a text-only fallback
+    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    assert vllm["prompt"] == engine.encode(prompt).ids
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
-    assert theirs["ids"][: len(ids)] == ids and theirs["class"].startswith("Transformers")
+    stops = set(json.loads((root / name / "config.json").read_text())["eos_token_id"])
+    assert len(ids) > 0 and vllm["ids"][: len(ids)] == ids
+    assert len(vllm["ids"]) == len(ids) or vllm["ids"][len(ids)] in stops
+    # and the same numbers: each generated token's log-probability, from mm1's forward over the whole sequence
+    encoded = engine.encode(prompt)
+    with torch.no_grad():
+        logits = model(tokens_BT=torch.tensor([encoded.ids + ids]), images_NCHW=torch.stack(encoded.images),
+                       return_logits=True).logits_BTV[0]
+    steps = logits[len(encoded.ids) - 1: -1].log_softmax(-1)
+    ours_lp = steps.gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert (ours_lp - torch.tensor(vllm["logprobs"][: len(ids)])).abs().max() <= 1e-3
 
 
 def test_a_tampered_export_is_refused_in_one_line_before_anything_large_is_built(exported, tmp_path):

@@ -41,18 +41,21 @@ CHAT_TEMPLATE = (
 )
 
 
-# mm1's weight names → the export's: the model under `model.`, its LM head at the top, the experts packed as
-# Mixtral's are (same layout, transformers' names), as other engines' transformers backends look for them.
+# mm1's weight names → the export's: the model under `model.` with the decoder as its `language_model` (the name
+# transformers' image-text models give it, and the one vLLM's transformers backend looks for), the LM head at
+# the top, the experts packed as Mixtral's are (same layout, transformers' names).
 TO_TRANSFORMERS = [
     (r"decoder\.lm_head\.weight", "lm_head.weight"),
-    (r"decoder\.layers\.(\d+)\.ffn\.w_gate_up", r"model.decoder.layers.\1.ffn.experts.gate_up_proj"),
-    (r"decoder\.layers\.(\d+)\.ffn\.w_down", r"model.decoder.layers.\1.ffn.experts.down_proj"),
+    (r"decoder\.layers\.(\d+)\.ffn\.w_gate_up", r"model.language_model.layers.\1.ffn.experts.gate_up_proj"),
+    (r"decoder\.layers\.(\d+)\.ffn\.w_down", r"model.language_model.layers.\1.ffn.experts.down_proj"),
+    (r"decoder\.(.+)", r"model.language_model.\1"),
     (r"(.+)", r"model.\1"),
 ]
 FROM_TRANSFORMERS = [
     (r"lm_head\.weight", "decoder.lm_head.weight"),
-    (r"model\.decoder\.layers\.(\d+)\.ffn\.experts\.gate_up_proj", r"decoder.layers.\1.ffn.w_gate_up"),
-    (r"model\.decoder\.layers\.(\d+)\.ffn\.experts\.down_proj", r"decoder.layers.\1.ffn.w_down"),
+    (r"model\.language_model\.layers\.(\d+)\.ffn\.experts\.gate_up_proj", r"decoder.layers.\1.ffn.w_gate_up"),
+    (r"model\.language_model\.layers\.(\d+)\.ffn\.experts\.down_proj", r"decoder.layers.\1.ffn.w_down"),
+    (r"model\.language_model\.(.+)", r"decoder.\1"),
     (r"model\.(.+)", r"\1"),
 ]
 
@@ -84,18 +87,21 @@ def model_config(cfg: Config, tok: Tokenizer) -> dict:
             "AutoModelForCausalLM": "modeling_mm1.MM1ForConditionalGeneration",
             "AutoProcessor": "processing_mm1.MM1Processor",
         },
+        "text_config": {
+            "model_type": "mm1_text", "vocab_size": dec.vocab_size, "hidden_size": dec.width,
+            "intermediate_size": dec.ffn_hidden, "num_hidden_layers": dec.depth, "num_attention_heads": dec.heads,
+            "num_key_value_heads": dec.kv_heads, "head_dim": dec.head_size, "rms_norm_eps": dec.norm_eps,
+            "rope_theta": dec.rope_theta, "rope_frequency_scaling": rope_scaling_to_hf(dec.rope_scaling),
+            "attention_bias": dec.qkv_bias, "max_position_embeddings": dec.max_seq_len,
+            "moe_config": {"num_experts": m.moe.num_experts, "every": m.moe.every, "top_k": m.moe.top_k},
+            "tie_word_embeddings": dec.tie_embeddings},
         "vision_config": {"image_size": vis.image_size, "patch_size": vis.patch_size, "width": vis.width,
                           "depth": vis.depth, "heads": vis.heads, "mlp_ratio": vis.mlp_ratio,
                           "activation": vis.activation.value, "cls_token": vis.cls_token, "pre_norm": vis.pre_norm,
                           "post_norm": vis.post_norm, "norm_eps": vis.norm_eps, "patch_bias": vis.patch_bias},
         "connector_config": {"kind": con.kind.value, "num_tokens": con.num_tokens, "depth": con.depth,
                              "mlp_depth": con.mlp_depth, "hidden": con.hidden, "heads": con.heads},
-        "moe_config": {"num_experts": m.moe.num_experts, "every": m.moe.every, "top_k": m.moe.top_k},
-        "vocab_size": dec.vocab_size, "hidden_size": dec.width, "intermediate_size": dec.ffn_hidden,
-        "num_hidden_layers": dec.depth, "num_attention_heads": dec.heads, "num_key_value_heads": dec.kv_heads,
-        "head_dim": dec.head_size, "rms_norm_eps": dec.norm_eps, "rope_theta": dec.rope_theta,
-        "rope_frequency_scaling": rope_scaling_to_hf(dec.rope_scaling), "attention_bias": dec.qkv_bias,
-        "max_position_embeddings": dec.max_seq_len, "tie_word_embeddings": dec.tie_embeddings,
+        "tie_word_embeddings": dec.tie_embeddings,
         "image_token_id": m.image_token_id, "image_size": vis.image_size,
         "sub_image_grid": inference_sub_image_grid(cfg),
         "mm1_trained_context": dec.trained_context or dec.max_seq_len,

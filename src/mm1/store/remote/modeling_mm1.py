@@ -6,14 +6,16 @@ Written by `mm1 export --hf`; it needs torch and transformers, not mm1. Read top
       → MM1VisionEncoder      a pre-norm ViT (CLIP-trained), patch features [N, P, Dv]
       → connector             average pooling, attention pooling or the C-Abstractor: [N, n, D]
       → scattered into the embeddings of the `<image>` tokens (n per view, in order)
-      → MM1Decoder            RMSNorm, RoPE, grouped-query attention, SwiGLU or top-k mixture of experts
+      → MM1TextModel          the decoder LLM (`language_model`): RMSNorm, RoPE, grouped-query attention,
+                              SwiGLU or a top-k mixture of experts
       → logits [B, T, V]
 
-Weight names are mm1's own under `model.` (`model.vision.blocks.0.attn.q.weight`), but for the LM head
-(`lm_head.weight`) and the experts, packed as Mixtral's (`...ffn.experts.gate_up_proj`); mm1 maps them back
-bit for bit. Attention goes through transformers' attention interface
-(`ALL_ATTENTION_FUNCTIONS`, the `**kwargs` passed on), with a KV `Cache`, so that `generate()` works and
-engines that run transformers models (vLLM's and SGLang's transformers backends) can plug in their own.
+Weight names are mm1's own under `model.` (`model.vision.blocks.0.attn.q.weight`), but for the decoder, under
+`model.language_model.` as transformers' image-text models name it, the LM head (`lm_head.weight`) and the
+experts, packed as Mixtral's (`...ffn.experts.gate_up_proj`); mm1 maps them back bit for bit. Attention goes
+through transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`, the `**kwargs` passed on), with a KV
+`Cache`, so that `generate()` works and engines that run transformers models (vLLM's and SGLang's transformers
+backends) can plug in their own attention and cache.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_mm1 import MM1Config
+from .configuration_mm1 import MM1Config, MM1TextConfig
 
 # ----------------------------------------------------------------------------- image encoder
 
@@ -220,14 +222,14 @@ class MM1CAbstractor(nn.Module):
 
 
 def build_connector(config: MM1Config) -> nn.Module:
-    vc, cc = config.vision_config, config.connector_config
+    vc, cc, width = config.vision_config, config.connector_config, config.text_config.hidden_size
     kind, vision_width = cc["kind"], vc["width"]
     if kind == "avg_pool":
-        return MM1AvgPoolConnector(vision_width, config.hidden_size, cc)
+        return MM1AvgPoolConnector(vision_width, width, cc)
     if kind == "attention_pool":
-        return MM1AttentionPoolConnector(vision_width, config.hidden_size, cc)
+        return MM1AttentionPoolConnector(vision_width, width, cc)
     if kind == "c_abstractor":
-        return MM1CAbstractor(vision_width, config.hidden_size, cc, (vc["image_size"] // vc["patch_size"]) ** 2)
+        return MM1CAbstractor(vision_width, width, cc, (vc["image_size"] // vc["patch_size"]) ** 2)
     raise ValueError(f"unknown connector kind {kind!r}")
 
 
@@ -244,7 +246,7 @@ class MM1RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_inverse_frequencies(config: MM1Config, device: torch.device) -> torch.Tensor:
+def rope_inverse_frequencies(config: MM1TextConfig, device: torch.device) -> torch.Tensor:
     """RoPE's inverse frequencies [head_dim / 2], with `linear` or Llama 3.1's `llama3` scaling."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
@@ -263,7 +265,7 @@ def rope_inverse_frequencies(config: MM1Config, device: torch.device) -> torch.T
     return inv_freq
 
 
-def rope_tables(config: MM1Config, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: MM1TextConfig, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, head_dim], computed from the config each call (no buffer to initialise)."""
     angles_BTh = positions_BT.float()[..., None] * rope_inverse_frequencies(config, positions_BT.device)
     angles_BTd = torch.cat([angles_BTh, angles_BTh], dim=-1)
@@ -293,7 +295,7 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 class MM1Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE, through transformers' attention interface."""
 
-    def __init__(self, config: MM1Config, layer_idx: int) -> None:
+    def __init__(self, config: MM1TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
@@ -381,7 +383,7 @@ class MM1MoE(nn.Module):
 
 
 class MM1DecoderLayer(nn.Module):
-    def __init__(self, config: MM1Config, layer_idx: int) -> None:
+    def __init__(self, config: MM1TextConfig, layer_idx: int) -> None:
         super().__init__()
         moe = config.moe_config
         self.attn_norm = MM1RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -395,19 +397,6 @@ class MM1DecoderLayer(nn.Module):
     def forward(self, x_BTD, rope, mask, cache, **kwargs) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask, cache, **kwargs)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
-
-
-class MM1Decoder(nn.Module):
-    """The decoder LLM's embeddings, layers and final norm (its LM head is the generation model's)."""
-
-    def __init__(self, config: MM1Config) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MM1DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = MM1RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-# ----------------------------------------------------------------------------- the model
 
 
 class MM1PreTrainedModel(PreTrainedModel):
@@ -433,54 +422,40 @@ def _output(cls, **fields):
     return cls(**fields, **{"cache" if "cache" in cls.__dataclass_fields__ else "past_key_values": cache})
 
 
-class MM1Model(MM1PreTrainedModel):
-    """MM1 without its LM head: `<image>` tokens of `input_ids` are replaced, in order, by the image tokens
-    of `pixel_values`, and the decoder returns its last hidden states. (vLLM's transformers backend runs
-    this class, `auto_map.AutoModel`, with a head of its own.)"""
+class MM1TextModel(MM1PreTrainedModel):
+    """The decoder LLM (its embeddings, layers and final norm; the LM head is the generation model's):
+    token ids or embeddings [B, T, D] → last hidden states [B, T, D]. MM1Model's `language_model`."""
 
-    def __init__(self, config: MM1Config) -> None:
+    config_class = MM1TextConfig
+
+    def __init__(self, config: MM1TextConfig) -> None:
         super().__init__(config)
-        self.vision = MM1VisionEncoder(config.vision_config)
-        self.connector = build_connector(config)
-        self.decoder = MM1Decoder(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MM1DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MM1RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.decoder.embed
+        return self.embed
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.decoder.embed = value
-
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """[N, 3, H, W] views → their image tokens [N, num_image_tokens, D]."""
-        return self.connector(self.vision(pixel_values.to(self.vision.patch_embed.weight.dtype)))
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = self.decoder.embed(input_ids)
-        slots_BT = input_ids == self.config.image_token_id
-        if pixel_values is None or not bool(slots_BT.any()):  # decoding steps: the images are in the cache
-            return x_BTD
-        img_ND = self.get_image_features(pixel_values).reshape(-1, x_BTD.shape[-1])
-        if img_ND.shape[0] != int(slots_BT.sum()):
-            raise ValueError(f"input_ids hold {int(slots_BT.sum())} <image> tokens but pixel_values give "
-                             f"{img_ND.shape[0]} image tokens ({pixel_values.shape[0]} views)")
-        return x_BTD.masked_scatter(slots_BT[..., None], img_ND.to(x_BTD.dtype))
+        self.embed = value
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         kwargs.pop("cache_position", None)
+        kwargs.pop("return_dict", None)
         cache = cache if cache is not None else past_key_values
-        x_BTD = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values)
+        x_BTD = inputs_embeds if inputs_embeds is not None else self.embed(input_ids)
         B, T, _ = x_BTD.shape
         if use_cache if use_cache is not None else self.config.use_cache:
             cache = cache if cache is not None else DynamicCache()
@@ -495,9 +470,9 @@ class MM1Model(MM1PreTrainedModel):
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else \
             causal_mask(attention_mask, B, T, past, x_BTD.device)
         rope = rope_tables(self.config, position_ids)
-        for layer in self.decoder.layers:
+        for layer in self.layers:
             x_BTD = layer(x_BTD, rope, mask, cache, **kwargs)
-        return _output(BaseModelOutputWithPast, last_hidden_state=self.decoder.norm(x_BTD), cache=cache)
+        return _output(BaseModelOutputWithPast, last_hidden_state=self.norm(x_BTD), cache=cache)
 
 
 def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
@@ -512,27 +487,72 @@ def causal_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, 
     return mask | (key_pos == query_pos)[None, None]
 
 
+# ----------------------------------------------------------------------------- the model
+
+
+class MM1Model(MM1PreTrainedModel):
+    """MM1 without its LM head: `<image>` tokens of `input_ids` are replaced, in order, by the image tokens
+    of `pixel_values`, and the decoder (`language_model`) returns its last hidden states. (vLLM's
+    transformers backend runs this class, `auto_map.AutoModel`, with a head and a KV cache of its own.)"""
+
+    def __init__(self, config: MM1Config) -> None:
+        super().__init__(config)
+        self.vision = MM1VisionEncoder(config.vision_config)
+        self.connector = build_connector(config)
+        self.language_model = MM1TextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """[N, 3, H, W] views → patch features (`last_hidden_state` [N, P, Dv]) and their image tokens
+        (`pooler_output` [N, num_image_tokens, D]), as transformers' image-text models return them."""
+        patches_NPC = self.vision(pixel_values.to(self.vision.patch_embed.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=patches_NPC, pooler_output=self.connector(patches_NPC))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        x_BTD = self.language_model.embed(input_ids)
+        slots_BT = input_ids == self.config.image_token_id
+        if pixel_values is None or not bool(slots_BT.any()):  # decoding steps: the images are in the cache
+            return x_BTD
+        img_ND = self.get_image_features(pixel_values).pooler_output.reshape(-1, x_BTD.shape[-1])
+        if img_ND.shape[0] != int(slots_BT.sum()):
+            raise ValueError(f"input_ids hold {int(slots_BT.sum())} <image> tokens but pixel_values give "
+                             f"{img_ND.shape[0]} image tokens ({pixel_values.shape[0]} views)")
+        return x_BTD.masked_scatter(slots_BT[..., None], img_ND.to(x_BTD.dtype))
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, **kwargs)
+
+
 class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     """MM1 with its LM head: what `AutoModelForImageTextToText` loads and `generate()` runs."""
 
-    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.decoder.embed.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.language_model.embed.weight"}
 
     def __init__(self, config: MM1Config) -> None:
         super().__init__(config)
         self.model = MM1Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.decoder.embed
+        return self.model.language_model.embed
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.decoder.embed = value
+        self.model.language_model.embed = value
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -548,4 +568,4 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         return _output(CausalLMOutputWithPast, loss=loss, logits=logits, cache=cache)
 
 
-__all__ = ["MM1ForConditionalGeneration", "MM1Model", "MM1PreTrainedModel"]
+__all__ = ["MM1ForConditionalGeneration", "MM1Model", "MM1PreTrainedModel", "MM1TextModel"]

@@ -19,7 +19,7 @@ from transformers.processing_utils import ProcessorMixin
 
 
 class MM1ImageProcessor(BaseImageProcessor):
-    """PIL images → `pixel_values` [views, 3, size, size] and `num_views` per image."""
+    """PIL images → `pixel_values` [views, 3, size, size], the views of each image in order."""
 
     model_input_names: ClassVar[list[str]] = ["pixel_values"]
 
@@ -28,6 +28,7 @@ class MM1ImageProcessor(BaseImageProcessor):
                  image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711), **kwargs) -> None:
         super().__init__(**kwargs)
         self.image_size, self.sub_image_grid = image_size, sub_image_grid
+        self.size = {"height": image_size, "width": image_size}  # each view's (other engines read it)
         self.image_mean, self.image_std = list(image_mean), list(image_std)
 
     def views_per_image(self) -> int:
@@ -60,24 +61,31 @@ class MM1ImageProcessor(BaseImageProcessor):
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         images = [images] if isinstance(images, Image.Image) else list(images)
         views = [v for img in images for v in self.views(img)]
-        pixel_values = torch.stack([self.to_tensor(v) for v in views]) if views else None
-        return BatchFeature({"pixel_values": pixel_values, "num_views": [self.views_per_image()] * len(images)})
+        return BatchFeature({"pixel_values": torch.stack([self.to_tensor(v) for v in views]) if views else None})
 
 
 class MM1Processor(ProcessorMixin):
     """The image processor and the tokenizer together: `processor(text=..., images=...)` gives `input_ids`,
-    `attention_mask` (rows left-padded) and `pixel_values`, ready for `model.generate(**inputs)`."""
+    `attention_mask` (rows left-padded) and `pixel_values`, ready for `model.generate(**inputs)`.
+
+    Each `<image>` of the text becomes `image_tokens_per_image()` `<image>` tokens through transformers'
+    own placeholder expansion (`replace_image_token`), which also reports where each image's tokens went
+    (`return_text_replacement_offsets=True`): what vLLM's transformers backend reads."""
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, image_token: str = "<image>",
                  chat_template: str | None = None, **kwargs) -> None:
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        tokenizer.padding_side = "left"  # generation appends on the right of every row
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     def image_tokens_per_image(self) -> int:
         """Tokens each image takes in the sequence: every view's `num_image_tokens`."""
         return self.num_image_tokens * self.image_processor.views_per_image()
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_tokens_per_image()
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         from transformers.processing_utils import MultiModalData
@@ -88,20 +96,17 @@ class MM1Processor(ProcessorMixin):
         return MultiModalData(num_image_tokens=[self.image_tokens_per_image()] * n,
                               num_image_patches=[self.image_processor.views_per_image()] * n)
 
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True,
-                 **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text or [])
         flat = [] if images is None else [images] if isinstance(images, Image.Image) else \
             [img for group in images for img in (group if isinstance(group, list | tuple) else [group])]
         placeholders = sum(t.count(self.image_token) for t in texts)
-        if placeholders != len(flat):
+        if placeholders != len(flat):  # said before any image is processed
             raise ValueError(f"the text has {placeholders} {self.image_token} placeholder(s) for {len(flat)} image(s)")
-        expanded = [t.replace(self.image_token, self.image_token * self.image_tokens_per_image()) for t in texts]
-        self.tokenizer.padding_side = "left"
-        data = dict(self.tokenizer(expanded, add_special_tokens=False, padding=padding, return_tensors=return_tensors))
-        if flat:
-            data["pixel_values"] = self.image_processor(flat)["pixel_values"]
-        return BatchFeature(data)
+        kwargs.setdefault("return_tensors", "pt")
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("add_special_tokens", False)  # mm1's prompts carry their own markers
+        return super().__call__(images=flat or None, text=texts, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
