@@ -43,6 +43,7 @@ BAD = [
                                       "conversation"),
     ("data.sources.caption=3", "data.sources.caption: is a source; set one of its keys"),
     ("data.packing.seq_len=70000", "data.packing.seq_len: must lie in 16..65535, got 70000"),
+    ("data.synth.word_size=0", "data.synth.word_size: must lie in (0, 0.5] (a share of the image side)"),
     ("train.steps=0", "train.steps: must be positive, got 0"),
     ("train.checkpoint.every=-3", "train.checkpoint.every: must be positive, got -3"),
     ("train.schedule.final_lr_fraction=2", "train.schedule.final_lr_fraction: must lie in [0, 1]"),

@@ -331,3 +331,20 @@ def test_control_token_lookalikes_reach_training_as_text(world, tmp_path):
     batch = DataStream(cfg, tok).batch(0)
     assert int((batch.tokens_BT == tok.image_id).sum()) == batch.images_NCHW.shape[0] * 16
     assert np.isfinite(train(cfg, out=tmp_path / "run")["loss"])
+
+
+def test_word_size_sets_the_printed_words_height_and_nothing_else():
+    """`data.synth.word_size` (the world's text legibility, for the resolution finding) scales the word only."""
+    import random
+
+    import numpy as np
+
+    from mm1.data.synth.scene import WORD_SIZE, Scene, render, sample_scene
+
+    scene = sample_scene(random.Random(0), word_prob=1.0)
+    small, default, big = (np.asarray(render(scene, 128, w), dtype=np.int16) for w in (0.05, WORD_SIZE, 0.15))
+    assert (default == np.asarray(render(scene, 128), dtype=np.int16)).all()
+    no_word = np.asarray(render(Scene(scene.shapes, scene.background, None), 128), dtype=np.int16)
+    inked = [int((a != no_word).any(-1).sum()) for a in (small, default, big)]
+    assert 0 < inked[0] < inked[1] < inked[2]  # more pixels carry the word as it grows
+    assert (small[:96] == default[:96]).all() and (default[:96] == big[:96]).all()  # the shapes above it stay

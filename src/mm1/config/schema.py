@@ -290,6 +290,8 @@ class SynthConfig:
     sft_text: int = 1000
     eval_scenes: int = 300
     image_size: int = 256
+    # printed words' font size as a share of the image side (0.085: ~11 px tall at 128 px, ~5 px at 64)
+    word_size: float = 0.085
     dense_captions: float = 0.13  # VeCap-style share of captions: MM1's 300M VeCap beside 2B alt-text pairs
     real_text: str = ""  # optional text file (e.g. ../shared/data WikiText-2) mixed into the text-only documents
 

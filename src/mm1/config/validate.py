@@ -90,6 +90,7 @@ def _validate_data(d: DataConfig) -> None:
     _require(d.prepare.unit_records >= 1, "data.prepare.unit_records", "must be >= 1")
     _require(0 <= d.sub_image_grid <= 4, "data.sub_image_grid", "must lie in 0..4")
     _require(0 <= d.synth.dense_captions <= 1, "data.synth.dense_captions", "must lie in [0, 1]")
+    _require(0 < d.synth.word_size <= 0.5, "data.synth.word_size", "must lie in (0, 0.5] (a share of the image side)")
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -107,7 +107,10 @@ def _polygon(s: Shape, side: int) -> list[tuple[float, float]]:
     raise ValueError(s.kind)
 
 
-def render(scene: Scene, size: int) -> Image.Image:
+WORD_SIZE = 0.085  # a printed word's font size as a share of the image side: ~11 px tall at 128 px, ~5 at 64
+
+
+def render(scene: Scene, size: int, word_size: float = WORD_SIZE) -> Image.Image:
     """Draw the scene at size×size pixels (supersampled 2× for smooth edges)."""
     big = size * 2
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
@@ -122,7 +125,7 @@ def render(scene: Scene, size: int) -> Image.Image:
     if scene.word:
         ink = (255, 255, 255) if scene.background == "black" else (0, 0, 0)
         x, y = scene.word_xy
-        draw.text((x * big, y * big), scene.word, fill=ink, font=_font(int(0.085 * big)), anchor="mm")
+        draw.text((x * big, y * big), scene.word, fill=ink, font=_font(int(word_size * big)), anchor="mm")
     return img.resize((size, size), Image.Resampling.BOX)  # 2×2 box average: fast anti-aliasing
 
 

@@ -32,7 +32,7 @@ from mm1.data.formats.text import open_text, write_jsonl
 from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import language as lang
 from mm1.data.synth import pages
-from mm1.data.synth.scene import Scene, png_bytes, render, sample_scene
+from mm1.data.synth.scene import WORD_SIZE, Scene, png_bytes, render, sample_scene
 
 VERSION = 7
 
@@ -63,12 +63,12 @@ class SceneSource:
                 return scene
 
 
-def _png(job: tuple[Scene, int]) -> bytes:
+def _png(job: tuple[Scene, int, float]) -> bytes:
     return png_bytes(render(*job))
 
 
-def _write_png(job: tuple[Scene, int, str]) -> None:
-    Path(job[2]).write_bytes(_png(job[:2]))
+def _write_png(job: tuple[Scene, int, float, str]) -> None:
+    Path(job[3]).write_bytes(_png(job[:3]))
 
 
 class Painter:
@@ -78,15 +78,15 @@ class Painter:
     lands where it would otherwise, so the world's bytes do not depend on the number of workers.
     """
 
-    def __init__(self, size: int, workers: int) -> None:
-        self.size = size
+    def __init__(self, size: int, workers: int, word_size: float = WORD_SIZE) -> None:
+        self.size, self.word_size = size, word_size
         self.pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
         self.pending: list = []
 
     def save(self, scene: Scene, path: Path) -> str:
         """Write `scene` as `path` (maybe later: `close` waits for every file); returns its name."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        job = (scene, self.size, str(path))
+        job = (scene, self.size, self.word_size, str(path))
         if self.pool is None:
             _write_png(job)
         else:
@@ -97,7 +97,7 @@ class Painter:
 
     def pngs(self, scenes: list[Scene]):
         """The PNG bytes of `scenes`, in order."""
-        jobs = [(s, self.size) for s in scenes]
+        jobs = [(s, self.size, self.word_size) for s in scenes]
         return self.pool.imap(_png, jobs, chunksize=32) if self.pool else map(_png, jobs)
 
     def close(self) -> None:
@@ -218,7 +218,7 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     `workers`; 0: one per CPU core); returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
-    painter = Painter(sizes.image_size, workers or os.cpu_count() or 1)
+    painter = Painter(sizes.image_size, workers or os.cpu_count() or 1, sizes.word_size)
     total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 9 * sizes.eval_scenes
     try:
         with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
