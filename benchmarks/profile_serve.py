@@ -3,7 +3,8 @@
     python benchmarks/profile_serve.py [--model runs/bench_serve_vs_vllm/smollm2_135m_hf] [--rows 16]
 
 The model is the one `bench_serve_vs_vllm.py` serves (SmolLM2-135M-Instruct as an HF folder, fp32),
-loaded as `mm1 serve` loads it, with `mm1 serve`'s torch threads. The continuous batcher (no HTTP) takes
+loaded as `mm1 serve` loads it (weights in oneDNN's layout unless --plain-weights), with `mm1 serve`'s
+torch threads. The continuous batcher (no HTTP) takes
 `--rows` chat requests of the benchmark's prompts; their prompt pass is profiled, then `--steps` decoding
 steps once every row is running (with `--context` tokens already in each row, as mid-way through a
 request). Printed: wall time per step, and torch.profiler's operators by self CPU time.
@@ -20,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_serve_vs_vllm import prompt
 from mm1.data.template import template_for, user_turn
 from mm1.serve.batching import ContinuousBatcher, Request
+from mm1.serve.cpu_layout import pack_linears
 from mm1.serve.engine import Engine, GenerationConfig
 from mm1.serve.server import cpu_threads
 from mm1.store.loading import load_model
@@ -36,9 +38,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--context", type=int, default=32, help="tokens decoded before the profiled steps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: mm1 serve's default)")
+    ap.add_argument("--plain-weights", action="store_true", help="as mm1 serve --plain-weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads or cpu_threads())
     model, tok, _ = load_model(a.model)
+    packed = 0 if a.plain_weights else pack_linears(model)
     engine = Engine(model, tok)
     engine.stop_ids = set()  # every row runs to max_new_tokens
     batcher = ContinuousBatcher(engine, max_batch=a.rows, max_len=1024)
@@ -48,7 +52,7 @@ def main() -> None:
         parts = template.render([user_turn(prompt(i), [])], generation_prompt=True)
         batcher.submit(Request(engine.encode([p.text for p in parts]), gen))
     print(f"{a.rows} prompts, {sum(len(r.encoded.ids) for r in list(batcher.waiting.queue))} tokens; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; {packed} linear layers in oneDNN's layout")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         batcher.step()  # the prompt pass of every row

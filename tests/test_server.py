@@ -265,6 +265,9 @@ HOSTILE = [  # (what, body or raw bytes, the status, a piece of the error messag
     ("a 2 MB body", {"messages": [{"role": "user", "content": "ab " * 700_000}]}, 413, "the limit is"),
     ("250 kB of text, under the body limit", {"messages": [{"role": "user", "content": "ab " * 80_000}]}, 400,
      "characters; at most"),  # refused before the tokenizer reads it
+    # this fixture's tokenizer has 263 ids for a model of 256: "\x9b" encodes to id 256 (found by the fuzz test)
+    ("text the model has no embedding for", {"messages": [{"role": "user", "content": "\x9b"}]}, 400,
+     "does not have"),
 ]
 
 

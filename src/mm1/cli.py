@@ -191,6 +191,7 @@ def _engine(checkpoint: str, a: argparse.Namespace):
 
     device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, cfg = load_model(checkpoint, device=device)
+    _for_inference(model, a)
     grid = inference_sub_image_grid(cfg)
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed)
@@ -230,6 +231,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
     model, tok, cfg = load_model(a.checkpoint, device=device)
+    _for_inference(model, a)
     engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
     given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
                                          "max_tokens", "max_waiting") if getattr(a, k) is not None}
@@ -308,6 +310,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "steps (0: every prompt in one pass)")
     p.add_argument("--threads", type=int, help="torch threads (default on a CPU: all cores but one, for the event "
                                                "loop that streams tokens)")
+    _layout_arg(p)
     # limits: unset ones keep mm1.serve.requests.Limits' defaults
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None, help="images per request")
@@ -339,6 +342,21 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image encoder, prompt pass and decoding step: several times faster "
                         "decoding after a warm-up (seconds to minutes, growing with the model)")
+    _layout_arg(p)
+
+
+def _layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-weights", action="store_true",
+                   help="on a CPU, keep the decoder's weights row-major instead of oneDNN's blocked layout "
+                        "(mm1.serve.cpu_layout: the same products; a decoding step about 1.3x faster)")
+
+
+def _for_inference(model, a: argparse.Namespace) -> None:
+    """The decoder's weights in oneDNN's layout on a CPU (not with --compile, which lays them out itself)."""
+    if not a.plain_weights and not getattr(a, "compile", False):
+        from mm1.serve.cpu_layout import pack_linears
+
+        pack_linears(model)
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> int:

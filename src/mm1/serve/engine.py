@@ -172,8 +172,9 @@ class Engine:
 
     def _last_logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] (fp32) from the last position."""
-        h_BD, w_VD = hidden_BTD[:, -1], self.model.decoder.lm_head.weight
+        h_BD = hidden_BTD[:, -1]
         if torch.compiler.is_compiling() and h_BD.shape[0] == 1:
+            w_VD = self.model.decoder.lm_head.weight
             # A 1-row matmul against the (often largest) weight: inductor's fused multiply-reduce
             # streams it ~2x faster than the BLAS call, and its mm pass only does so up to 2048 wide
             # (a threshold it reads once, at import, so it cannot be raised per compile).

@@ -275,4 +275,8 @@ def parse_chat(body: object, engine: Engine, limits: Limits, template: ChatTempl
     _require(len(encoded.ids) <= allowed, f"the prompt is {len(encoded.ids)} tokens (images included); at most "
              f"{allowed} fit with max_tokens={gen.max_new_tokens} in this model's context of {context}",
              "messages", "context_length_exceeded")
+    vocab = engine.model.cfg.decoder.vocab_size
+    beyond = next((i for i in encoded.ids if i >= vocab), None)  # a tokenizer with more ids than the model
+    _require(beyond is None, f"the prompt's text encodes to token id {beyond}, which this model's vocabulary of "
+             f"{vocab} does not have (its tokenizer knows more ids than the model)", "messages", "unsupported_value")
     return ChatRequest(encoded, gen, n=n, stream=stream, include_usage=include_usage, model=model)

@@ -1,0 +1,69 @@
+"""`mm1.serve.cpu_layout`: the decoder's linear layers in oneDNN's layout compute what they computed before."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mm1.serve.cpu_layout import PackedLinear, can_pack, pack_linears
+
+
+def _model(world, *overrides: str):
+    from mm1.config import apply_overrides
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.model.mllm import MLLM
+    from mm1.recipes import get_recipe
+
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    cfg = apply_overrides(get_recipe("tiny"), [f"data.root={world}", f"model.decoder.vocab_size={len(tok)}",
+                                               f"model.image_token_id={tok.image_id}", *overrides])
+    torch.manual_seed(0)
+    model = MLLM(cfg.model).eval()
+    with torch.no_grad():  # off the initialisation, so that a wrong or transposed weight shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, tok
+
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def test_a_packed_linear_is_the_linear_for_any_number_of_rows():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    packed = PackedLinear(linear)
+    for shape in ((1, 96), (7, 96), (2, 5, 96)):
+        x = torch.randn(shape)
+        assert (packed(x) - linear(x)).abs().max() < 1e-5
+    assert "in_features=96, out_features=40, bias=True" in repr(packed)
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.moe.num_experts=4", "model.moe.every=2")], ids=["dense", "moe"])
+def test_packed_decoder_generates_the_same_tokens(world, overrides):
+    from mm1.serve.engine import Engine, GenerationConfig
+
+    model, tok = _model(world, *overrides)
+    packed = copy.deepcopy(model)
+    linears = sum(isinstance(m, nn.Linear) for m in model.decoder.modules())
+    assert pack_linears(packed) == linears > 0  # every one, the LM head and the MoE routers included
+    assert not any(isinstance(m, nn.Linear) for m in packed.decoder.modules())
+    assert isinstance(packed.vision.blocks[0].attn.q, nn.Linear)  # only the decoder's
+    ids = torch.randint(5, len(tok), (2, 24))
+    with torch.no_grad():
+        a = model.decoder(model.decoder.embed(ids), torch.arange(24)[None].expand(2, 24), None).hidden_BTD
+        b = packed.decoder(packed.decoder.embed(ids), torch.arange(24)[None].expand(2, 24), None).hidden_BTD
+        assert (model.decoder.lm_head(a) - packed.decoder.lm_head(b)).abs().max() < 1e-4
+    prompts = [["a small red circle and"], ["two blue squares on a"]]
+    gen = GenerationConfig(max_new_tokens=10)
+    assert Engine(packed, tok).generate_ids(prompts, gen) == Engine(model, tok).generate_ids(prompts, gen)
+
+
+def test_a_model_that_cannot_be_packed_is_left_alone():
+    on_meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    assert not can_pack(on_meta)
+    half = nn.Module()
+    half.decoder = nn.Linear(4, 4, dtype=torch.float16)
+    assert pack_linears(half) == 0 and isinstance(half.decoder, nn.Linear)
