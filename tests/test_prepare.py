@@ -42,6 +42,35 @@ def test_prepare_is_deterministic_across_runs_and_worker_counts(world, tmp_path)
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_prepare_in_three_shards_then_merge_is_byte_for_byte_one_machines(world, tmp_path, capsys):
+    """`--shard i --of 3` on three 'machines' (here one after the other, sharing the folder), then `--merge`:
+    the same bytes as one `mm1 data prepare`; merging too early names the missing units; a shard run again
+    redoes nothing it had finished."""
+    from mm1.config import save
+
+    def args(k: str) -> list[str]:
+        return [f"data.root={world}", f"data.prepared={tmp_path / k}", "data.prepare.unit_records=100",
+                "data.prepare.workers=1"]
+
+    save(tiny_config(world, prepared=False), tmp_path / "config.json")
+    base = ["data", "prepare", "--config", str(tmp_path / "config.json")]
+    assert main([*base, *args("one")]) == 0
+    assert main([*base, *args("three"), "--shard", "0", "--of", "3"]) == 0
+    assert main([*base, *args("three"), "--shard", "2", "--of", "3"]) == 0
+    capsys.readouterr()
+    assert main([*base, *args("three"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert "work units are not prepared yet" in err and "--shard i --of N" in err and "\n" not in err.strip()
+    assert main([*base, *args("three"), "--shard", "1", "--of", "3"]) == 0
+    assert main([*base, *args("three"), "--shard", "1", "--of", "3"]) == 0
+    assert "0 of this shard's" in capsys.readouterr().out  # nothing redone
+    assert main([*base, *args("three"), "--merge"]) == 0
+    one, three = _files(tmp_path / "one"), _files(tmp_path / "three")
+    assert sum(1 for name in one if name.endswith("tokens.npy")) > 3 and one == three
+    assert main([*base, *args("three"), "--shard", "3", "--of", "3"]) == 2
+    assert "must lie in 0..2" in capsys.readouterr().err
+
+
 def test_changed_tokenizer_or_packing_is_refused_with_what_differs(world, tmp_path):
     cfg = tiny_config(world, f"data.prepared={tmp_path}")
     other = tmp_path / "other_tokenizer.json"

@@ -114,12 +114,21 @@ def _cmd_data_tokenizer(a: argparse.Namespace) -> int:
 
 
 def _cmd_data_prepare(a: argparse.Namespace) -> int:
-    from mm1.config import Stage
-    from mm1.data.prepare import prepare, summary_table
+    from mm1.config import ConfigError, Stage
+    from mm1.data.prepare import Part, prepare, prepare_part, summary_table
     from mm1.data.stream import load_tokenizer
 
+    if (a.shard is None) != (a.of is None) or (a.merge and a.shard is not None):
+        raise ConfigError("--shard I and --of N go together, and --merge runs alone, after every shard")
     cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
-    summary = prepare(cfg, Stage(cfg.train.stage), load_tokenizer(cfg), force=a.force)
+    if a.shard is not None:
+        part = Part(a.shard, a.of)
+        done = prepare_part(cfg, Stage(cfg.train.stage), load_tokenizer(cfg), part)
+        for name, (now, units) in done.items():
+            print(f"{name}: {now} of this shard's {units} work units prepared now (the rest were done before)")
+        print(f"shard {a.shard} of {a.of} done; once every shard is, run `mm1 data prepare ... --merge`")
+        return 0
+    summary = prepare(cfg, Stage(cfg.train.stage), load_tokenizer(cfg), force=a.force, merge=a.merge)
     print(summary_table(summary))
     print(f"prepared {cfg.train.stage.value} data in {Path(cfg.data.prepared or Path(cfg.data.root) / 'prepared')}")
     return 0
@@ -553,6 +562,11 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     _config_args(q)
     q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
     q.add_argument("--force", action="store_true", help="prepare again even if this spec is already prepared")
+    q.add_argument("--shard", type=int, metavar="I", help="across machines: prepare only the I-th of --of N disjoint "
+                   "shares of the work units (one call per machine, e.g. a Slurm array), then run --merge once")
+    q.add_argument("--of", type=int, metavar="N", help="with --shard: the number of shares")
+    q.add_argument("--merge", action="store_true", help="after every --shard I --of N: write the manifests (the "
+                   "result is byte for byte a one-machine prepare)")
     q.set_defaults(func=_cmd_data_prepare)
     q = dsub.add_parser("dedup", help="find near-duplicate texts (MinHash-LSH) and duplicate images in a stage's "
                                       "sources; `prepare` with data.prepare.dedup=true leaves them out")

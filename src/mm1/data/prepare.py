@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mm1.config import Config, SourceKind, Stage
+from mm1.config import Config, ConfigError, SourceKind, Stage
 from mm1.data.dedup import dedup_file, drops_fingerprint, read_drops
 from mm1.data.errors import ImageError, RecordError
 from mm1.data.formats import Reader, open_reader
@@ -152,6 +152,22 @@ class Unit:
     file: int  # index into spec.files
     start: int
     stop: int | None  # None: to the end of the file
+
+
+@dataclass(frozen=True)
+class Part:
+    """One machine's share of the work: every unit whose index is `index` modulo `count`
+    (`mm1 data prepare --shard INDEX --of COUNT`; round-robin, so that large and small files spread)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ConfigError(f"--shard {self.index} --of {self.count}: the shard must lie in 0..{self.count - 1}")
+
+    def owns(self, unit: Unit) -> bool:
+        return unit.index % self.count == self.index
 
 
 _WORKER: dict = {}
@@ -323,6 +339,44 @@ def _manifest(spec: SourceSpec, stats: UnitStats, shards: list[dict]) -> dict:
     }
 
 
+def _run_units(spec: SourceSpec, units: list[Unit], folder: Path, tok: Tokenizer, *, workers: int,
+               progress: bool):
+    """Each unit's (stats, shard entry), in unit order, prepared into `folder` by `workers` processes."""
+    bar = tqdm(total=len(units), desc=f"prepare {spec.name}", unit="unit", disable=not progress, dynamic_ncols=True)
+    pool = None
+    if workers <= 1 or len(units) <= 1:
+        results = (prepare_unit(spec, u, folder, tok) for u in units)
+    else:
+        pool = mp.get_context("fork").Pool(min(workers, len(units)), initializer=_init_worker,
+                                           initargs=(tok.hf.to_str(),))
+        results = pool.imap(_run_unit, [(spec, u, folder) for u in units])
+    seen = UnitStats()
+    try:
+        for unit_stats, shard in results:
+            yield unit_stats, shard
+            seen.merge(unit_stats)
+            bar.update()
+            bar.set_postfix(records=seen.records, skipped=sum(seen.skipped.values()), refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def _finish(spec: SourceSpec, stats: UnitStats, shards: list[dict], folder: Path, final: Path) -> dict:
+    """Write the manifest into `folder` and put it in the place of `final` (atomic rename)."""
+    manifest = _manifest(spec, stats, shards)
+    if manifest["sequences"] == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RecordError(spec.name, "data source has no usable records",
+                          f"{stats.records} read; skipped: {dict(stats.skipped) or 'none'}")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    return manifest
+
+
 def prepare_source(spec: SourceSpec, root: Path, tok: Tokenizer, *, workers: int, progress: bool = True,
                    force: bool = False) -> dict:
     """Prepare one source into `root/<name>-<key>` (atomic: written as `.tmp`, then renamed)."""
@@ -332,37 +386,64 @@ def prepare_source(spec: SourceSpec, root: Path, tok: Tokenizer, *, workers: int
     tmp = root / f"{spec.dirname}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    units = plan_units(spec)
     stats, shards = UnitStats(), []
-    bar = tqdm(total=len(units), desc=f"prepare {spec.name}", unit="unit", disable=not progress, dynamic_ncols=True)
-    jobs = [(spec, u, tmp) for u in units]
-    if workers <= 1 or len(units) == 1:
-        results = (prepare_unit(spec, u, tmp, tok) for u in units)
-        pool = None
-    else:
-        pool = mp.get_context("fork").Pool(min(workers, len(units)), initializer=_init_worker,
-                                           initargs=(tok.hf.to_str(),))
-        results = pool.imap(_run_unit, jobs)
-    try:
-        for unit_stats, shard in results:
-            stats.merge(unit_stats)
-            shards.append(shard)
-            bar.update()
-            bar.set_postfix(records=stats.records, skipped=sum(stats.skipped.values()), refresh=False)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    manifest = _manifest(spec, stats, shards)
-    if manifest["sequences"] == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RecordError(spec.name, "data source has no usable records",
-                          f"{stats.records} read; skipped: {dict(stats.skipped) or 'none'}")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return manifest
+    for unit_stats, shard in _run_units(spec, plan_units(spec), tmp, tok, workers=workers, progress=progress):
+        stats.merge(unit_stats)
+        shards.append(shard)
+    return _finish(spec, stats, shards, tmp, final)
+
+
+# ----------------------------------------------------------------------------- across machines
+
+
+def _parts_folder(root: Path, spec: SourceSpec) -> Path:
+    return root / f"{spec.dirname}.parts"
+
+
+def prepare_source_part(spec: SourceSpec, root: Path, tok: Tokenizer, part: Part, *, workers: int,
+                        progress: bool = True) -> tuple[int, int]:
+    """This machine's units of the source, into `root/<name>-<key>.parts/` (shared by every machine):
+    each unit's shard, and beside it `unit_<index>.json` (its statistics and shard entry) once the
+    shard is whole, so that a part run again redoes only what it had not finished. Returns (units
+    done by this call, units of this part)."""
+    if (root / spec.dirname / "manifest.json").exists():
+        return 0, 0
+    folder = _parts_folder(root, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = [u for u in plan_units(spec) if part.owns(u)]
+    todo = [u for u in mine if not (folder / f"unit_{u.index:05d}.json").exists()]
+    for u, (unit_stats, shard) in zip(todo, _run_units(spec, todo, folder, tok, workers=workers,
+                                                       progress=progress), strict=True):
+        done = folder / f"unit_{u.index:05d}.json"
+        partial = done.with_suffix(".json.tmp")
+        partial.write_text(json.dumps({"stats": dataclasses.asdict(unit_stats), "shard": shard}))
+        os.replace(partial, done)
+    return len(todo), len(mine)
+
+
+def merge_source(spec: SourceSpec, root: Path) -> dict:
+    """The manifest of a source prepared in parts: every unit's statistics summed in unit order, as one
+    machine sums them, so the folder is byte for byte what `prepare_source` writes."""
+    final = root / spec.dirname
+    if (final / "manifest.json").exists():
+        return json.loads((final / "manifest.json").read_text())
+    folder = _parts_folder(root, spec)
+    units = plan_units(spec)
+    missing = [u.index for u in units if not (folder / f"unit_{u.index:05d}.json").exists()]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise RecordError(spec.name, f"{len(missing)} of {len(units)} work units are not prepared yet",
+                          f"{folder}: units {shown}; run every --shard i --of N first")
+    stats, shards = UnitStats(), []
+    for u in units:
+        done = json.loads((folder / f"unit_{u.index:05d}.json").read_text())
+        st = done["stats"]
+        stats.merge(UnitStats(**(st | {"skipped": Counter(st["skipped"]),
+                                       "images_left_out": Counter(st["images_left_out"])})))
+        shards.append(done["shard"])
+    for leftover in [*folder.glob("unit_*.json"), *folder.glob("unit_*.json.tmp")]:
+        leftover.unlink()  # the folder becomes what one machine writes: shards and the manifest
+    return _finish(spec, stats, shards, folder, final)
 
 
 def stage_key(specs: dict[str, SourceSpec], weights: dict[str, float]) -> str:
@@ -370,13 +451,25 @@ def stage_key(specs: dict[str, SourceSpec], weights: dict[str, float]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def prepare(cfg: Config, stage: Stage, tok: Tokenizer, *, progress: bool = True, force: bool = False) -> dict:
-    """Prepare every source of `stage`; returns (and writes) the stage manifest."""
+def prepare_part(cfg: Config, stage: Stage, tok: Tokenizer, part: Part, *, progress: bool = True) -> dict:
+    """This machine's share of every source of `stage` (`--shard i --of N`); `prepare(..., merge=True)`
+    then writes the manifests. Returns, per source, (units done now, units of this part)."""
+    root = prepared_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return {n: prepare_source_part(s, root, tok, part, workers=cfg.data.prepare.workers, progress=progress)
+            for n, s in source_specs(cfg, stage, tok).items()}
+
+
+def prepare(cfg: Config, stage: Stage, tok: Tokenizer, *, progress: bool = True, force: bool = False,
+            merge: bool = False) -> dict:
+    """Prepare every source of `stage` (or, with `merge`, gather what `prepare_part` wrote on every
+    machine); returns (and writes) the stage manifest."""
     root = prepared_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     sources = stage_sources(cfg, stage)
     specs = source_specs(cfg, stage, tok)
-    manifests = {n: prepare_source(s, root, tok, workers=cfg.data.prepare.workers, progress=progress, force=force)
+    manifests = {n: merge_source(s, root) if merge else
+                 prepare_source(s, root, tok, workers=cfg.data.prepare.workers, progress=progress, force=force)
                  for n, s in specs.items()}
     weights = {n: sources[n].weight for n in specs}
     total_w = sum(weights.values())
