@@ -450,3 +450,22 @@ def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answe
     (data / "test.prompts.json").write_text('{"chat": 3}')
     with pytest.raises(Exception, match=r"test.prompts.json: a prompts file is"):
         get_task(f"custom:{data / 'test.jsonl'}")
+
+
+def test_the_question_only_baseline_is_the_answer_prior_of_each_question_type():
+    """A task whose answers follow from the question's first words: the majority baseline is low, the
+    question-only baseline is what reading the question alone earns; an unseen type gets the overall majority."""
+    from mm1.eval.harness import question_only_baseline
+    from mm1.eval.tasks.base import Task, VQAItem
+
+    def q(question: str, answer: str) -> VQAItem:
+        return VQAItem(image="x.png", question=question, answers=(answer,))
+
+    train = [q("How many shapes are there?", "2")] * 3 + [q("What color is the star?", "red")] * 2 + \
+        [q("Is there a circle?", "yes")] * 4
+    test = [q("How many shapes are here?", "2"), q("What color is the sky?", "red"), q("Is there a star?", "yes"),
+            q("Where is the star?", "yes")]  # no training question starts "where is the": the overall majority
+    task = Task(name="t", metric=Metric.VQA_ACCURACY, train=train, test=test)
+    assert baseline(task) == pytest.approx(0.5)  # "yes" to everything
+    assert question_only_baseline(task) == pytest.approx(1.0)
+    assert question_only_baseline(task, test[:2]) == pytest.approx(1.0) and baseline(task, test[:2]) == 0.0

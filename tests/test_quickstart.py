@@ -59,6 +59,11 @@ def test_the_summary_never_calls_a_score_at_or_below_the_baseline_learned():
     assert learned_summary({"pretrain": res(0.05, 0.035)})[0].endswith("+0.015 over the baseline")
     below = learned_summary({"pretrain": res(0.010, 0.035)})[0]
     assert below.endswith("not above the baseline") and "learned" not in below.lower()
+    vqa = res(0.31, 0.09)
+    vqa["tasks"]["t"]["question_only_baseline"] = 0.28  # VQA: the question's form alone earns most of it
+    assert learned_summary({"pretrain": vqa})[0].endswith("3.4× the baseline; question only 0.280: +0.030 over it")
+    vqa["tasks"]["t"]["question_only_baseline"] = 0.33
+    assert learned_summary({"pretrain": vqa})[0].endswith("not above it (answered from the question alone)")
 
 
 def _sft_model_exports_to_transformers(out, tmp_path) -> None:

@@ -127,7 +127,12 @@ def learned_summary(results: dict[str, dict]) -> list[str]:
         base = next(r["tasks"][name]["baseline"] for r in results.values() if name in r["tasks"])
         gap = (f"{score / base:.1f}× the baseline" if base > 0 and score >= 2 * base else
                f"+{score - base:.3f} over the baseline") if score > base else "not above the baseline"
-        lines.append(f"{name}: best {score:.3f} ({shots}-shot, {arm}) vs baseline {base:.3f}: {gap}")
+        line = f"{name}: best {score:.3f} ({shots}-shot, {arm}) vs baseline {base:.3f}: {gap}"
+        blind = results[arm]["tasks"][name].get("question_only_baseline")
+        if blind is not None:  # what the question's form alone earns: the part of the score the image did not
+            line += (f"; question only {blind:.3f}: " + (f"+{score - blind:.3f} over it" if score > blind
+                                                           else "not above it (answered from the question alone)"))
+        lines.append(line)
     return lines
 
 

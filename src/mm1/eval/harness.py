@@ -7,9 +7,10 @@ so a surprising score can be looked into.
 
 Three settings change what a score means, so each is decided here in one way and recorded:
 - **The items**: the first `eval.limit` test items. Scores, the baseline (what a model that ignores
-  the image scores: the majority training answer for VQA, the most frequent training caption for
-  captioning, the vocabulary size for perplexity) and CIDEr-D's document frequencies are all over
-  exactly these (`items` of `test_items`).
+  the image and the question scores: the majority training answer for VQA, the most frequent training
+  caption for captioning, the vocabulary size for perplexity), for VQA the question-only baseline (the
+  answer prior of each question's type: what a model that reads the question but not the image scores)
+  and CIDEr-D's document frequencies are all over exactly these (`items` of `test_items`).
 - **The answer length**: `eval.max_new_tokens`, or by default per task from its references (99% of
   them fit, plus the stop), with the count of answers that ran into it per shot count (`hit_limit`;
   over 1% is a warning): a cap that cuts captions short raises CIDEr and hides few-shot dips.
@@ -67,6 +68,32 @@ def baseline(task: Task, items: list | None = None) -> float:
         common = Counter(c for it in pool for c in it.captions).most_common(1)[0][0]
         return cider_d([common] * len(items), [list(it.captions) for it in items])[0]
     raise ValueError(task.metric)
+
+
+QUESTION_TYPE_WORDS = 3  # "what color is", "how many shapes", "is there a": VQAv2's question types are such prefixes
+
+
+def _question_type(question: str) -> str:
+    return " ".join(normalize_answer(question).split()[:QUESTION_TYPE_WORDS])
+
+
+def question_only_baseline(task: Task, items: list | None = None) -> float:
+    """What a model that reads the question but not the image scores on a VQA task: each question answered
+    with the majority training answer of the questions that start with the same three words (the answer
+    prior of its question type), or the overall majority where none does. A model near this score answers
+    from the question's form alone, whatever it scores against `baseline`."""
+    items = task.test if items is None else items
+    pool = task.train or task.test
+    by_type: dict[str, Counter] = {}
+    for it in pool:
+        by_type.setdefault(_question_type(it.question), Counter())[normalize_answer(it.answers[0])] += 1
+    overall = Counter(normalize_answer(it.answers[0]) for it in pool).most_common(1)[0][0]
+
+    def guess(question: str) -> str:
+        prior = by_type.get(_question_type(question))
+        return prior.most_common(1)[0][0] if prior else overall
+
+    return sum(vqa_accuracy(guess(it.question), list(it.answers)) for it in items) / len(items)
 
 
 def generation_length(task: Task, items: list, tok: Tokenizer, *, share: float = 0.99) -> int:
@@ -159,12 +186,14 @@ def write_results(evaluation: Evaluation, out: Path, tasks: list[Task] = ()) -> 
 
 def results_table(results: dict) -> str:
     shots = sorted({s for t in results["tasks"].values() for s in t["scores"]}, key=int)
-    lines = ["| task | metric | items | baseline | " + " | ".join(f"{s}-shot" for s in shots) + " |",
-             "|---|---|---|---|" + "---|" * len(shots)]
+    lines = ["| task | metric | items | baseline | question only | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+             "|---|---|---|---|---|" + "---|" * len(shots)]
     for name, t in results["tasks"].items():
         cells = [f"{t['scores'][s]:.3f}" if s in t["scores"] else "" for s in shots]
         items = f"{t['items']} of {t['test_items']}" if "items" in t else ""
-        lines.append(f"| {name} | {t['metric']} | {items} | {t['baseline']:.3f} | " + " | ".join(cells) + " |")
+        blind = f"{t['question_only_baseline']:.3f}" if "question_only_baseline" in t else ""
+        lines.append(f"| {name} | {t['metric']} | {items} | {t['baseline']:.3f} | {blind} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines) + "\n" + "".join(f"\n{line}\n" for line in settings_notes(results))
 
 
@@ -289,7 +318,7 @@ def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], c
                       "max_new_tokens_from": "eval.max_new_tokens" if cfg.max_new_tokens else
                       "99% of the references fit, plus the stop", **_lengths(run.rows, context)}
             if task.metric == Metric.VQA_ACCURACY:
-                entry |= answer_spread(run.rows)
+                entry |= answer_spread(run.rows) | {"question_only_baseline": question_only_baseline(task, items)}
             _warn(task.name, entry, context)
         evaluation.results["tasks"][task.name] = entry
         evaluation.predictions += run.rows
