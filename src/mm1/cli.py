@@ -238,16 +238,27 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from mm1.store.loading import inference_sub_image_grid, load_model
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
-    model, tok, cfg = load_model(a.checkpoint, device=device)
-    _for_inference(model, a)
-    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
     given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
                                          "max_tokens", "max_waiting") if getattr(a, k) is not None}
     if a.request_timeout is not None:
         given["request_timeout_s"] = a.request_timeout
     limits = Limits(**given, allowed_url_hosts=tuple(a.allow_url_host))
-    state = ServerState(engine, ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk), limits,
+    if a.in_process:
+        torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
+        model, tok, cfg = load_model(a.checkpoint, device=device)
+        _for_inference(model, a)
+        engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+        batcher = ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk)
+    else:  # the model in an engine process; here only what validating and tokenizing need
+        from mm1.serve.engine_process import EngineSpec, RemoteBatcher
+
+        torch.set_num_threads(1)
+        model, tok, cfg = load_model(a.checkpoint, device="cpu")
+        engine = Engine(model.to("meta"), tok, sub_image_grid=inference_sub_image_grid(cfg))  # weights freed
+        batcher = RemoteBatcher(EngineSpec(a.checkpoint, device=device, threads=a.threads or 0,
+                                           max_batch=a.max_batch, prefill_chunk=a.prefill_chunk,
+                                           plain_weights=a.plain_weights))
+    state = ServerState(engine, batcher, limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
                         images_first=a.images_first)
     serve(state, host=a.host, port=a.port, grace_s=a.shutdown_grace)
@@ -317,8 +328,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="while requests decode, a longer prompt is prefilled this many tokens a step between their "
                         "steps (0: every prompt in one pass)")
-    p.add_argument("--threads", type=int, help="torch threads (default on a CPU: all cores but one, for the event "
-                                               "loop that streams tokens)")
+    p.add_argument("--threads", type=int, help="the model's torch threads (default: every core in the engine "
+                                               "process; with --in-process on a CPU all cores but one)")
+    p.add_argument("--in-process", action="store_true", help="run the model in the server's own process instead of "
+                   "an engine process of its own (mm1.serve.engine_process)")
     _layout_arg(p)
     # limits: unset ones keep mm1.serve.requests.Limits' defaults
     p.add_argument("--max-body-bytes", type=int, default=None)

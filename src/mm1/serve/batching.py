@@ -129,6 +129,17 @@ class ContinuousBatcher:
     def busy(self) -> bool:
         return bool(self.rows) or self.filling is not None or bool(self.pending) or not self.waiting.empty()
 
+    def queued(self) -> int:
+        """Requests waiting for a row (what the server's queue limit counts)."""
+        return self.waiting.qsize()
+
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def image_cache(self):
+        return self.engine.image_cache
+
     @torch.inference_mode()
     def step(self) -> None:
         """Admit what fits (a short prompt's pass gives its first token; a long one is chunked), prefill
@@ -208,13 +219,18 @@ class ContinuousBatcher:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
                 continue
-            try:
-                self.step()
-            except Exception as err:  # the shared decoding step itself: fail the requests in it, keep serving
-                log.exception("decoding step failed; ending the %d requests in it", len(self.rows))
-                for row in self.rows:
-                    _end(row.request, err)
-                self.rows = []
+            self.step_safely()
+
+    def step_safely(self) -> None:
+        """`step`; if the shared decoding step itself fails, the requests in it end with the error and the
+        batcher goes on serving."""
+        try:
+            self.step()
+        except Exception as err:
+            log.exception("decoding step failed; ending the %d requests in it", len(self.rows))
+            for row in self.rows:
+                _end(row.request, err)
+            self.rows = []
 
     # -- admission and the prompt pass ------------------------------------------------------------
 

@@ -5,8 +5,10 @@
     GET  /metrics               Prometheus counters, gauges and latency histograms
     GET  /health                liveness
 
-The server only validates, queues and streams: one worker thread owns the model and runs
-`ContinuousBatcher.run`; each request waits on an asyncio queue that the worker feeds. Requests
+The server only validates, queues and streams: one worker thread runs the batcher's `run` — a
+`ContinuousBatcher` in this process, or (`mm1 serve`'s default) a `RemoteBatcher` that passes requests to
+the model in an engine process of its own (`mm1.serve.engine_process`); each request waits on an asyncio
+queue that the worker feeds. Requests
 are checked completely (`mm1.serve.requests`) before they are queued, and a refused request gets
 an OpenAI-style error body while the server goes on serving the others. The official `openai`
 client works unchanged against it (tested).
@@ -33,16 +35,18 @@ from mm1.data.template import ChatTemplate, template_for
 from mm1.serve.batching import Completion, ContinuousBatcher, TokenLogprob
 from mm1.serve.batching import Request as GenRequest
 from mm1.serve.engine import Engine, GenerationConfig
+from mm1.serve.engine_process import RemoteBatcher
 from mm1.serve.metrics import ServerMetrics
 from mm1.serve.requests import ChatRequest, Limits, RequestError, parse_chat
 
 
 @dataclass
 class ServerState:
-    """What the app serves: the engine, its batcher and worker, the limits and the model's name."""
+    """What the app serves: the engine (for tokenizing: its model may be elsewhere, `RemoteBatcher`), its
+    batcher, the limits and the model's name."""
 
     engine: Engine
-    batcher: ContinuousBatcher
+    batcher: ContinuousBatcher | RemoteBatcher
     limits: Limits
     model_name: str
     api_key: str | None = None
@@ -55,8 +59,8 @@ class ServerState:
     def __post_init__(self) -> None:
         if self.template is None:
             self.template = template_for(self.engine.tok)
-        self.metrics = ServerMetrics(waiting=self.batcher.waiting.qsize, running=lambda: len(self.batcher.rows),
-                                     model=self.model_name, image_cache=self.engine.image_cache)
+        self.metrics = ServerMetrics(waiting=self.batcher.queued, running=self.batcher.running,
+                                     model=self.model_name, image_cache=self.batcher.image_cache)
 
 
 def _error(err: RequestError) -> JSONResponse:
@@ -309,7 +313,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": len(state.batcher.rows), "waiting": state.batcher.waiting.qsize()}
+        return {"status": "ok", "running": state.batcher.running(), "waiting": state.batcher.queued()}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -327,7 +331,7 @@ def create_app(state: ServerState) -> FastAPI:
         _json_content(request)
         body = await _read_body(request, state.limits.max_body_bytes)
         context = state.batcher.max_len
-        if state.batcher.waiting.qsize() >= state.limits.max_waiting:  # before any parsing or tokenizing
+        if state.batcher.queued() >= state.limits.max_waiting:  # before any parsing or tokenizing
             state.metrics.requests.labels("rejected_busy").inc()
             raise RequestError(429, f"the server is busy ({state.limits.max_waiting} requests waiting); retry "
                                     "shortly", code="queue_full", kind="rate_limit_error")
