@@ -2,8 +2,9 @@
 
     python benchmarks/bench_serve.py [--requests 32] [--new 32]
 
-The server runs in its own process on 127.0.0.1 (loopback only), with torch threads as `mm1 serve`
-sets them on a CPU (all cores but one), over the bench_decode.py model: random weights, fp32, its
+The server runs in its own process on 127.0.0.1 (loopback only), its model in an engine process of its own
+with every core (`mm1 serve`'s default) or, with --in-process, in the server's process with all cores but
+one (`mm1 serve --in-process`), over the bench_decode.py model: random weights, fp32, its
 output restricted to tokens that decode to text (so that streamed text flows as from a trained
 model), exported with `mm1 export`. Each request is one image and a question, 32 new tokens forced
 (no early stop), greedy. For each concurrency C, C client threads send `--requests` requests in
@@ -37,13 +38,16 @@ from PIL import Image
 
 from bench_decode import run_theirs, setup
 from mm1.serve.batching import ContinuousBatcher
+from mm1.serve.cpu_layout import pack_linears
 from mm1.serve.engine import Engine, GenerationConfig
+from mm1.serve.engine_process import EngineSpec, RemoteBatcher
 from mm1.serve.requests import Limits
 from mm1.serve.server import ServerState, cpu_threads, create_app
 from mm1.store.hf import export
 from mm1.store.loading import load_model
 
 QUESTION = "what colour is the circle?"
+IN_PROCESS = False  # --in-process
 
 
 def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
@@ -52,7 +56,8 @@ def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port)], env=env,
+    mode = ["--in-process"] if IN_PROCESS else []
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port), *mode], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -65,13 +70,21 @@ def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
     raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
 
 
-def serve_forced(folder: Path, port: int) -> None:
-    """The server side: `mm1 serve`'s state, with no end token (every request gets --new tokens)."""
-    torch.set_num_threads(cpu_threads())  # as `mm1 serve` does on a CPU
+def serve_forced(folder: Path, port: int, engine_process: bool) -> None:
+    """The server side: `mm1 serve`'s state, with no end token (every request gets --new tokens): the model
+    in an engine process (`mm1 serve`'s default) or in this one (`--in-process`)."""
     model, tok, _ = load_model(folder)
-    engine = Engine(model, tok)
-    engine.stop_ids = set()
-    state = ServerState(engine, ContinuousBatcher(engine, max_batch=16), Limits(max_tokens=256), "bench")
+    if engine_process:
+        torch.set_num_threads(1)
+        engine = Engine(model.to("meta"), tok)
+        batcher = RemoteBatcher(EngineSpec(str(folder), max_batch=16, ignore_eos=True))
+    else:
+        torch.set_num_threads(cpu_threads())  # as `mm1 serve --in-process` does on a CPU
+        pack_linears(model)
+        engine = Engine(model, tok)
+        engine.stop_ids = set()
+        batcher = ContinuousBatcher(engine, max_batch=16)
+    state = ServerState(engine, batcher, Limits(max_tokens=256), "bench")
     uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -140,9 +153,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--new", type=int, default=32, help="new tokens per request (forced)")
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests timed one at a time")
+    ap.add_argument("--in-process", action="store_true", help="the model in the server's process (as `mm1 serve "
+                                                              "--in-process`), not an engine process")
     a = ap.parse_args()
+    global IN_PROCESS
+    IN_PROCESS = a.in_process
     if a.serve:
-        return serve_forced(Path(a.serve), a.port)
+        return serve_forced(Path(a.serve), a.port, engine_process=not a.in_process)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg, tok, ours, theirs = setup("tiny")
@@ -174,6 +191,7 @@ def main() -> None:
     check_with_openai(base_url, image_url)
     served(base_url, image_url, 1, 2, a.new)  # warm-up
     report: dict[str, float | str] = {"bench": "serve", "new_tokens": a.new,
+                                      "model_in": "the server's process" if a.in_process else "an engine process",
                                       "engine_alone_tok_s": alone["engine"], "hf_alone_tok_s": alone["hf"]}
     print(f"one at a time: our engine {alone['engine']:.1f} tok/s, HF generate {alone['hf']:.1f} tok/s")
     for clients in (1, 4, 16):

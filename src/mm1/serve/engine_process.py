@@ -46,6 +46,7 @@ class EngineSpec:
     max_batch: int = 16
     prefill_chunk: int = 256
     plain_weights: bool = False  # keep the decoder's weights row-major (mm1.serve.cpu_layout)
+    ignore_eos: bool = False  # every request runs to its max_tokens (benchmarks, as vLLM's ignore_eos)
 
 
 # ----------------------------------------------------------------------------- the engine process
@@ -64,6 +65,8 @@ def _build(spec: EngineSpec):
     if not spec.plain_weights:
         pack_linears(model)
     engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    if spec.ignore_eos:
+        engine.stop_ids = set()
     return ContinuousBatcher(engine, max_batch=spec.max_batch, prefill_chunk=spec.prefill_chunk)
 
 
