@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ QUESTION_TYPE_WORDS = 3  # "what color is", "how many shapes", "is there a": VQA
 
 
 def _question_type(question: str) -> str:
-    return " ".join(normalize_answer(question).split()[:QUESTION_TYPE_WORDS])
+    return " ".join(re.findall(r"[a-z0-9']+", question.lower())[:QUESTION_TYPE_WORDS])
 
 
 def question_only_baseline(task: Task, items: list | None = None) -> float:
