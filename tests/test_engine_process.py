@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
 
 import pytest
@@ -63,21 +61,12 @@ def remote(exported):
 
 @pytest.fixture(scope="module")
 def server(exported, remote):
-    from mm1.serve.server import ServerState, create_app
+    from mm1.serve.server import ServerState
+    from test_server import running
 
     _, engine = exported
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    state = ServerState(engine, remote, LIMITS, model_name="tiny")
-    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(ServerState(engine, remote, LIMITS, model_name="tiny")) as url:
+        yield url
 
 
 def _until(condition, timeout_s: float = 30.0) -> bool:

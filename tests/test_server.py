@@ -8,6 +8,7 @@ alone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import socket
 import threading
@@ -49,22 +50,33 @@ def engine() -> Engine:
     return Engine(model, tok)
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    from mm1.serve.server import ServerState, create_app
+@contextlib.contextmanager
+def running(state):
+    """The app of `state` served by uvicorn on a free port of 127.0.0.1, in a thread; yields its URL."""
+    from mm1.serve.server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    state = ServerState(engine, ContinuousBatcher(engine, max_batch=4), LIMITS, model_name="tiny", api_key="sekrit")
     srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from mm1.serve.server import ServerState
+
+    state = ServerState(engine, ContinuousBatcher(engine, max_batch=4), LIMITS, model_name="tiny", api_key="sekrit")
+    with running(state) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -547,7 +559,7 @@ def test_a_request_that_fails_while_decoding_ends_alone_over_http(server, client
 def slow_server():
     """A server whose decoding steps take 50 ms and never stop on a token: one row, one waiting place,
     requests ended after 1.5 s."""
-    from mm1.serve.server import ServerState, create_app
+    from mm1.serve.server import ServerState
 
     torch.manual_seed(0)
     tok = train_bpe(["red circle blue square"] * 20, vocab_size=220)
@@ -565,18 +577,9 @@ def slow_server():
 
     batcher.step = slow_step
     limits = Limits(max_tokens=300, max_waiting=1, request_timeout_s=1.5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = ServerState(engine, batcher, limits, model_name="slow")
-    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", state
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(state) as url:
+        yield url, state
 
 
 def _running(base: str) -> int:
