@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench_serve_vs_vllm import ROOT, VLLM_PYTHON, ensure_model, start_mm1, start_vllm
+from bench_serve_vs_vllm import ROOT, VLLM_PYTHON, ensure_model, side_by_side, start_mm1, start_vllm
 
 AIPERF = ROOT / ".venv-aiperf" / "bin" / "aiperf"
 REV = "0" * 40
@@ -92,15 +92,7 @@ def main() -> None:
             proc.wait(timeout=60)
     report = {"bench": "serve_aiperf", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "isl": a.isl,
               "osl": a.new}
-    if len(rows) == 2:
-        for c in rows["mm1"]:
-            ratio = rows["mm1"][c]["tok_s"] / rows["vllm"][c]["tok_s"]
-            print(f"concurrency {c:2d}: mm1 / vLLM = {ratio:.2f}x")
-            report[f"c{c}_ratio"] = ratio
-    for side, r in rows.items():
-        for c, m in r.items():
-            report |= {f"{side}_c{c}_{k}": v for k, v in m.items()}
-    print(json.dumps(report))
+    print(json.dumps(report | side_by_side(rows, "concurrency")))
 
 
 if __name__ == "__main__":

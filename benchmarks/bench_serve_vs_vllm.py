@@ -220,13 +220,20 @@ def main() -> None:
         same = sum(x == y for x, y in zip(texts["mm1"], texts["vllm"], strict=True))
         print(f"greedy texts that agree: {same} of {len(texts['mm1'])}")
         report["agree"] = same / len(texts["mm1"])
-        for c in a.clients:
-            print(f"{c:2d} clients: mm1 / vLLM = {rows['mm1'][c]['tok_s'] / rows['vllm'][c]['tok_s']:.2f}x")
-            report[f"c{c}_ratio"] = rows["mm1"][c]["tok_s"] / rows["vllm"][c]["tok_s"]
+    print(json.dumps(report | side_by_side(rows, "clients")))
+
+
+def side_by_side(rows: dict[str, dict[int, dict]], unit: str) -> dict:
+    """Print mm1 / vLLM at each load (when both ran); the JSON fields of every side's figures and ratios."""
+    out: dict = {}
+    if "mm1" in rows and "vllm" in rows:
+        for c in rows["mm1"]:
+            out[f"c{c}_ratio"] = rows["mm1"][c]["tok_s"] / rows["vllm"][c]["tok_s"]
+            print(f"{c:2d} {unit}: mm1 / vLLM = {out[f'c{c}_ratio']:.2f}x")
     for side, r in rows.items():
         for c, m in r.items():
-            report |= {f"{side}_c{c}_{k}": v for k, v in m.items()}
-    print(json.dumps(report))
+            out |= {f"{side}_c{c}_{k}": v for k, v in m.items()}
+    return out
 
 
 if __name__ == "__main__":
