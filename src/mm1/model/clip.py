@@ -36,9 +36,12 @@ class TextEncoder(nn.Module):
         super().__init__()
         cfg = VisionConfig(width=width, depth=depth, heads=heads)
         self.embed = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)  # reset_parameters: the same draw
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids_BL) + self.pos[: ids_BL.shape[1]]
@@ -61,6 +64,10 @@ class CLIP(nn.Module):
         self.vision_proj = nn.Linear(vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-D: FSDP2 shards no scalars
+
+    def reset_parameters(self) -> None:
+        """Its own logit scale; `reset_all` (mm1.model.init) resets every part."""
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
 
     def forward(self, images_BCHW: torch.Tensor, ids_BL: torch.Tensor, valid_BL: torch.Tensor) -> CLIPEmbeddings:
         img = F.normalize(self.vision_proj(self.vision(images_BCHW).mean(1)), dim=-1)

@@ -46,7 +46,7 @@ class AttentionPoolConnector(nn.Module):
     def __init__(self, vision_width: int, width: int, cfg: ConnectorConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
-        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)  # reset_parameters: the same draw
         self.norm_kv = nn.LayerNorm(vision_width)
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(vision_width, width)
@@ -54,6 +54,9 @@ class AttentionPoolConnector(nn.Module):
         self.o = nn.Linear(width, width)
         self.norm_ffn = nn.LayerNorm(width)
         self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.queries, std=0.02)
 
     def forward(self, x_BPC: torch.Tensor) -> torch.Tensor:
         B = x_BPC.shape[0]
@@ -114,7 +117,7 @@ class CAbstractor(nn.Module):
     def __init__(self, vision_width: int, width: int, cfg: ConnectorConfig, num_patches: int) -> None:
         super().__init__()
         hidden = cfg.hidden or vision_width
-        self.pos_embed = nn.Parameter(torch.randn(num_patches, vision_width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(num_patches, vision_width) * 0.02)  # reset_parameters: the same
         self.stage1 = nn.Sequential(*(RegNetBottleneck(vision_width if i == 0 else hidden, hidden)
                                       for i in range(cfg.depth)))
         self.side = math.isqrt(cfg.num_tokens)
@@ -123,6 +126,9 @@ class CAbstractor(nn.Module):
         for _ in range(cfg.mlp_depth - 1):
             layers += [nn.SiLU(), nn.Linear(width, width)]
         self.readout = nn.Sequential(*layers)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos_embed, std=0.02)
 
     def forward(self, x_BPC: torch.Tensor) -> torch.Tensor:
         pos = self.pos_embed

@@ -32,6 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -233,6 +236,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # derived: not in checkpoints
+
+    def reset_parameters(self) -> None:
+        """The derived RoPE frequencies (the weights are its children's): after `to_empty` they are garbage."""
+        self.inv_freq.copy_(rope_frequencies(self.cfg, self.inv_freq.device))
 
     def forward(
         self,

@@ -75,6 +75,11 @@ class MLLM(nn.Module):
         self.decoder = Decoder(cfg.decoder, cfg.moe)
         self.apply(self._init_weights)
 
+    def reset_parameters(self) -> None:
+        """The constructor's last word on its parts' weights (GPT-2's small initial values); `reset_all`
+        calls it after every part has reset its own, as the constructor does."""
+        self.apply(self._init_weights)
+
     def _init_weights(self, module: nn.Module) -> None:
         # Small initial weights (std 0.02, as in GPT-2): with larger ones little is learned in minutes.
         std = self.cfg.decoder.init_std

@@ -43,6 +43,10 @@ class MoEFFN(nn.Module):
         self.hidden = hidden
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * hidden, width))
         self.w_down = nn.Parameter(torch.empty(E, width, hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        width, hidden = self.w_gate_up.shape[2], self.w_down.shape[2]
         for w, fan_in in ((self.w_gate_up, width), (self.w_down, hidden)):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 

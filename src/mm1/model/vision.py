@@ -94,6 +94,11 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.norm_post = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.post_norm else nn.Identity()
 
+    def reset_parameters(self) -> None:
+        if self.cls is not None:
+            nn.init.zeros_(self.cls)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images_BCHW)  # [B, D, g, g]
         grid = x.shape[-1]

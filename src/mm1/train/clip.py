@@ -144,17 +144,24 @@ class CLIPObjective:
 
     unit = "images"
 
-    def __init__(self, cfg: Config, tok: Tokenizer, *, world_size: int, fresh: bool) -> None:
+    def __init__(self, cfg: Config, tok: Tokenizer, *, world_size: int) -> None:
         self.cfg, self.world = cfg, world_size
         self.pairs = CaptionPairs(cfg, tok)
-        self.model = CLIP(cfg.model.vision, vocab=len(tok))
-        if fresh and cfg.model.vision.init:  # continue from a pre-trained tower
-            load_vision_weights(self.model.vision, cfg.model.vision.init)
+        self.vocab = len(tok)
+        with torch.device("meta"):  # shapes only: what the LR rule and FLOPs are counted from
+            self.shape = self.build()
         self.names: list[str] = []
+
+    def build(self) -> CLIP:
+        return CLIP(self.cfg.model.vision, vocab=self.vocab)
+
+    def load_start(self, model: CLIP) -> None:
+        if self.cfg.model.vision.init:  # continue from a pre-trained tower
+            load_vision_weights(model.vision, self.cfg.model.vision.init)
 
     def rule_parameters(self) -> int:
         # No LLM here: the rule's N is the CLIP model's own size (our choice; see docs/paper.md).
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.shape.parameters())
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> PairBatch:
         return self.pairs.make(step, rank, world_size)
@@ -181,7 +188,7 @@ class CLIPObjective:
     def end_step(self) -> StepMetrics:
         loss, pairs, correct = all_reduce_sum(self.sums.clone(), self.device).tolist()
         tokens = int(all_reduce_sum(torch.tensor([self.text_tokens]), self.device).item())
-        text_params = sum(p.numel() for n, p in self.model.text.named_parameters() if not n.startswith("embed"))
+        text_params = sum(p.numel() for n, p in self.shape.text.named_parameters() if not n.startswith("embed"))
         flops = pairs * 3 * vision_forward_flops(self.cfg) + 6 * tokens * text_params
         return StepMetrics(loss=loss, count=int(pairs), flops=flops, extra={"clip_accuracy": correct / max(1, pairs)})
 

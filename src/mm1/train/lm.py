@@ -110,13 +110,19 @@ class LMObjective:
         self.cfg, self.world = cfg, world_size
         self.stats = DataStats()
         self.stream = DataStream(cfg, tok, stats=self.stats)  # first: missing data fails before any work
-        self.model = MLLM(cfg.model)
-        if init_from:
-            init_weights(self.model, cfg, Path(init_from))
-        elif fresh:
-            load_pretrained(self.model, cfg)
+        self.init_from = init_from
         self.names = self.stream.names
-        self.connector_params = sum(p.numel() for p in self.model.connector.parameters())
+        with torch.device("meta"):  # shapes only: what FLOPs are counted from
+            self.connector_params = sum(p.numel() for p in MLLM(cfg.model).connector.parameters())
+
+    def build(self) -> MLLM:
+        return MLLM(self.cfg.model)
+
+    def load_start(self, model: MLLM) -> None:
+        if self.init_from:
+            init_weights(model, self.cfg, Path(self.init_from))
+        else:  # the pre-trained LLM and image encoder the config names, if any
+            load_pretrained(model, self.cfg)
 
     def rule_parameters(self) -> int:
         return lr_rule_parameters(self.cfg.model)

@@ -31,7 +31,14 @@ class StepMetrics:
 class Objective(Protocol):
     """What a training stage supplies to the one Trainer: its model, its batches and its loss."""
     unit: str  # "tokens" or "images": logged as `<unit>_per_s`
-    model: nn.Module  # unwrapped, its starting weights loaded
+
+    def build(self) -> nn.Module:
+        """The model, freshly drawn, on the default device (`mm1.train.build` builds it on the meta
+        device to shard it before it has memory)."""
+
+    def load_start(self, model: nn.Module) -> None:
+        """Copy the run's starting weights (pre-trained parts, `--init-from`) into a whole `model` built
+        by `build`, where there are any (a part without keeps the model's own random draw)."""
 
     def rule_parameters(self) -> int:
         """N of MM1's learning-rate rule for this model."""

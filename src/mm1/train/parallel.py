@@ -157,6 +157,13 @@ def mixed_precision(train: TrainConfig, device: torch.device):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
 
 
+def parallel_kind(train: TrainConfig, info: DistInfo) -> ParallelKind:
+    """How the model is spread over the job's processes: `train.parallel`, FSDP2 under torchrun when unset."""
+    if info.world_size == 1:
+        return ParallelKind.NONE
+    return ParallelKind.FSDP if train.parallel == ParallelKind.NONE else train.parallel
+
+
 def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Module:
     if train.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -164,12 +171,10 @@ def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Modu
         for container in _blocks(model):
             for block in container:
                 block.compile()
-    kind = train.parallel
-    if info.world_size > 1 and kind == ParallelKind.NONE:
-        kind = ParallelKind.FSDP  # under torchrun with nothing chosen: shard (train.parallel=ddp to replicate)
-        if info.is_main:
-            print(f"train.parallel is unset under torchrun ({info.world_size} processes): using fsdp", flush=True)
-    if info.world_size == 1 or kind == ParallelKind.NONE:
+    kind = parallel_kind(train, info)
+    if kind == ParallelKind.FSDP and train.parallel == ParallelKind.NONE and info.is_main:  # ddp replicates
+        print(f"train.parallel is unset under torchrun ({info.world_size} processes): using fsdp", flush=True)
+    if kind == ParallelKind.NONE:
         return model
     if kind == ParallelKind.DDP:
         from torch.nn.parallel import DistributedDataParallel

@@ -29,16 +29,16 @@ from mm1.data.stream import load_tokenizer
 from mm1.model.size import check_fits
 from mm1.store.pretrained import resolve_pretrained
 from mm1.train import checkpoint as ckpt
+from mm1.train.build import build_model
 from mm1.train.failstop import Decision, FailureChannel, PeerFailedError, Report, decide
 from mm1.train.metrics import RunLogger, default_peak_flops
 from mm1.train.objective import Objective
-from mm1.train.optim import build_optimizer, freeze, lr_at, param_groups, resolve_lr
+from mm1.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
 from mm1.train.parallel import (
     DistInfo,
     any_rank,
     gradient_sync,
     init_distributed,
-    parallelize,
     set_collective_timeout,
     settle,
     shutdown_distributed,
@@ -97,7 +97,7 @@ def make_objective(cfg: Config, tok, *, world_size: int, fresh: bool, init_from:
     if cfg.train.stage == Stage.CLIP:
         from mm1.train.clip import CLIPObjective
 
-        return CLIPObjective(cfg, tok, world_size=world_size, fresh=fresh)
+        return CLIPObjective(cfg, tok, world_size=world_size)
     from mm1.train.lm import LMObjective
 
     return LMObjective(cfg, tok, world_size=world_size, fresh=fresh, init_from=init_from)
@@ -139,25 +139,25 @@ class Trainer:
         if self.info.is_main:
             save(cfg, out / "config.json")
             self.tok.save(out / "tokenizer.json")  # the run is self-contained for eval and chat
-        model = self.objective.model.to(self.info.device)
-        freeze(model, cfg.train.components)  # before wrapping: DDP and FSDP2 read requires_grad then
-        self.model = parallelize(model, cfg.train, self.info)
+        ckpt.clean_partial(out)
+        last = ckpt.latest(out) if resume else None
+        # whole, or (FSDP2 over ranks) sharded from the meta device; the starting weights unless a
+        # checkpoint's come next (a job resubmitted before its first checkpoint starts where a new one does)
+        self.model = build_model(self.objective, cfg.train, self.info, components=cfg.train.components,
+                                 load_start=last is None)
         groups = param_groups(unwrap(self.model), lr=self.lr, weight_decay=cfg.train.optimizer.weight_decay,
                               components=cfg.train.components)
         self.optimizer = build_optimizer(groups, cfg.train.optimizer, self.lr)
         self.start_step = 0
-        ckpt.clean_partial(out)
-        if resume:
-            last = ckpt.latest(out)
-            if last is None:  # a preempted job resubmitted before its first checkpoint: start over
-                if self.info.is_main:
-                    print(f"--resume: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
-                          flush=True)
-            else:
-                if self.info.is_main:  # the one path that unpickles: say so
-                    print(f"--resume: reading {last}'s distributed checkpoint (torch's metadata is a pickle: "
-                          f"resume only runs you made)", flush=True)
-                self.start_step = ckpt.load(last, self.model, self.optimizer)["step"]
+        if resume and last is None:
+            if self.info.is_main:
+                print(f"--resume: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
+                      flush=True)
+        elif last is not None:
+            if self.info.is_main:  # the one path that unpickles: say so
+                print(f"--resume: reading {last}'s distributed checkpoint (torch's metadata is a pickle: "
+                      f"resume only runs you made)", flush=True)
+            self.start_step = ckpt.load(last, self.model, self.optimizer)["step"]
         self.per_rank = cfg.train.batch_size // self.info.world_size
         micro = cfg.train.micro_batch_size or self.per_rank
         if self.per_rank % micro:
