@@ -80,6 +80,22 @@ def test_document_mask_equals_separate_sequences():
     assert not mask[7:, :7].any() and mask[6, :7].all()
 
 
+def test_grouped_query_heads_expanded_for_a_masked_sdpa_equal_enable_gqa():
+    """On CUDA a masked SDPA with enable_gqa falls back to the math kernel, so there K/V are repeated per
+    query group instead; both ways compute the same attention."""
+    from mm1.model.decoder import grouped_kv
+
+    q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = document_causal_mask(torch.tensor([[0] * 4 + [1] * 5, [0] * 9]))
+    outs = []
+    for expand in (False, True):
+        kk, vv, gqa = grouped_kv(k, v, 6, expand=expand)
+        assert gqa != expand and kk.shape[1] == (6 if expand else 2)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=gqa))
+    torch.testing.assert_close(outs[0], outs[1])
+    assert grouped_kv(q, q, 6, expand=True)[2] is False  # as many KV heads as query heads: nothing to do
+
+
 def _packed_batch(B: int = 3, T: int = 160):
     """Documents crossing 128-token blocks, padding (-1) at the end of a row, labels on real tokens."""
     doc = torch.tensor([[0] * 50 + [1] * 90 + [-1] * 20, [0] * 160, [0] * 10 + [1] * 10 + [2] * 130 + [3] * 10])

@@ -139,9 +139,23 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):
             y = _flex_attention(q, k, v, mask, self.kv_heads != self.heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.kv_heads != self.heads)
+            k, v, gqa = grouped_kv(k, v, self.heads, expand=mask is not None and q.device.type == "cuda")
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_kv(k: torch.Tensor, v: torch.Tensor, heads: int, *, expand: bool):
+    """K and V for SDPA with fewer KV heads than query heads: as they are, with `enable_gqa`, or (`expand`)
+    each repeated for its group of query heads. On CUDA only the flash kernel takes `enable_gqa`, and it
+    takes no mask: SDPA with both (the document mask in training, the engine's prefill and decode masks)
+    falls back to the math kernel, so there the heads are expanded and the memory-efficient kernel
+    runs (transformers' sdpa_attention does the same)."""
+    group = heads // k.shape[1]
+    if group == 1:
+        return k, v, False
+    if expand:
+        return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
+    return k, v, True
 
 
 _COMPILED_FLEX = None

@@ -54,7 +54,16 @@ def document_block_mask(doc_ids_BT: torch.Tensor):
         return (doc_ids_BT[b, q] == doc_ids_BT[b, kv]) & (q >= kv)
 
     B, T = doc_ids_BT.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids_BT.device)
+    build = create_block_mask
+    if doc_ids_BT.is_cuda:  # compiled once, as torchtitan does: eager, it materialises the T×T mask each call
+        global _COMPILED_BLOCK_MASK
+        if _COMPILED_BLOCK_MASK is None:
+            _COMPILED_BLOCK_MASK = torch.compile(create_block_mask)
+        build = _COMPILED_BLOCK_MASK
+    return build(same_document_causal, B, None, T, T, device=doc_ids_BT.device)
+
+
+_COMPILED_BLOCK_MASK = None
 
 
 def uses_flex(impl: AttentionImpl, device: torch.device) -> bool:
@@ -114,13 +123,13 @@ class MLLM(nn.Module):
         """
         x_BTD = self.decoder.embed(tokens_BT)
         slots = tokens_BT == self.cfg.image_token_id
-        n_slots = int(slots.sum())
         n_images = 0 if images_NCHW is None else images_NCHW.shape[0]
-        if n_slots != n_images * self.num_image_tokens:
-            raise ValueError(
-                f"the batch has {n_slots} <image> slots but {n_images} images × "
-                f"{self.num_image_tokens} tokens = {n_images * self.num_image_tokens}"
-            )
+        want = n_images * self.num_image_tokens
+        if slots.is_cuda:  # checked on the device: reading the count back would stall every micro-batch
+            torch._assert_async(slots.sum() == want, "the batch's <image> slots are not its images × image tokens")
+        elif (n_slots := int(slots.sum())) != want:
+            raise ValueError(f"the batch has {n_slots} <image> slots but {n_images} images × "
+                             f"{self.num_image_tokens} tokens = {want}")
         if n_images:
             img_ND = (encode_images or self.encode_images)(images_NCHW).reshape(-1, x_BTD.shape[-1]).to(x_BTD.dtype)
             x_BTD = x_BTD.masked_scatter(slots[..., None], img_ND)

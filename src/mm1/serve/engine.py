@@ -206,7 +206,8 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for slot in slots:
-            nxt = pick(logits.cpu(), cfg, gen)
+            # greedy picks on the device (B ids come back, not B × V logits); sampling uses the seeded CPU generator
+            nxt = pick(logits if cfg.temperature <= 0 else logits.cpu(), cfg, gen)
             self._record(nxt, out, done, cfg)
             if all(done) or slot is slots[-1]:
                 break

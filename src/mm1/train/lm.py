@@ -144,7 +144,7 @@ class LMObjective:
         S = len(self.names)
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.src_sum, self.src_cnt = torch.zeros(S, device=device), torch.zeros(S, device=device)
-        self.aux: dict[str, float] = {}
+        self.moe_sum: torch.Tensor | None = None
         self.count = count_batch(batch.tokens_BT, batch.labels_BT, batch.doc_ids_BT, sum(batch.images_per_row))
         return batch.split(accum)
 
@@ -170,19 +170,25 @@ class LMObjective:
             torch.tensor([c.tokens, c.labelled, c.attention_pairs, c.images], dtype=torch.float64), device)))
         extra = {f"loss.{self.names[i]}": float(reduced[1 + i] / reduced[1 + S + i])
                  for i in range(S) if reduced[1 + S + i] > 0}
-        extra |= {k: v / self.accum for k, v in self.aux.items()}
+        extra |= self._moe_metrics()
         extra |= {f"epochs.{k}": v for k, v in self.stream.epochs(self.step).items()}
         return StepMetrics(loss=float(reduced[0]) / self.total_pred, count=count.tokens,
                            flops=step_flops(self.cfg, count, connector_params=self.connector_params), extra=extra)
 
     def _collect_moe(self, out: MLLMOutput) -> None:
-        n, acc = len(out.moe_stats), self.aux
-        acc["moe_load_balance"] = acc.get("moe_load_balance", 0.0) + sum(
-            s.load_balance_loss.item() for s in out.moe_stats) / n
-        acc["moe_z_loss"] = acc.get("moe_z_loss", 0.0) + sum(s.z_loss.item() for s in out.moe_stats) / n
-        share = torch.stack([s.expert_share_E for s in out.moe_stats]).mean(0)
-        for e, v in enumerate(share.tolist()):
-            acc[f"expert_share.{e}"] = acc.get(f"expert_share.{e}", 0.0) + v
+        """Sum the micro-batch's routing statistics (mean over MoE layers) on the device: read back once, in
+        `end_step`, not per layer and micro-batch."""
+        stats = out.moe_stats
+        row = torch.cat([torch.stack([s.load_balance_loss for s in stats]).mean().reshape(1),
+                         torch.stack([s.z_loss for s in stats]).mean().reshape(1),
+                         torch.stack([s.expert_share_E for s in stats]).mean(0)]).detach().float()
+        self.moe_sum = row if self.moe_sum is None else self.moe_sum + row
+
+    def _moe_metrics(self) -> dict[str, float]:
+        if self.moe_sum is None:
+            return {}
+        lb, z, *share = (v / self.accum for v in self.moe_sum.tolist())
+        return {"moe_load_balance": lb, "moe_z_loss": z} | {f"expert_share.{e}": v for e, v in enumerate(share)}
 
     def finish(self, model: torch.nn.Module, out: Path, *, is_main: bool, completed: bool,
                skipped: dict[str, int]) -> None:
