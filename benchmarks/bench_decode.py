@@ -87,6 +87,8 @@ def measure(fn, batch: int, repeats: int) -> dict[str, float]:
             "decode_tok_s": batch * (NEW - 1) / (t_full - t_one)}
 
 
+LABELS = {"mm1": "mm1 (compiled)", "mm1_eager": "mm1 (eager)", "hf": "HF generate (eager)"}
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -111,13 +113,16 @@ def main() -> None:
     for batch in (1, 16):
         fns = {"mm1": lambda b, n: run_ours(engine, b, image, n),
                "hf": lambda b, n: run_theirs(theirs, engine, b, image, n)}
+        if not a.no_compile:  # the eager engine beside the compiled one: what compilation adds
+            fns["mm1_eager"] = lambda b, n: run_ours(eager, b, image, n)
         for fn in fns.values():  # warm-up (and compilation) at both lengths
             fn(batch, NEW), fn(batch, 1)
         # interleaved: each repeat times mm1 then HF
         per_repeat = [{k: measure(fn, batch, 1) for k, fn in fns.items()} for _ in range(a.repeats)]
         m = {k: {f: statistics.median(r[k][f] for r in per_repeat) for f in per_repeat[0][k]} for k in fns}
         for k in fns:
-            print(f"batch {batch:2d} {k:4s}: {m[k]['tok_s']:8.1f} tok/s end to end | prompt pass "
+            print(f"batch {batch:2d} {LABELS[k] if k != 'mm1' or not a.no_compile else 'mm1 (eager)':22s}: "
+                  f"{m[k]['tok_s']:8.1f} tok/s end to end | prompt pass "
                   f"{m[k]['prefill_ms']:6.1f} ms | decoding {m[k]['decode_tok_s']:8.1f} tok/s")
         ratio = m["mm1"]["tok_s"] / m["hf"]["tok_s"]
         decode_ratio = m["mm1"]["decode_tok_s"] / m["hf"]["decode_tok_s"]
@@ -125,6 +130,10 @@ def main() -> None:
         report |= {f"mm1_b{batch}": m["mm1"]["tok_s"], f"hf_b{batch}": m["hf"]["tok_s"],
                    f"decode_speedup_b{batch}": ratio, f"decoding_only_speedup_b{batch}": decode_ratio,
                    f"mm1_prefill_ms_b{batch}": m["mm1"]["prefill_ms"], f"hf_prefill_ms_b{batch}": m["hf"]["prefill_ms"]}
+        if "mm1_eager" in m:
+            print(f"batch {batch:2d} compiled / eager mm1: {m['mm1']['tok_s'] / m['mm1_eager']['tok_s']:.2f}x")
+            report |= {f"mm1_eager_b{batch}": m["mm1_eager"]["tok_s"]}
+    report["mm1_compiled"] = not a.no_compile
     print(json.dumps(report))
 
 

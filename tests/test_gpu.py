@@ -57,6 +57,15 @@ def test_torchrun_nccl_two_gpus_follow_one(world, tmp_path, kind):
         assert b[step] == pytest.approx(a[step], rel=3e-2), step
 
 
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_fsdp2_and_ddp_through_parallelize_on_one_gpu_over_nccl(kind, tmp_path):
+    """The sharded build (meta device, to_empty, scatter) and DDP on a real NCCL group of one GPU, bf16."""
+    from test_sharded_build import one_process_group_build
+
+    result = one_process_group_build(kind, torch.device("cuda"), tmp_path)
+    assert torch.isfinite(torch.tensor(result["loss"])) and result["sharded"] == (kind == "fsdp")
+
+
 def test_grouped_gemm_experts_equal_the_per_expert_loop(monkeypatch):
     """fp32 modules under bf16 autocast, as training runs them: the grouped side must take the grouped GEMM
     (asserted), the other the loop."""

@@ -3,8 +3,10 @@
 Two gloo processes build a ~480 MB MLLM through `mm1.train.build.build_model` (the trainer's path) and
 report how much their peak memory grew. Building whole and then sharding (the old path) grew every rank
 by the whole model (measured: 509 MB); now only rank 0's host memory holds it while it reads the start
-(on a GPU the device holds the shard alone), the other ranks their half and 80-105 MB besides. The values are right too: the
-random start is exactly one process's draw with the same seed, and starting weights reach every shard.
+(on a GPU the device holds the shard alone), the other ranks their half and 80-105 MB besides. The
+values are right too: the random start is exactly one process's draw with the same seed, and starting
+weights reach every shard. A one-process group (forced) runs the chosen wrapper: tests/test_gpu.py runs
+that over NCCL on one GPU.
 """
 
 import importlib
@@ -149,3 +151,40 @@ def test_starting_weights_read_on_rank_zero_reach_every_shard(tmp_path):
     assert all(r["inv_freq_ok"] for r in ranks)
     assert ranks[1]["grew_mb"] - ranks[1]["local_mb"] < 0.35 * _whole_mb(), ranks[1]  # one tensor at a time
     assert all(r["tied"] and r["loss_finite"] for r in ranks)
+
+
+def one_process_group_build(kind: str, device: torch.device, tmp_path: Path) -> dict:
+    """FSDP2 or DDP through `build_model` and `parallelize` over a real one-process group (NCCL beside gloo
+    on a GPU; torchrun with one process makes no group, so it is forced here), then a training step."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from mm1.train.build import build_model
+    from mm1.train.parallel import DistInfo
+
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = apply_overrides(get_recipe("tiny"), [f"train.parallel={kind}", "model.decoder.depth=2",
+                                                   "model.decoder.vocab_size=256"])
+        cfg.model.image_token_id = 5
+        objective = _Objective(None)
+        objective.cfg = cfg
+        model = build_model(objective, cfg.train, DistInfo(0, 1, 0, device), components=ComponentConfig())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tokens = torch.randint(0, 256, (2, 16), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(tokens_BT=tokens, labels_BT=tokens).loss
+        loss.backward()
+        opt.step()
+        sharded = all(isinstance(p, DTensor) for p in model.parameters())
+        return {"loss": float(loss), "sharded": sharded, "wrapped": type(model).__name__}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_a_forced_one_process_group_runs_the_chosen_wrapper(kind, tmp_path):
+    result = one_process_group_build(kind, torch.device("cpu"), tmp_path)
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    assert result["sharded"] == (kind == "fsdp") and (result["wrapped"] == "DistributedDataParallel") == (kind == "ddp")

@@ -158,10 +158,14 @@ def mixed_precision(train: TrainConfig, device: torch.device):
 
 
 def parallel_kind(train: TrainConfig, info: DistInfo) -> ParallelKind:
-    """How the model is spread over the job's processes: `train.parallel`, FSDP2 under torchrun when unset."""
-    if info.world_size == 1:
+    """How the model is spread over the job's processes: `train.parallel`, FSDP2 under torchrun when unset.
+    One process without a process group wraps nothing; with one (a test forcing NCCL on one GPU), the
+    chosen wrapper runs over it."""
+    if info.world_size == 1 and not dist.is_initialized():
         return ParallelKind.NONE
-    return ParallelKind.FSDP if train.parallel == ParallelKind.NONE else train.parallel
+    if train.parallel == ParallelKind.NONE:
+        return ParallelKind.FSDP if info.world_size > 1 else ParallelKind.NONE
+    return train.parallel
 
 
 def parallelize(model: nn.Module, train: TrainConfig, info: DistInfo) -> nn.Module:
