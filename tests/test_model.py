@@ -96,6 +96,23 @@ def test_grouped_query_heads_expanded_for_a_masked_sdpa_equal_enable_gqa():
     assert grouped_kv(q, q, 6, expand=True)[2] is False  # as many KV heads as query heads: nothing to do
 
 
+def test_the_loss_with_its_label_count_given_equals_the_loss_that_counts_them():
+    """Training passes the count of labelled positions (counted on the CPU), so the loss gathers its rows
+    with no host sync; the result is the same."""
+    from mm1.data.stream import Batch
+
+    model = tiny_model()
+    b = _packed_batch()
+    batch = Batch(b["tokens_BT"], b["labels_BT"], b["positions_BT"], b["doc_ids_BT"],
+                  torch.zeros_like(b["tokens_BT"]), None, [0, 0, 0]).to(torch.device("cpu"))
+    assert batch.num_labelled == int((b["labels_BT"] != -100).sum())
+    given = model(**batch.model_inputs(), num_sources=1)
+    counted = model(**(batch.model_inputs() | {"num_labelled": None}), num_sources=1)
+    torch.testing.assert_close(given.loss_sum, counted.loss_sum)
+    torch.testing.assert_close(given.source_loss_sum_S, counted.source_loss_sum_S)
+    assert given.num_predicted == counted.num_predicted == batch.num_labelled
+
+
 def _packed_batch(B: int = 3, T: int = 160):
     """Documents crossing 128-token blocks, padding (-1) at the end of a row, labels on real tokens."""
     doc = torch.tensor([[0] * 50 + [1] * 90 + [-1] * 20, [0] * 160, [0] * 10 + [1] * 10 + [2] * 130 + [3] * 10])

@@ -29,7 +29,7 @@ from mm1.config import Config, Stage
 from mm1.data.errors import ImageError
 from mm1.data.images import mean_colour, sub_images, to_tensor
 from mm1.data.mixture import Mixture
-from mm1.data.packing import labels_from
+from mm1.data.packing import IGNORE, labels_from
 from mm1.data.prepare import views_per_image
 from mm1.data.prepared import PreparedSource, open_prepared
 from mm1.data.sources import stage_sources
@@ -50,10 +50,12 @@ class Batch:
     step: int = 0
     docs: list[list[str]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # "source/reason" → count, in this batch
+    num_labelled: int | None = None  # counted on the CPU by `to`, so that the loss never reads it back
 
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+    def model_inputs(self) -> dict[str, torch.Tensor | int | None]:
         return {"tokens_BT": self.tokens_BT, "labels_BT": self.labels_BT, "positions_BT": self.positions_BT,
-                "doc_ids_BT": self.doc_ids_BT, "source_BT": self.source_BT, "images_NCHW": self.images_NCHW}
+                "doc_ids_BT": self.doc_ids_BT, "source_BT": self.source_BT, "images_NCHW": self.images_NCHW,
+                "num_labelled": self.num_labelled}
 
     def split(self, n: int) -> list[Batch]:
         """n micro-batches of consecutive rows (images follow their rows)."""
@@ -72,9 +74,12 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        labelled = self.num_labelled
+        if labelled is None and self.labels_BT.device.type == "cpu":
+            labelled = int((self.labels_BT != IGNORE).sum())
         return Batch(move(self.tokens_BT), move(self.labels_BT), move(self.positions_BT), move(self.doc_ids_BT),
                      move(self.source_BT), move(self.images_NCHW), self.images_per_row, self.step, self.docs,
-                     self.skipped)
+                     self.skipped, labelled)
 
 
 class DataStream:

@@ -151,7 +151,10 @@ class MLLM(nn.Module):
         num_sources: int = 4,
         return_logits: bool = False,
         vision_always: bool = False,
+        num_labelled: int | None = None,
     ) -> MLLMOutput:
+        """`num_labelled`: how many labels are not IGNORE, if the caller knows (the training batch counts
+        them on the CPU): the loss then gathers its rows without reading a count back from the device."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
@@ -167,20 +170,23 @@ class MLLM(nn.Module):
         if labels_BT is None or return_logits:
             out.logits_BTV = self.decoder.lm_head(dec.hidden_BTD).float()
         if labels_BT is not None:
-            self._add_loss(out, dec.hidden_BTD, labels_BT, source_BT, num_sources)
+            self._add_loss(out, dec.hidden_BTD, labels_BT, source_BT, num_sources, num_labelled)
         return out
 
-    def _add_loss(self, out: MLLMOutput, h_BTD, labels_BT, source_BT, num_sources: int) -> None:
-        # Labels are already shifted by the packer: labels_BT[t] is the token that follows t.
-        keep = labels_BT != IGNORE
-        h_ND, y_N = h_BTD[keep], labels_BT[keep]
+    def _add_loss(self, out: MLLMOutput, h_BTD, labels_BT, source_BT, num_sources: int,
+                  num_labelled: int | None) -> None:
+        # Labels are already shifted by the packer: labels_BT[t] is the token that follows t. Only labelled
+        # positions go through the LM head; with their count known, finding them needs no host sync.
+        keep_M = (labels_BT != IGNORE).flatten()
+        idx_N = (keep_M.nonzero() if num_labelled is None else torch.nonzero_static(keep_M, size=num_labelled))[:, 0]
+        h_ND, y_N = h_BTD.flatten(0, 1).index_select(0, idx_N), labels_BT.flatten().index_select(0, idx_N)
         logits_NV = self.decoder.lm_head(h_ND).float()
         losses_N = F.cross_entropy(logits_NV, y_N, reduction="none")
         out.loss_sum = losses_N.sum()
         out.num_predicted = int(y_N.numel())
         out.loss = out.loss_sum / max(1, out.num_predicted)
         if source_BT is not None:
-            src_N = source_BT[keep]
+            src_N = source_BT.flatten().index_select(0, idx_N)
             zeros = torch.zeros(num_sources, device=losses_N.device)
             out.source_loss_sum_S = zeros.index_add(0, src_N, losses_N.detach())
             out.source_count_S = zeros.index_add(0, src_N, torch.ones_like(losses_N))
