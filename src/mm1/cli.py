@@ -146,6 +146,40 @@ def _cmd_data_dedup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_grade(a: argparse.Namespace) -> int:
+    from mm1.data.quality import GradeSettings, grade_source, grades_file, write_grades
+
+    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    graded = grade_source(cfg, a.source, Path(a.grader), GradeSettings(sample=a.sample, seed=a.seed))
+    write_grades(graded, grades_file(cfg, a.source))
+    n = len(graded.rows)
+    mean = sum(r["grades"][0] for r in graded.rows) / max(1, n)
+    print(f"{a.source}: {n} documents graded by {a.grader} in {graded.seconds:.0f} s "
+          f"({n / max(graded.seconds, 1e-9):.2f} docs/s per rubric pair), mean grade {mean:.2f} of 5")
+    agree = graded.agreement()
+    if agree:
+        print(f"agreement of the two rubric phrasings: Spearman {agree['spearman']:.2f}, same most likely grade "
+              f"{agree['same_top_grade']:.0%}")
+    print(f"grades in {grades_file(cfg, a.source)}; next: mm1 data filter --source {a.source} --keep SHARE")
+    return 0
+
+
+def _cmd_data_filter(a: argparse.Namespace) -> int:
+    from mm1.data.quality import filter_source, quality_file
+    from mm1.files import write_json
+
+    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    result = filter_source(cfg, a.source, keep=a.keep)
+    write_json(quality_file(cfg, a.source), result.to_dict())
+    print(f"{a.source}: classifier on held-out grades: Spearman {result.heldout_spearman:.2f}, pairs of different "
+          f"grades ordered as the grades are {result.heldout_pairwise:.0%}")
+    print(f"{a.source}: {result.records} records scored in {result.seconds:.1f} s "
+          f"({result.records / max(result.seconds, 1e-9):,.0f} records/s), {result.dropped} left out "
+          f"(keeping the top {a.keep:.0%})")
+    print(f"drop list in {quality_file(cfg, a.source)}; prepare with data.prepare.quality=true to leave them out")
+    return 0
+
+
 def _cmd_data_batch(a: argparse.Namespace) -> int:
     from mm1.data.stream import describe_batch
 
@@ -593,6 +627,22 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
                    help="caption pairs are near-duplicates by their caption too (default: only a duplicate image "
                         "makes one: short captions repeat across distinct images)")
     q.set_defaults(func=_cmd_data_dedup)
+    q = dsub.add_parser("grade", help="grade a sample of a source's documents with a prompted instruct LLM "
+                                      "(the first step of quality filtering)")
+    _config_args(q)
+    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    q.add_argument("--source", required=True, help="the source to grade (a name under data.sources)")
+    q.add_argument("--grader", required=True, help="an HF instruct model folder (e.g. SmolLM2-135M-Instruct)")
+    q.add_argument("--sample", type=int, default=200, help="documents graded (a seeded sample)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_data_grade)
+    q = dsub.add_parser("filter", help="fit a fast classifier to the grades, score every record, keep the top share; "
+                                       "`prepare` with data.prepare.quality=true leaves the rest out")
+    _config_args(q)
+    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    q.add_argument("--source", required=True)
+    q.add_argument("--keep", type=float, required=True, help="the share of records kept, in (0, 1]")
+    q.set_defaults(func=_cmd_data_filter)
     q = dsub.add_parser("batch", help="print the exact contents of training step N without replaying the run")
     _config_args(q)
     q.add_argument("--step", type=int, required=True)

@@ -277,6 +277,7 @@ class PrepareConfig:
     check_images: bool = True  # decode every image once and leave out the ones that fail
     unit_records: int = 5000  # records per work unit (a file is split into units where its format allows)
     dedup: bool = False  # leave out what `mm1 data dedup` found (DATA_ROOT/dedup/<source>.json)
+    quality: bool = False  # leave out what `mm1 data filter` dropped (DATA_ROOT/quality/<source>.json)
 
 
 @dataclass(kw_only=True)

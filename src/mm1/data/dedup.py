@@ -142,15 +142,18 @@ def run_dedup(cfg: Config, stage: Stage, settings: DedupSettings, *, progress: b
     return results
 
 
-def read_drops(path: Path, files: tuple[str, ...]) -> dict[int, frozenset[int]]:
-    """The dropped records of a dedup file, which must be for these files (else it is stale: one line)."""
+def read_drops(path: Path, files: tuple[str, ...], *, made_by: str = "dedup") -> dict[int, frozenset[int]]:
+    """The dropped records of a drop list (`mm1 data dedup`'s, or `mm1 data filter`'s in its format), which
+    must be for these files (else it is stale: one line)."""
     from mm1.files import read_json
 
+    flag = "quality" if made_by == "filter" else made_by
     if not path.exists():
-        raise RecordError(str(path), "no dedup list", "run `mm1 data dedup` first, or set data.prepare.dedup=false")
+        raise RecordError(str(path), f"no {made_by} list",
+                          f"run `mm1 data {made_by}` first, or set data.prepare.{flag}=false")
     data = read_json(path)
     if list(data.get("files", [])) != list(files):
-        raise RecordError(str(path), "dedup list is for other files", "run `mm1 data dedup` again")
+        raise RecordError(str(path), f"{made_by} list is for other files", f"run `mm1 data {made_by}` again")
     return {int(k): frozenset(v) for k, v in data["drop"].items()}
 
 

@@ -46,6 +46,7 @@ from mm1.data.dedup import dedup_file, drops_fingerprint, read_drops
 from mm1.data.errors import ImageError, RecordError
 from mm1.data.formats import Reader, open_reader
 from mm1.data.packing import Chunk, Tokenized, layout, pack, split_chunks, tokenize
+from mm1.data.quality import quality_file
 from mm1.data.records import CaptionRecord, DocumentRecord, ImageRef, Record, record_images
 from mm1.data.sources import expand, resolve_files, stage_sources
 from mm1.data.template import render_record, template_for
@@ -75,12 +76,16 @@ class SourceSpec:
     version: int = FORMAT_VERSION
     dedup: str = ""  # the dedup list whose records are left out ("" none) ...
     dedup_hash: str = ""  # ... and its content's fingerprint (a new list is a new spec)
+    quality: str = ""  # the quality filter's drop list (`mm1 data filter`) ...
+    quality_hash: str = ""  # ... and its fingerprint
 
     @property
     def key(self) -> str:
         fields = dataclasses.asdict(self)
-        if not self.dedup:  # specs from before deduplication existed keep their key (and their prepared data)
-            del fields["dedup"], fields["dedup_hash"]
+        # specs from before deduplication (or filtering) existed keep their key (and their prepared data)
+        for name in ("dedup", "quality"):
+            if not fields[name]:
+                del fields[name], fields[f"{name}_hash"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
@@ -98,13 +103,15 @@ def source_specs(cfg: Config, stage: Stage, tok: Tokenizer) -> dict[str, SourceS
     out = {}
     for name, src in stage_sources(cfg, stage).items():
         dedup = str(dedup_file(cfg, name)) if cfg.data.prepare.dedup else ""
+        quality = str(quality_file(cfg, name)) if cfg.data.prepare.quality else ""
         out[name] = SourceSpec(
             name=name, kind=src.kind.value, files=resolve_files(src, cfg.data.root, name),
             images=expand(src.images, cfg.data.root), seq_len=cfg.data.packing.seq_len,
             max_images=cfg.data.packing.max_images, image_tokens=cfg.model.connector.num_tokens, views=views,
             chat=stage == Stage.SFT, template=template_for(tok).name, tokenizer=tok.fingerprint,
             check_images=cfg.data.prepare.check_images, unit_records=cfg.data.prepare.unit_records,
-            dedup=dedup, dedup_hash=drops_fingerprint(Path(dedup)) if dedup else "")
+            dedup=dedup, dedup_hash=drops_fingerprint(Path(dedup)) if dedup else "",
+            quality=quality, quality_hash=drops_fingerprint(Path(quality)) if quality else "")
     return out
 
 
@@ -185,8 +192,8 @@ def _reader(kind: str, path: str, images: str) -> Reader:
 
 
 @lru_cache(maxsize=8)
-def _drops(path: str, files: tuple[str, ...]) -> dict[int, frozenset[int]]:
-    return read_drops(Path(path), files)
+def _drops(path: str, files: tuple[str, ...], made_by: str = "dedup") -> dict[int, frozenset[int]]:
+    return read_drops(Path(path), files, made_by=made_by)
 
 
 def _checked(record: Record, stats: UnitStats) -> Record | None:
@@ -217,10 +224,14 @@ def _records(spec: SourceSpec, unit: Unit, stats: UnitStats):
             stats.note(stats.skipped, err)
     stop = len(reader) if unit.stop is None else unit.stop
     drop = _drops(spec.dedup, spec.files).get(unit.file, frozenset()) if spec.dedup else frozenset()
+    low = _drops(spec.quality, spec.files, "filter").get(unit.file, frozenset()) if spec.quality else frozenset()
     for i in range(unit.start, stop):
         stats.records += 1
         if i in drop:
             stats.note(stats.skipped, RecordError(reader.where(i), "duplicate (mm1 data dedup)"))
+            continue
+        if i in low:
+            stats.note(stats.skipped, RecordError(reader.where(i), "low quality (mm1 data filter)"))
             continue
         try:
             record = reader.read(i)
