@@ -56,7 +56,7 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert names == ["resolution", "image_tokens", "connector", "caption_zero_shot", "interleaved_few_shot",
                      "text_only", "moe"]
     _, arms = select(None, quick=True)
-    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "avg_pool", "attn_pool",
+    assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "c_abstractor", "attn_pool",
                                      "cap100", "cap0", "text0", "moe"}
     quick_tokens = select(["image_tokens"], quick=True)[0][0]
     assert quick_tokens.arms == ("base", "tok4")  # 16 > 4 at the base context, where both fit
@@ -65,7 +65,7 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert full[0].arms == ("tok64_long", "tok16_long", "tok4_long")
     assert {a.name for a in full_arms} == set(full[0].arms)
     by_name = {f.name: f for f in FINDINGS}
-    assert by_name["resolution"].metric.key == "synth_words@mean"  # a task that needs resolution
+    assert by_name["resolution"].metric.key == "synth_stripes@mean"  # a task that needs resolution
     assert by_name["text_only"].metric.key == "text_ppl_vs_lm"  # relative to the LM stage
     assert by_name["connector"].claim == Claim.EQUIVALENT and by_name["connector"].margin == 0.15
     assert by_name["moe"].beside == (("moe", "dense_eqtime"),)
@@ -103,14 +103,14 @@ def test_ablate_runs_arms_as_run_folders_reuses_them_and_reports(tmp_path):
     assert cfg["model"]["vision"]["init"].endswith("seed_1")  # its own seed's CLIP encoder
     s = scores["text0"][0]
     assert cfg["model"]["decoder"]["init"] == str(out / "lm" / ARMS["text0"].decoder_key / "seed_1")  # its LM stage
-    for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_words@mean", "val_loss",
+    for key in ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_stripes@mean", "val_loss",
                 "text_ppl", "text_ppl_vs_lm", "synth_vqa@gain", "train_s", "tokens_per_s"):
         assert key in s and math.isfinite(s[key]), key
     # its evaluation is kept as `mm1 eval` keeps it: the scores trace back to every prompt and answer
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["tasks"]["synth_caption"]["scores"]["0"] == pytest.approx(s["synth_caption@0"])
     rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert {(r["task"], r["shots"]) for r in rows} == {(t, k) for t in ("synth_caption", "synth_vqa", "synth_words")
+    assert {(r["task"], r["shots"]) for r in rows} == {(t, k) for t in ("synth_caption", "synth_vqa", "synth_stripes")
                                                        for k in (0, 8)}
     lm = out / "lm" / ARMS["base"].decoder_key / "seed_0"
     assert s["lm_text_ppl"] > 0 and json.loads((lm / "scores.json").read_text())["text_ppl"] > 0
@@ -234,7 +234,7 @@ def test_a_finding_whose_judged_prompts_outgrow_the_context_is_not_judged():
     assert judge(finding, other).outcome == "reproduced"
     # a mean over shot counts is not judged when any of its shot counts outgrew the context
     words = next(f for f in FINDINGS if f.name == "resolution")
-    mean = {a: [{"synth_words@mean": v, "over_context": {"synth_words@8": 2} if a == "res128" else {}}
+    mean = {a: [{"synth_stripes@mean": v, "over_context": {"synth_stripes@8": 2} if a == "res128" else {}}
                 for v in (0.3, 0.31)] for a in words.arms}
     assert judge(words, mean).outcome == NOT_JUDGED
 

@@ -28,8 +28,8 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert set(saved["stages"]) == {"pretrain", "sft", "sft_one_view"}
     stages = saved["stages"]
     assert (stages["pretrain"]["prompt"], stages["sft"]["prompt"]) == ("pretrain", "chat")
-    assert set(stages["sft_one_view"]["tasks"]) == {"synth_words"}
-    assert set(stages["sft_one_view"]["tasks"]["synth_words"]["scores"]) == {"0"}
+    assert set(stages["sft_one_view"]["tasks"]) == {"synth_stripes"}
+    assert set(stages["sft_one_view"]["tasks"]["synth_stripes"]["scores"]) == {"0"}
     rows = [json.loads(x) for x in (out / "eval_sft" / "predictions.jsonl").read_text().splitlines()]
     query = next(r for r in rows if r["task"] == "synth_vqa" and r["shots"] == 1)["prompt"]
     assert query.count("<image:low>") == 1 and query.count("<image>") == 1  # mixed resolution

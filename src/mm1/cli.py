@@ -531,8 +531,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="few-shot evaluation (CIDEr, VQA accuracy, perplexity) of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or HF model folder")
-    p.add_argument("--tasks", help="comma-separated: synth_caption, synth_vqa, synth_words, coco_val2017, "
-                                    "custom:FILE.jsonl, ppl:FILE (default: the checkpoint's eval.tasks)")
+    p.add_argument("--tasks", help="comma-separated: synth_caption, synth_vqa, synth_stripes, synth_words, "
+                                    "coco_val2017, custom:FILE.jsonl, ppl:FILE (default: the checkpoint's eval.tasks)")
     p.add_argument("--shots", help="comma-separated shot counts (default: the checkpoint's eval.shots)")
     p.add_argument("--out", required=True)
     p.add_argument("--world", help="synthetic world directory (default: the run's data.root)")

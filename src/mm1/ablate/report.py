@@ -23,8 +23,8 @@ from mm1.ablate.runner import ARM_METRICS, SHOTS, Scale
 from mm1.ablate.stats import Interval, Verdict, diff_interval, judged, mean_interval, pooled_sd, spearman, t975, verdict
 
 COLUMNS = {"synth_caption@0": "caption 0-shot", "synth_caption@8": "caption 8-shot", "synth_vqa@0": "VQA 0-shot",
-           "synth_vqa@8": "VQA 8-shot", "synth_words@0": "words 0-shot", "synth_words@8": "words 8-shot",
-           "synth_words@mean": "words (0+8)/2", "synth_caption@gain": "caption 8−0", "synth_vqa@gain": "VQA 8−0",
+           "synth_vqa@8": "VQA 8-shot", "synth_stripes@0": "stripes 0-shot", "synth_stripes@8": "stripes 8-shot",
+           "synth_stripes@mean": "stripes (0+8)/2", "synth_caption@gain": "caption 8−0", "synth_vqa@gain": "VQA 8−0",
            "val_loss": "val loss", "text_ppl": "text ppl", "lm_text_ppl": "LM stage text ppl",
            "text_ppl_vs_lm": "text ppl ÷ LM's"}
 

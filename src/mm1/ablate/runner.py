@@ -37,9 +37,9 @@ from mm1.ablate.findings import Arm, Finding, select
 from mm1.config import Config, apply_overrides, from_saved, to_dict
 from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage, ResolvedStage
 
-TASKS = ("synth_caption", "synth_vqa", "synth_words")
+TASKS = ("synth_caption", "synth_vqa", "synth_stripes")
 SHOTS = (0, 8)
-ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_words@mean", "val_loss",
+ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8", "synth_stripes@mean", "val_loss",
                "text_ppl_vs_lm")
 
 

@@ -410,7 +410,7 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     """Few-shot evaluation: tasks, shot counts, decoding length, items per task, perplexity windows."""
-    tasks: str = "synth_caption,synth_vqa,synth_words"
+    tasks: str = "synth_caption,synth_vqa,synth_stripes"
     shots: str = "0,4,8"
     # New tokens per answer; 0: per task, from its references (long enough for 99% of them plus the stop;
     # mm1.eval.harness.generation_length), so that a cap never cuts captions short unnoticed.

@@ -148,8 +148,10 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
         return TaskRun({"0": ppl}, [])
     items = scored_items(task, cfg.limit)
     n = len(items)
-    length = cfg.max_new_tokens or generation_length(task, items, engine.tok)
+    length = 0 if task.ranks_choices else cfg.max_new_tokens or generation_length(task, items, engine.tok)
     gen = GenerationConfig(max_new_tokens=length, stop=STOP[fmt])
+    # a ranked answer follows the prompt as a demonstration's does: after a space in the pretrain format
+    prefix = " " if fmt == PromptFormat.PRETRAIN else ""
     high_res_last = cfg.high_res_last if engine.grid else None
     template = template_for(engine.tok)
     scores, rows = {}, []
@@ -160,7 +162,10 @@ def evaluate_task(engine: Engine, task: Task, shots: list[int], cfg: EvalConfig,
         for start in range(0, n, cfg.batch_size):
             batch = [build_prompt(task, i, k, seed=cfg.seed, fmt=fmt, high_res_last=high_res_last, template=template)
                      for i in range(start, min(n, start + cfg.batch_size))]
-            answers += engine.complete(batch, gen)
+            if task.ranks_choices:
+                answers += engine.choose(batch, [items[i].choices for i in range(start, start + len(batch))], prefix)
+            else:
+                answers += engine.complete(batch, gen)
             prompts += batch
             bar.update(len(batch))
         bar.close()
@@ -318,6 +323,9 @@ def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], c
                       "max_new_tokens": run.max_new_tokens,
                       "max_new_tokens_from": "eval.max_new_tokens" if cfg.max_new_tokens else
                       "99% of the references fit, plus the stop", **_lengths(run.rows, context)}
+            if task.ranks_choices:  # how the answers were given is part of the score's meaning
+                entry |= {"answered_by": "the most likely of each item's choices (no generation)",
+                          "max_new_tokens_from": "none: answers are ranked choices"}
             if task.metric == Metric.VQA_ACCURACY:
                 entry |= answer_spread(run.rows) | {"question_only_baseline": question_only_baseline(task, items)}
             _warn(task.name, entry, context)

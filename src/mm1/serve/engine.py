@@ -235,6 +235,57 @@ class Engine:
                 for ids, ended, length in self._decode(prompts, cfg)]
 
 
+    @torch.inference_mode()
+    def choose(self, prompts: list[list[Part]], choices: list[tuple[str, ...]], prefix: str = "") -> list[Answer]:
+        """For each prompt, the choice whose text (after `prefix`) the model finds most likely after it: the
+        sum of its tokens' log-probabilities (multiple-choice scoring, as lm-evaluation-harness's `acc`)."""
+        out = []
+        for prompt, options in zip(prompts, choices, strict=True):
+            logp = self.continuation_logprobs(prompt, [prefix + c for c in options])
+            best = max(range(len(options)), key=logp.__getitem__)
+            out.append(Answer(options[best], False, self.prompt_length(prompt)))
+        return out
+
+    def _forward(self, rows: list[Encoded], T: int) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) of the rows, right-aligned in T positions (left-padded)."""
+        tokens, _, positions, mask, images = self._prefill_inputs(rows, T, T)
+        dev = self.device
+        embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype),
+                                  encode_images=self.encode_images)
+        hidden = self.model.decoder(embeds, positions.to(dev), mask.to(dev)).hidden_BTD
+        return self.model.decoder.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, prompt: list[Part], texts: list[str]) -> list[float]:
+        """log p(text | prompt) for each text, summed over its tokens, in one batch."""
+        n = self.prompt_length(prompt)
+        rows = [self.encode(_continued(prompt, t)) for t in texts]
+        prefix = rows[0].ids[:n]
+        for row, text in zip(rows, texts, strict=True):
+            if len(row.ids) <= n or row.ids[:n] != prefix:
+                raise ValueError(f"the continuation {text!r} changes how the prompt's end is tokenized: "
+                                 f"it cannot be scored after it")
+        if all(len(r.ids) == n + 1 for r in rows):  # one token each: one pass of the prompt scores them all
+            logp_V = torch.log_softmax(self._forward([Encoded(prefix, rows[0].images)], n)[0, -1], dim=-1)
+            return [float(logp_V[r.ids[n]]) for r in rows]
+        T = max(len(r.ids) for r in rows)
+        logp_BTV = torch.log_softmax(self._forward(rows, T), dim=-1)
+        dev = self.device
+        scores = []
+        for i, row in enumerate(rows):  # rows are right-aligned: the continuation ends at T
+            k = len(row.ids) - n
+            at = torch.arange(T - k, T, device=dev)
+            scores.append(float(logp_BTV[i, at - 1, torch.tensor(row.ids[n:], device=dev)].sum()))
+        return scores
+
+
+def _continued(prompt: list[Part], text: str) -> list[Part]:
+    """`prompt` with `text` after it (joined to a final plain-text part, as a demonstration's answer is)."""
+    if prompt and isinstance(prompt[-1], str):
+        return [*prompt[:-1], prompt[-1] + text]
+    return [*prompt, text]
+
+
 def _cut(text: str, stops: list[str]) -> str:
     for s in stops:
         if s in text:

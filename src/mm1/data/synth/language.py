@@ -1,8 +1,9 @@
 """The words of the synthetic world: captions, questions, documents and conversations about scenes.
 
 Short alt-text-like captions and long dense ones (MM1's VeCap) are both generated from the same
-scene; questions cover colour, shape, count, position, size, existence and printed words, with
-graded difficulty (big shapes are easy, counts of small shapes and printed words are hard).
+scene; questions cover colour, shape, count, position, size, existence, stripes and printed words,
+with graded difficulty (big shapes are easy; counts of small shapes, stripes and printed words are
+hard, the last two because they need resolution).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def article(word: str) -> str:
 
 
 def _phrase(s: Shape, *, size: bool) -> str:
-    words = f"{s.size} {s.colour} {s.kind}" if size else f"{s.colour} {s.kind}"
+    """A shape in words ("a small striped red star"): a striped one is always called so."""
+    words = f"{'striped ' if s.striped else ''}{s.colour} {s.kind}"
+    words = f"{s.size} {words}" if size else words
     return f"{article(words)} {words}"
 
 
@@ -96,7 +99,19 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     if absent not in {(s.colour, s.kind) for s in scene.shapes}:
         qs.append((f"Is there {article(absent[0])} {absent[0]} {absent[1]}?", "no", "existence"))
     qs.append(("What color is the background?", scene.background, "background"))
+    sq = stripes_question(scene)
+    if sq:
+        qs.append(sq)
     return qs
+
+
+def stripes_question(scene: Scene) -> tuple[str, str, str] | None:
+    """The colour of the scene's one striped shape (none where it has no or several striped shapes):
+    the question that needs resolution and whose answer a model can learn to read off the image."""
+    striped = [s for s in scene.shapes if s.striped]
+    if len(striped) != 1:
+        return None
+    return ("What color is the striped shape?", striped[0].colour, "stripes")
 
 
 def word_question(scene: Scene) -> tuple[str, str, str] | None:

@@ -3,6 +3,10 @@
 A scene lives in continuous coordinates on the unit square and is rendered with Pillow at any
 resolution, so resolution really matters here as it does in MM1: big shapes and their colours
 are clear at 64 px, while counts of small shapes and the small printed words need more pixels.
+Some shapes are striped: rows one 128th of the side apart, in two tints of the shape's colour whose
+mean is that colour, so that at 128 px the stripes are plain and at 64 px (where each pixel averages
+two rows) the shape is indistinguishable from a plain one: detail that only resolution shows, as
+TextVQA's small text is.
 Everything is a pure function of the random generator handed in.
 """
 
@@ -36,6 +40,7 @@ class Shape:
     x: float  # centre, in [0, 1]
     y: float
     r: float  # radius as a fraction of the image side
+    striped: bool = False
 
     @property
     def size(self) -> str:
@@ -58,15 +63,18 @@ class Scene:
     def signature(self) -> tuple:
         """Exact identity of a scene (coordinates to 0.01): train and eval share none."""
         return (self.background, self.word, tuple((s.kind, s.colour, round(s.x, 2), round(s.y, 2),
-                                                   round(s.r, 2)) for s in self.shapes))
+                                                   round(s.r, 2), s.striped) for s in self.shapes))
 
 
 def _overlaps(x: float, y: float, r: float, shapes: list[Shape]) -> bool:
     return any(math.hypot(x - s.x, y - s.y) < (r + s.r) * 1.05 for s in shapes)
 
 
+STRIPED_SHARE = 0.25  # of shapes
+
+
 def sample_scene(rng: random.Random, *, max_shapes: int = 6, word_prob: float = 0.35) -> Scene:
-    """A random scene with 1..max_shapes non-overlapping shapes and maybe a printed word."""
+    """A random scene with 1..max_shapes non-overlapping shapes (some striped) and maybe a printed word."""
     n = rng.choice([1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 6][: 2 * max_shapes])
     n = min(n, max_shapes)
     shapes: list[Shape] = []
@@ -78,7 +86,8 @@ def sample_scene(rng: random.Random, *, max_shapes: int = 6, word_prob: float = 
         r = rng.choice([rng.uniform(0.07, 0.11), rng.uniform(0.14, 0.2)])
         x, y = rng.uniform(r, 1 - r), rng.uniform(r, top - r)
         if not _overlaps(x, y, r, shapes):
-            shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, r))
+            kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+            shapes.append(Shape(kind, colour, x, y, r, striped=rng.random() < STRIPED_SHARE))
     bg = rng.choice(list(BACKGROUNDS))
     return Scene(tuple(shapes), bg, word, (rng.uniform(0.3, 0.7), 0.9))
 
@@ -107,6 +116,24 @@ def _polygon(s: Shape, side: int) -> list[tuple[float, float]]:
     raise ValueError(s.kind)
 
 
+STRIPE = 1 / 128  # a stripe's height as a share of the image side: one pixel at 128 px, half a pixel at 64
+STRIPE_TINT = 70  # how far each tint is from the colour (per channel, less where 0 or 255 is nearer)
+
+
+def _tints(colour: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A lighter and a darker tint of `colour`, symmetric about it: their mean is the colour itself."""
+    d = [min(STRIPE_TINT, c, 255 - c) for c in colour]
+    return tuple(c + k for c, k in zip(colour, d, strict=True)), tuple(c - k for c, k in zip(colour, d, strict=True))
+
+
+def _stripes(colour: tuple[int, int, int], side: int, band: int) -> Image.Image:
+    """A side×side picture of horizontal stripes `band` pixels high, in the two tints of `colour`."""
+    light, dark = _tints(colour)
+    column = Image.new("RGB", (1, side))
+    column.putdata([light if (y // band) % 2 == 0 else dark for y in range(side)])
+    return column.resize((side, side), Image.Resampling.NEAREST)
+
+
 WORD_SIZE = 0.085  # a printed word's font size as a share of the image side: ~11 px tall at 128 px, ~5 at 64
 
 
@@ -115,13 +142,18 @@ def render(scene: Scene, size: int, word_size: float = WORD_SIZE) -> Image.Image
     big = size * 2
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
+    band = max(1, round(STRIPE * big))
     for s in scene.shapes:
-        fill = COLOURS[s.colour]
+        # a striped shape is drawn as a mask through which a picture of stripes is pasted
+        mask = Image.new("L", (big, big)) if s.striped else None
+        pen, fill = (ImageDraw.Draw(mask), 255) if mask else (draw, COLOURS[s.colour])
         if s.kind == "circle":
             cx, cy, r = s.x * big, s.y * big, s.r * big
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
-            draw.polygon(_polygon(s, big), fill=fill)
+            pen.polygon(_polygon(s, big), fill=fill)
+        if mask:
+            img.paste(_stripes(COLOURS[s.colour], big, band), mask=mask)
     if scene.word:
         ink = (255, 255, 255) if scene.background == "black" else (0, 0, 0)
         x, y = scene.word_xy

@@ -8,6 +8,7 @@ Layout of a world directory (every part documented in docs/data-formats.md):
     sft/conversations.json           LLaVA-format conversations; images in sft/images/
     sft/text_conversations.json      LLaVA-format text-only conversations (no image)
     tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
+                                     (synth_caption, synth_vqa, synth_words, synth_stripes)
     tasks/synth_text/test.txt        held-out text documents (perplexity: `ppl:...`)
     world.json                       seed, sizes and counts
 
@@ -32,9 +33,9 @@ from mm1.data.formats.text import open_text, write_jsonl
 from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import language as lang
 from mm1.data.synth import pages
-from mm1.data.synth.scene import WORD_SIZE, Scene, png_bytes, render, sample_scene
+from mm1.data.synth.scene import COLOURS, WORD_SIZE, Scene, png_bytes, render, sample_scene
 
-VERSION = 7
+VERSION = 9
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -171,19 +172,29 @@ def write_sft_text(root: Path, n: int, rng: random.Random, bar) -> None:
     write_llava(records, root / "sft" / "text_conversations.json")
 
 
+def _single_question(kind: str, scene: Scene) -> tuple[str, str, str] | None:
+    """The one question of a word or stripes task about `scene`, if it has one."""
+    return lang.word_question(scene) if kind == "word" else lang.stripes_question(scene)
+
+
 def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[dict]:
     if kind == "caption":
         return [{"image": f"images/{name}", "captions": lang.reference_captions(scene, rng)}]
     if kind == "vqa":
         q, a, qtype = rng.choice(lang.questions(scene, rng))
         return [{"image": f"images/{name}", "question": q, "answers": [a], "type": qtype}]
-    wq = lang.word_question(scene)
-    return [{"image": f"images/{name}", "question": wq[0], "answers": [wq[1]], "type": "word"}] if wq else []
+    q = _single_question(kind, scene)
+    if not q:
+        return []
+    # the stripes task is answered by ranking the six colours: what the model sees, free of format failures
+    choices = {"choices": list(COLOURS)} if kind == "stripes" else {}
+    return [{"image": f"images/{name}", "question": q[0], "answers": [q[1]], "type": q[2], **choices}]
 
 
 def write_tasks(root: Path, n_test: int, painter: Painter, scenes: SceneSource, seed: int, bar) -> None:
     """Evaluation tasks; `train` splits (for few-shot demonstrations) draw training scenes."""
-    for task, kind in (("synth_caption", "caption"), ("synth_vqa", "vqa"), ("synth_words", "word")):
+    for task, kind in (("synth_caption", "caption"), ("synth_vqa", "vqa"), ("synth_words", "word"),
+                       ("synth_stripes", "stripes")):
         for split, count in (("train", 2 * n_test), ("test", n_test)):
             rng = _rng(seed, f"task-{task}-{split}")
             rows: list[dict] = []
@@ -191,7 +202,7 @@ def write_tasks(root: Path, n_test: int, painter: Painter, scenes: SceneSource, 
             while len(rows) < count:
                 word_prob = 1.0 if kind == "word" else 0.35
                 scene = scenes.train(rng) if split == "train" else scenes.held_out(rng, word_prob=word_prob)
-                if split == "train" and kind == "word" and not scene.word:
+                if split == "train" and kind in ("word", "stripes") and not _single_question(kind, scene):
                     continue
                 name = f"{split}_{i:06d}.png"
                 new = _task_rows(kind, scene, name, rng)
@@ -219,7 +230,7 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
     painter = Painter(sizes.image_size, workers or os.cpu_count() or 1, sizes.word_size)
-    total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 9 * sizes.eval_scenes
+    total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 12 * sizes.eval_scenes
     try:
         with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
             write_captions(root, sizes.captions, painter, scenes, _rng(seed, "captions"), bar,

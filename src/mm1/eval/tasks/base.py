@@ -31,6 +31,7 @@ class VQAItem:
     answers: tuple[str, ...]
     kind: str = ""  # the question's type ("colour", "count", VQAv2's answer_type …): scores are also given per type
     id: int | str | None = None  # the benchmark's own question id, for its submission format
+    choices: tuple[str, ...] = ()  # where given, the answer is the choice the model finds most likely
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class Task:
     test: list[CaptionItem | VQAItem] = field(default_factory=list)
     text_path: str = ""  # perplexity tasks only
     prompts: PromptSpec | None = None  # None: the default of its metric (VQA_PROMPTS or CAPTION_PROMPTS)
+
+    @property
+    def ranks_choices(self) -> bool:
+        """Whether the task is answered by ranking each item's choices (every query has them) instead of
+        by generating: a closed-set reading of what the model knows, free of answer-format failures."""
+        return bool(self.test) and all(isinstance(it, VQAItem) and it.choices for it in self.test)
 
     @property
     def prompt_spec(self) -> PromptSpec:

@@ -11,12 +11,13 @@ from mm1.data.sources import shared_data_dir
 from mm1.eval.tasks.base import CAPTION_PROMPTS, CUSTOM_VQA_PROMPTS, CaptionItem, Metric, PromptSpec, Task, VQAItem
 from mm1.eval.tasks.benchmarks import BENCHMARKS, benchmark_task
 
-SYNTH_TASKS = ("synth_caption", "synth_vqa", "synth_words")
+SYNTH_TASKS = ("synth_caption", "synth_vqa", "synth_words", "synth_stripes")
 
 
 def read_items(path: Path) -> tuple[Metric, list]:
     """A task file: JSONL rows of `{"image", "captions"}` or `{"image", "question", "answers"}` (and an
-    optional `"type"` of the question, by which scores are also broken down).
+    optional `"type"` of the question, by which scores are also broken down, and optional `"choices"`:
+    then the answer is the choice the model finds most likely, not generated text).
 
     Image paths are relative to the file's folder. The metric follows from the fields.
     """
@@ -31,8 +32,13 @@ def read_items(path: Path) -> tuple[Metric, list]:
             image = str(path.parent / row["image"])
             if "question" in row:
                 answers = row.get("answers") or [row["answer"]]
-                item = VQAItem(image, str(row["question"]), tuple(str(a) for a in answers), str(row.get("type", "")))
+                choices = tuple(str(c) for c in row.get("choices") or ())
+                item = VQAItem(image, str(row["question"]), tuple(str(a) for a in answers), str(row.get("type", "")),
+                               choices=choices)
                 kind = Metric.VQA_ACCURACY
+                if choices and item.answers[0] not in choices:
+                    raise RecordError(f"{path}:line{n}", f"the answer {item.answers[0]!r} is not among its choices "
+                                      f"{list(choices)}")
             else:
                 caps = row.get("captions") or [row["caption"]]
                 item, kind = CaptionItem(image, tuple(str(c) for c in caps)), Metric.CIDER
