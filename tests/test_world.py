@@ -41,7 +41,10 @@ def test_the_striped_shape_is_asked_about_only_when_there_is_exactly_one():
 def test_the_world_writes_a_stripes_task_with_one_striped_shape_per_item(world):
     rows = [json.loads(line) for line in (world / "tasks" / "synth_stripes" / "test.jsonl").read_text().splitlines()]
     assert rows and all(r["question"] == "What color is the striped shape?" and r["type"] == "stripes" for r in rows)
-    assert all(r["choices"] == ["red", "green", "blue", "yellow", "purple", "orange"] for r in rows)
+    # the choices are the scene's own colours (two or more), in the world's order, the answer among them
+    order = ["red", "green", "blue", "yellow", "purple", "orange"]
+    assert all(len(r["choices"]) >= 2 and r["answers"][0] in r["choices"] for r in rows)
+    assert all(r["choices"] == sorted(r["choices"], key=order.index) for r in rows)
     answers = {r["answers"][0] for r in rows}
     assert len(answers) > 1  # not one colour every time
     from mm1.eval.tasks import get_task

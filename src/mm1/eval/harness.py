@@ -59,9 +59,12 @@ def scored_items(task: Task, limit: int) -> list:
 
 
 def baseline(task: Task, items: list | None = None) -> float:
-    """What a model that ignores the image scores on `items` (default: the whole test split)."""
+    """What a model that ignores the image scores on `items` (default: the whole test split): the majority
+    answer, the most frequent caption, or, where items are answered by choosing, chance among the choices."""
     items = task.test if items is None else items
     pool = task.train or task.test
+    if task.ranks_choices:  # a model that cannot tell an item's choices apart: chance among them
+        return sum(vqa_accuracy(it.answers[0], list(it.answers)) / len(it.choices) for it in items) / len(items)
     if task.metric == Metric.VQA_ACCURACY:
         majority = Counter(normalize_answer(it.answers[0]) for it in pool).most_common(1)[0][0]
         return sum(vqa_accuracy(majority, list(it.answers)) for it in items) / len(items)

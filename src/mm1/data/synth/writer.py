@@ -35,7 +35,7 @@ from mm1.data.synth import language as lang
 from mm1.data.synth import pages
 from mm1.data.synth.scene import COLOURS, WORD_SIZE, Scene, png_bytes, render, sample_scene
 
-VERSION = 9
+VERSION = 10
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -173,8 +173,11 @@ def write_sft_text(root: Path, n: int, rng: random.Random, bar) -> None:
 
 
 def _single_question(kind: str, scene: Scene) -> tuple[str, str, str] | None:
-    """The one question of a word or stripes task about `scene`, if it has one."""
-    return lang.word_question(scene) if kind == "word" else lang.stripes_question(scene)
+    """The one question of a word or stripes task about `scene`, if it has one (a stripes item needs two
+    colours or more to choose from)."""
+    if kind == "word":
+        return lang.word_question(scene)
+    return lang.stripes_question(scene) if len({s.colour for s in scene.shapes}) > 1 else None
 
 
 def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[dict]:
@@ -186,8 +189,10 @@ def _task_rows(kind: str, scene: Scene, name: str, rng: random.Random) -> list[d
     q = _single_question(kind, scene)
     if not q:
         return []
-    # the stripes task is answered by ranking the six colours: what the model sees, free of format failures
-    choices = {"choices": list(COLOURS)} if kind == "stripes" else {}
+    # The stripes task is answered by ranking the colours of the scene's shapes: a model that sees the
+    # colours but not the stripes (64 px) is at chance among them, so what it scores above chance is
+    # what resolution shows, free of format failures.
+    choices = {"choices": [c for c in COLOURS if c in {s.colour for s in scene.shapes}]} if kind == "stripes" else {}
     return [{"image": f"images/{name}", "question": q[0], "answers": [q[1]], "type": q[2], **choices}]
 
 
