@@ -10,7 +10,8 @@
 # Steps: the environment (torch, CUDA, GPU); the GPU tests (tests/test_gpu.py); tiny training in fp32
 # and bf16 (tokens/s, MFU, losses within a stated tolerance of each other); tiny with flex attention
 # and torch.compile (recompiles counted); the MoE benchmark (grouped GEMM against the per-expert
-# loop), decoding and training benchmarks on CUDA; one request to `mm1 serve` on the GPU.
+# loop), decoding and training benchmarks on CUDA; the ablation recipe (1.2B decoder) for a few bf16 steps
+# with flex attention and compiled blocks, recompiles counted; one request to `mm1 serve` on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -81,6 +82,19 @@ sys.exit(0 if abs(a - b) / a <= 0.03 else 1)
 EOF
 step tiny_flex_compile 240 1 env TORCH_LOGS=recompiles $PY -m mm1 train --recipe tiny --out "$WORK/flex" \
     train.steps=20 train.precision=bf16 train.compile=true "${TINY[@]}"
+# the ablation recipe (ViT-L/14 at 336 px, C-Abstractor 144, a 1.2B decoder, 4096-token sequences) from random
+# weights for a few steps: bf16, flex attention and compiled blocks at a size users train (its prepare runs on a CPU)
+step ablation_prepare 180 0 $PY -m mm1 data prepare --recipe ablation --stage pretrain "data.root=$WORK/world"
+step ablation_bf16_flex 300 1 env TORCH_LOGS=recompiles $PY -m mm1 train --recipe ablation --out "$WORK/ablation" \
+    "${TINY[@]}" train.steps=6 train.batch_size=2 train.logging.every=1 train.precision=bf16 train.compile=true
+step recompiles 10 1 $PY - "$WORK" <<'EOF2'
+import sys
+from pathlib import Path
+for name in ("tiny_flex_compile", "ablation_bf16_flex"):  # TORCH_LOGS=recompiles writes one block per recompile
+    log = Path(sys.argv[1]) / f"{name}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    print(f"{name}: {text.count('Recompiling function')} recompiles")
+EOF2
 step bench_moe 120 1 $PY benchmarks/bench_moe.py --repeats 5
 step bench_decode 120 1 $PY benchmarks/bench_decode.py --repeats 3
 step bench_train 120 1 $PY benchmarks/bench_train.py --world "$WORK/world" --repeats 2

@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh, the first thing run on a lent GPU, runs here in its dry-run form: every CUDA step
-says it skipped, the others (environment, a world, its tokenizer, prepared data) run, the summary is JSON."""
+says it skipped, the others (environment, a world, its tokenizer, prepared data for tiny and for the ablation
+recipe) run, the summary is JSON."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_gpu_check_dry_run_skips_every_cuda_step_and_runs_the_rest(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert summary["dry_run"] and summary["failed"] == [], status
-    assert {k for k, v in status.items() if v == "ok"} == {"environment", "world", "tokenizer", "prepare"}
-    assert all(v == "skipped: no CUDA" for k, v in status.items()
-               if k not in ("environment", "world", "tokenizer", "prepare"))
+    on_cpu = {"environment", "world", "tokenizer", "prepare", "ablation_prepare"}
+    assert {k for k, v in status.items() if v == "ok"} == on_cpu
+    assert all(v == "skipped: no CUDA" for k, v in status.items() if k not in on_cpu)
+    assert {"ablation_bf16_flex", "recompiles"} <= status.keys()
     assert "skipped: no CUDA" in proc.stdout and "=== summary" in proc.stdout
