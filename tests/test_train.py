@@ -149,7 +149,9 @@ def test_metrics_hold_the_required_fields(world, tmp_path):
     for source in ("caption", "interleaved", "text"):  # a small batch may miss a source at some step
         assert any(f"loss.{source}" in r for r in recs), source
     assert sum(rec[f"expert_share.{e}"] for e in range(4)) == pytest.approx(1.0, abs=1e-4)
-    assert 0 < rec["mfu"] < 1  # against this CPU's measured matmul rate, not a constant from another machine
+    # present and positive; its counting is tested against a hand count (test_flops.py), not by a bound
+    # that the machine's load can break (MFU over a peak measured while the machine was busy can pass 1)
+    assert rec["mfu"] > 0
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
     stats = json.loads((tmp_path / "data_stats.json").read_text())
