@@ -234,16 +234,15 @@ class Engine:
         return [Answer(_cut(self.tok.decode(ids), cfg.stop), not ended, length)
                 for ids, ended, length in self._decode(prompts, cfg)]
 
-
     @torch.inference_mode()
     def choose(self, prompts: list[list[Part]], choices: list[tuple[str, ...]], prefix: str = "") -> list[Answer]:
         """For each prompt, the choice whose text (after `prefix`) the model finds most likely after it: the
         sum of its tokens' log-probabilities (multiple-choice scoring, as lm-evaluation-harness's `acc`)."""
         out = []
         for prompt, options in zip(prompts, choices, strict=True):
-            logp = self.continuation_logprobs(prompt, [prefix + c for c in options])
+            logp, length = self._scored(prompt, [prefix + c for c in options])
             best = max(range(len(options)), key=logp.__getitem__)
-            out.append(Answer(options[best], False, self.prompt_length(prompt)))
+            out.append(Answer(options[best], False, length))
         return out
 
     def _forward(self, rows: list[Encoded], T: int) -> torch.Tensor:
@@ -258,16 +257,20 @@ class Engine:
     @torch.inference_mode()
     def continuation_logprobs(self, prompt: list[Part], texts: list[str]) -> list[float]:
         """log p(text | prompt) for each text, summed over its tokens, in one batch."""
-        n = self.prompt_length(prompt)
-        rows = [self.encode(_continued(prompt, t)) for t in texts]
-        prefix = rows[0].ids[:n]
+        return self._scored(prompt, texts)[0]
+
+    def _scored(self, prompt: list[Part], texts: list[str]) -> tuple[list[float], int]:
+        """`continuation_logprobs`, and the prompt's length in positions."""
+        base = self.encode(prompt)  # its ids, and its images as tensors: once, every continuation shares them
+        n = len(base.ids)
+        rows = [Encoded(self._tokenize(_continued(prompt, t))[0].tokens.tolist(), base.images) for t in texts]
         for row, text in zip(rows, texts, strict=True):
-            if len(row.ids) <= n or row.ids[:n] != prefix:
+            if len(row.ids) <= n or row.ids[:n] != base.ids:
                 raise ValueError(f"the continuation {text!r} changes how the prompt's end is tokenized: "
                                  f"it cannot be scored after it")
         if all(len(r.ids) == n + 1 for r in rows):  # one token each: one pass of the prompt scores them all
-            logp_V = torch.log_softmax(self._forward([Encoded(prefix, rows[0].images)], n)[0, -1], dim=-1)
-            return [float(logp_V[r.ids[n]]) for r in rows]
+            logp_V = torch.log_softmax(self._forward([base], n)[0, -1], dim=-1)
+            return [float(logp_V[r.ids[n]]) for r in rows], n
         T = max(len(r.ids) for r in rows)
         logp_BTV = torch.log_softmax(self._forward(rows, T), dim=-1)
         dev = self.device
@@ -276,7 +279,7 @@ class Engine:
             k = len(row.ids) - n
             at = torch.arange(T - k, T, device=dev)
             scores.append(float(logp_BTV[i, at - 1, torch.tensor(row.ids[n:], device=dev)].sum()))
-        return scores
+        return scores, n
 
 
 def _continued(prompt: list[Part], text: str) -> list[Part]:
