@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from mm1.config import Config, Stage
@@ -77,10 +78,10 @@ class Graded:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
+    from mm1.ablate.stats import spearman as rank_correlation
 
-    value = spearmanr(a, b).statistic
-    return float(value) if value == value else 0.0  # a constant side has no rank correlation: 0, not NaN
+    value = rank_correlation(a, b)
+    return value if value == value else 0.0  # a constant side has no rank correlation: 0, not NaN
 
 
 def _records(cfg: Config, source: str):
@@ -112,9 +113,7 @@ def grade_source(cfg: Config, source: str, grader: Path, settings: GradeSettings
     from mm1.store.loading import load_model
 
     files = source_files(cfg, source)
-    records = list(_records(cfg, source))
-    sample = random.Random(settings.seed).sample(records, k=min(settings.sample, len(records)))
-    sample.sort(key=lambda r: (r[0], r[1]))
+    sample = _reservoir(_records(cfg, source), settings.sample, random.Random(settings.seed))
     model, tok, _ = load_model(grader)
     engine = Engine(model.eval(), tok)
     t0 = time.perf_counter()
@@ -128,6 +127,18 @@ def grade_source(cfg: Config, source: str, grader: Path, settings: GradeSettings
         out.rows.append({"file": f, "index": i, "grades": expected, "top": top})
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _reservoir(records, k: int, rng: random.Random) -> list[tuple[int, int, str]]:
+    """A uniform sample of k records read once, holding k texts at a time (a corpus does not fit in
+    memory), in file order."""
+    sample: list[tuple[int, int, str]] = []
+    for n, record in enumerate(records):
+        if n < k:
+            sample.append(record)
+        elif (j := rng.randrange(n + 1)) < k:
+            sample[j] = record
+    return sorted(sample, key=lambda r: (r[0], r[1]))
 
 
 def grade_text(engine, rubric: str, text: str) -> tuple[float, int]:
@@ -204,8 +215,8 @@ def filter_source(cfg: Config, source: str, *, keep: float, seed: int = 0, progr
     if head.get("files") != files:
         raise RecordError(str(grades_file(cfg, source)), "grades are for other files", "run `mm1 data grade` again")
     t0 = time.perf_counter()
-    records = list(_records(cfg, source))
-    text_of = {(f, i): t for f, i, t in records}
+    wanted = {(r["file"], r["index"]) for r in rows}  # first pass: the graded records' texts only
+    text_of = {(f, i): t for f, i, t in _records(cfg, source) if (f, i) in wanted}
     graded = [(text_of[(r["file"], r["index"])], r["grades"][0]) for r in rows if (r["file"], r["index"]) in text_of]
     if len(graded) < 10:
         raise RecordError(str(grades_file(cfg, source)), f"only {len(graded)} graded records", "grade at least 10")
@@ -221,16 +232,28 @@ def filter_source(cfg: Config, source: str, *, keep: float, seed: int = 0, progr
         truth = [g for _, g in held]
         result.heldout_spearman = spearman(pred, truth)
         result.heldout_pairwise = _pairwise(pred, truth)
-    scores = []
-    for start in tqdm(range(0, len(records), 4096), desc=f"score {source}", disable=not progress):
-        chunk = records[start:start + 4096]
-        scores += list(model.predict(vec.transform([t for _, _, t in chunk])))
-    n_keep = max(1, round(keep * len(records)))
-    ranked = sorted(range(len(records)), key=lambda k: (-scores[k], k))  # ties: file order
-    for k in sorted(ranked[n_keep:]):
-        f, i, _ = records[k]
+    # second pass: every record scored in chunks; what is kept of it is its place and its score
+    where, scores, chunk = [], [], []
+    bar = tqdm(desc=f"score {source}", unit="rec", disable=not progress)
+    for f, i, text in _records(cfg, source):
+        where.append((f, i))
+        chunk.append(text)
+        if len(chunk) == 4096:
+            scores.append(model.predict(vec.transform(chunk)))
+            bar.update(len(chunk))
+            chunk = []
+    if chunk:
+        scores.append(model.predict(vec.transform(chunk)))
+        bar.update(len(chunk))
+    bar.close()
+    score = np.concatenate(scores) if scores else np.zeros(0)
+    n = len(where)
+    n_keep = max(1, round(keep * n))
+    ranked = np.lexsort((np.arange(n), -score))  # best first; ties in file order
+    for k in np.sort(ranked[n_keep:]):
+        f, i = where[k]
         result.drop.setdefault(f, []).append(i)
-    result.records, result.dropped = len(records), len(records) - n_keep
+    result.records, result.dropped = n, n - n_keep
     result.seconds = time.perf_counter() - t0
     return result
 
