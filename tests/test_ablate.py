@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,20 @@ def test_a_setting_added_after_a_run_was_made_at_its_default_does_not_refuse_the
     cfg.model.decoder.trained_context = 77  # not the default: another run
     with pytest.raises(ValueError, match="trained_context: 0 here, 77 asked"):
         claim_run(tmp_path, cfg)
+
+
+def test_only_the_resolution_arms_train_longer_and_both_alike():
+    """The resolution finding's arms get RESOLUTION_STEPS × the steps (warm-up and checkpoint with them);
+    every other arm trains the scale's steps, so the equal-step comparisons stay equal."""
+    from mm1.ablate.findings import RESOLUTION_STEPS
+    from mm1.ablate.runner import arm_config, base_config
+
+    base = base_config(Path("world"), TINY, workers=0)
+    steps = {name: arm_config(base, arm, 0).train for name, arm in ARMS.items()}
+    assert RESOLUTION_STEPS > 1
+    for name, train in steps.items():
+        factor = RESOLUTION_STEPS if name in ("res128", "vit_big") else 1
+        assert train.steps == TINY.steps * factor, name
+        assert train.checkpoint.every == train.steps and train.schedule.warmup_steps == max(1, train.steps // 10)
+    by_name = {f.name: f for f in FINDINGS}
+    assert {ARMS[a].steps_factor for a in by_name["resolution"].arms} == {RESOLUTION_STEPS}

@@ -13,7 +13,8 @@ multimodal pre-training started from both. Layout of the output folder (each pie
     DIR/arms/<arm>/seed_<s>/scores.json     its scores, validation loss, perplexity and wall times
     DIR/report.md, DIR/*.png                written by `mm1.ablate.report`
 
-Every arm trains for the same steps and tokens (MM1 compares at equal steps) and is scored the same
+Every arm trains for the same steps and tokens (MM1 compares at equal steps; the resolution finding's two
+arms, compared only with each other, for twice as many: `findings.RESOLUTION_STEPS`) and is scored the same
 way: captioning, VQA and word reading at 0 and 8 shots on held-out scenes, the loss of held-out
 captions, and the perplexity of held-out text beside its LM stage's. Before anything trains, an arm
 whose 8-shot prompts would run past the context it trains is refused. Jobs run in `jobs` processes,
@@ -77,13 +78,17 @@ def base_config(world: Path, scale: Scale, *, workers: int, overrides: tuple[str
 
 def arm_config(base: Config, arm: Arm, seed: int) -> Config:
     """The arm's config; every arm keeps the base's learning rate (the MoE arm's narrower experts would
-    otherwise change the rule's N), so that arms differ in what the finding names only."""
+    otherwise change the rule's N), so that arms differ in what the finding names only. An arm with a
+    `steps_factor` trains that many times the base's steps, its warm-up scaled with them."""
     from mm1.model.mllm import lr_rule_parameters
     from mm1.train.optim import resolve_lr
 
     lr = resolve_lr(base.train.optimizer, lr_rule_parameters(base.model))
+    steps = base.train.steps * arm.steps_factor
     cfg = apply_overrides(from_saved(to_dict(base)), [*arm.overrides, f"train.seed={seed}", f"data.seed={seed}",
-                                                      f"train.optimizer.lr={lr!r}"])
+                                                      f"train.optimizer.lr={lr!r}", f"train.steps={steps}",
+                                                      f"train.schedule.warmup_steps={max(1, steps // 10)}",
+                                                      f"train.checkpoint.every={steps}"])
     cfg.recipe = f"ablate:{arm.name}"
     return cfg
 
@@ -350,6 +355,11 @@ def run_jobs(jobs: list[tuple], workers: int, what: str, log) -> list:
     return results
 
 
+def available_cores() -> int:
+    """The cores this process may run on (`taskset` and cgroup CPU sets included), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
                  overrides: tuple[str, ...] = (), scale: Scale | None = None,
                  log=print) -> tuple[list[Finding], dict[str, list[dict]], Scale]:
@@ -361,9 +371,10 @@ def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs:
 
     findings, arms = select(only, quick=quick)
     scale = scale or Scale.of(quick, seeds)
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = max(1, available_cores() // max(1, jobs))
     world = out / "world"
-    base = base_config(world, scale, workers=2 if jobs <= 1 else 1, overrides=overrides)
+    # one loader process per job whatever --jobs is: an arm's spec (and so its reuse) must not depend on it
+    base = base_config(world, scale, workers=1, overrides=overrides)
     ensure_world(base, world, seed=0, progress=True)
     tok = load_tokenizer(base)
     runs = []
