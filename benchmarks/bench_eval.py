@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import EvalConfig
+from mm1.config import EvalConfig, InferenceSettings
 from mm1.eval.harness import evaluate
 from mm1.eval.tasks import get_task
-from mm1.store.loading import inference_sub_image_grid, load_model, resolve_prompt_format
+from mm1.store.loading import load_model
 
 
 def main() -> None:
@@ -37,12 +37,12 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tok, cfg = load_model(a.checkpoint)
     task = get_task(a.task, world=Path(a.world))
-    fmt, grid = resolve_prompt_format(cfg), inference_sub_image_grid(cfg)
+    settings = InferenceSettings.of(cfg)
 
     def run(batch: int) -> tuple[float, list[str]]:
         ecfg = EvalConfig(limit=a.items, batch_size=batch)
         t = time.perf_counter()
-        ev = evaluate(model, tok, [task], [a.shots], ecfg, fmt=fmt, progress=False, sub_image_grid=grid)
+        ev = evaluate(model, tok, [task], [a.shots], ecfg, settings=settings, progress=False)
         return a.items / (time.perf_counter() - t), [r["prediction"] for r in ev.predictions]
 
     rates: dict[int, list[float]] = {1: [], a.batch: []}
@@ -53,7 +53,7 @@ def main() -> None:
             rates[batch].append(rate)
     same = sum(x == y for x, y in zip(answers[1], answers[a.batch], strict=True))
     one, many = statistics.median(rates[1]), statistics.median(rates[a.batch])
-    print(f"{a.task} {a.shots}-shot, {a.items} items, {fmt.value} prompts, {a.checkpoint}")
+    print(f"{a.task} {a.shots}-shot, {a.items} items, {settings.prompt_format.value} prompts, {a.checkpoint}")
     print(f"one item at a time: {one:.1f} items/s   batch {a.batch}: {many:.1f} items/s   ratio {many / one:.2f}x")
     print(f"identical predictions: {same} of {a.items}")
     print(json.dumps({"task": a.task, "shots": a.shots, "items": a.items, "items_per_s_batch1": one,

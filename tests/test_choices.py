@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mm1.config import EvalConfig, PromptFormat
+from mm1.config import EvalConfig, InferenceSettings, PromptFormat
 from mm1.data.errors import RecordError
 from mm1.eval.fewshot import build_prompt
 from mm1.eval.harness import evaluate
@@ -53,7 +53,7 @@ def test_a_continuation_s_log_probability_is_its_tokens_under_one_plain_forward(
 def test_a_task_with_choices_is_answered_by_ranking_and_says_so(world, model_and_tok):
     model, tok = model_and_tok
     ev = evaluate(model, tok, [get_task("synth_stripes", world=world)], [0, 1], EvalConfig(limit=4),
-                  fmt=PromptFormat.PRETRAIN, progress=False)
+                  settings=InferenceSettings(PromptFormat.PRETRAIN), progress=False)
     entry = ev.results["tasks"]["synth_stripes"]
     assert entry["answered_by"].startswith("the most likely of each item's choices")
     assert entry["max_new_tokens"] == 0 and not any(r["hit_limit"] for r in ev.predictions)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mm1.config import PromptFormat
+from mm1.config import InferenceSettings, PromptFormat
 from mm1.data.template import CAPTION_PROMPT, SHORT_ANSWER
 from mm1.eval.fewshot import build_prompt, demonstrations, prompt_text
 from mm1.eval.harness import baseline, evaluate, results_table, write_results
@@ -183,7 +183,7 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
     text.write_text("a red circle and a blue square. " * 20)
     tasks = [get_task("synth_caption", world=world), get_task("synth_vqa", world=world), get_task(f"ppl:{text}")]
     ev = evaluate(model, tok, tasks, [0, 2], EvalConfig(limit=4, max_new_tokens=4, batch_size=2),
-                  fmt=PromptFormat.PRETRAIN, progress=False)
+                  settings=InferenceSettings(PromptFormat.PRETRAIN), progress=False)
     res = ev.results
     assert res["prompt"] == "pretrain" and res["tasks"]["synth_vqa"]["prompt"] == "pretrain"
     assert set(res["tasks"]) == {"synth_caption", "synth_vqa", "ppl:t.txt"}
@@ -209,7 +209,7 @@ def test_harness_writes_results_in_the_documented_shape(world, tmp_path):
         t["by_type"]["2"][k] == pytest.approx(statistics.fmean(r["score"] for r in vqa if r["type"] == k))
         for k in kinds)
     with pytest.raises(ValueError, match=r"eval\.prompt=auto"):
-        evaluate(model, tok, tasks, [0], EvalConfig(limit=1), fmt=PromptFormat.AUTO, progress=False)
+        InferenceSettings(PromptFormat.AUTO)
 
 
 def test_prompts_longer_than_the_context_are_counted_and_warned_about(world, caplog):
@@ -236,7 +236,7 @@ def test_prompts_longer_than_the_context_are_counted_and_warned_about(world, cap
     assert min(lengths[4]) > cfg.model.decoder.max_seq_len
     with caplog.at_level("WARNING", logger="mm1.eval"):
         res = evaluate(MLLM(cfg.model).eval(), tok, [task], [0, 4], EvalConfig(limit=4, max_new_tokens=2),
-                       fmt=PromptFormat.PRETRAIN, progress=False).results
+                       settings=InferenceSettings(PromptFormat.PRETRAIN), progress=False).results
     t = res["tasks"]["synth_vqa"]
     assert res["context"] == cfg.model.decoder.max_seq_len
     assert t["longest_prompt"] == {"0": max(lengths[0]), "4": max(lengths[4])} and t["over_context"] == {"4": 4}
@@ -246,7 +246,7 @@ def test_prompts_longer_than_the_context_are_counted_and_warned_about(world, cap
     cfg.model.decoder.max_seq_len = 4 * max(lengths[4])
     cfg.model.decoder.trained_context = max(lengths[0]) + 1
     res = evaluate(MLLM(cfg.model).eval(), tok, [task], [0, 4], EvalConfig(limit=4, max_new_tokens=2),
-                   fmt=PromptFormat.PRETRAIN, progress=False).results
+                   settings=InferenceSettings(PromptFormat.PRETRAIN), progress=False).results
     assert res["context"] == max(lengths[0]) + 1 and "trained on" in res["context_from"]
     assert res["tasks"]["synth_vqa"]["over_context"] == {"4": 4}
 
@@ -279,7 +279,8 @@ def test_answer_length_comes_from_the_references_and_hits_are_counted(world, tmp
     resolve_model_config(cfg, len(tok), tok.image_id)
     torch.manual_seed(0)
     ev = evaluate(MLLM(cfg.model).eval(), tok, [get_task("synth_vqa", world=world)], [0],
-                  EvalConfig(limit=3, max_new_tokens=3), fmt=PromptFormat.PRETRAIN, progress=False)
+                  EvalConfig(limit=3, max_new_tokens=3), settings=InferenceSettings(PromptFormat.PRETRAIN),
+                  progress=False)
     t = ev.results["tasks"]["synth_vqa"]
     assert t["max_new_tokens"] == 3 and t["max_new_tokens_from"] == "eval.max_new_tokens"
     hits = sum(r["hit_limit"] for r in ev.predictions)
@@ -310,13 +311,12 @@ def test_baseline_and_scores_use_the_same_items(world):
 def test_prompt_format_follows_the_stage_unless_chosen(world):
     from conftest import tiny_config
     from mm1.config import Stage, apply_overrides
-    from mm1.store.loading import resolve_prompt_format
-
-    cfg = tiny_config(world)
-    assert resolve_prompt_format(cfg) == PromptFormat.PRETRAIN
+    cfg = tiny_config(world, "data.sub_image_grid=2")
+    assert InferenceSettings.of(cfg) == InferenceSettings(PromptFormat.PRETRAIN, 0)  # the grid is SFT's only
     cfg.train.stage = Stage.SFT
-    assert resolve_prompt_format(cfg) == PromptFormat.CHAT
-    assert resolve_prompt_format(apply_overrides(cfg, ["eval.prompt=pretrain"])) == PromptFormat.PRETRAIN
+    assert InferenceSettings.of(cfg) == InferenceSettings(PromptFormat.CHAT, 2)
+    assert InferenceSettings.of(apply_overrides(cfg, ["eval.prompt=pretrain"])) == InferenceSettings(
+        PromptFormat.PRETRAIN, 2)
 
 
 def test_world_documents_never_hold_the_evaluation_templates(world):
@@ -409,7 +409,7 @@ def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answe
     from mm1.data.template import SHORT_ANSWER
     from mm1.serve.chat import generate_once
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import load_model
     from mm1.train.trainer import train
 
     vqa = get_task("synth_vqa", world=world)
@@ -426,12 +426,12 @@ def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answe
     train(cfg, out=tmp_path / "sft")
     model, tok, run_cfg = load_model(tmp_path / "sft")
     task = get_task(f"custom:{data / 'test.jsonl'}")
-    grid = inference_sub_image_grid(run_cfg)
-    ev = evaluate(model, tok, [task], [0], EvalConfig(limit=6, max_new_tokens=6), fmt=PromptFormat.CHAT,
-                  progress=False, sub_image_grid=grid)
+    settings = InferenceSettings.of(run_cfg)
+    assert settings == InferenceSettings(PromptFormat.CHAT, 2)
+    ev = evaluate(model, tok, [task], [0], EvalConfig(limit=6, max_new_tokens=6), settings=settings, progress=False)
     t = ev.results["tasks"]["test"]
     assert t["prompt_template"] == "{question}" and t["prompts"]["chat"] == "{question}"
-    engine = Engine(model, tok, sub_image_grid=grid)
+    engine = Engine.for_run(model, tok, run_cfg)
     for row, item in zip(ev.predictions, task.test, strict=True):
         assert SHORT_ANSWER not in row["prompt"] and row["prompt"].rstrip().count(item.question) == 1
         said = generate_once(engine, prompt=item.question, images=[item.image],
@@ -442,14 +442,14 @@ def test_a_custom_task_is_asked_as_its_data_and_eval_answers_what_generate_answe
     task = get_task(f"custom:{data / 'test.jsonl'}")
     assert task.prompt_spec.chat == "Q: {question}"
     ev = evaluate(model, tok, [task], [0], EvalConfig(limit=2, max_new_tokens=2, chat_prompt="{question}?!"),
-                  fmt=PromptFormat.CHAT, progress=False)
+                  settings=InferenceSettings(PromptFormat.CHAT), progress=False)
     assert ev.results["tasks"]["test"]["prompt_template"] == "{question}?!"
     assert all(f"{r['question']}?!" in r["prompt"] for r in ev.predictions)
     from mm1.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"task test: the chat prompt 'no question' needs '\{question\}'"):
-        evaluate(model, tok, [task], [0], EvalConfig(limit=1, chat_prompt="no question"), fmt=PromptFormat.CHAT,
-                 progress=False)
+        evaluate(model, tok, [task], [0], EvalConfig(limit=1, chat_prompt="no question"),
+                 settings=InferenceSettings(PromptFormat.CHAT), progress=False)
     (data / "test.prompts.json").write_text('{"chat": 3}')
     with pytest.raises(Exception, match=r"test.prompts.json: a prompts file is"):
         get_task(f"custom:{data / 'test.jsonl'}")

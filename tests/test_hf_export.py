@@ -77,12 +77,11 @@ def exported(world, tmp_path_factory):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_transformers_generates_what_mm1_generates(exported, name):
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.loading import inference_sub_image_grid
 
     root, ours, theirs, _ = exported
     model, tok, cfg, prompt = ours[name]
     hf = theirs[name]
-    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    engine = Engine.for_run(model, tok, cfg)
     encoded = engine.encode(prompt)
     assert hf["class"] == "MM1ForConditionalGeneration"
     assert hf["prompt"].tolist() == encoded.ids  # the processor (and chat template) prepare mm1's very ids
@@ -235,7 +234,6 @@ def test_vllm_serves_the_export_through_its_transformers_backend(exported, name)
     if not VLLM_PYTHON.exists():
         pytest.skip(f"vLLM's CPU build is not installed in {VLLM_PYTHON.parent.parent} (scripts/setup_vllm.sh)")
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.loading import inference_sub_image_grid
 
     root, ours, theirs, images = exported
     model, tok, cfg, prompt = ours[name]
@@ -245,7 +243,7 @@ def test_vllm_serves_the_export_through_its_transformers_backend(exported, name)
     assert run.returncode == 0, run.stderr[-4000:]
     vllm = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert vllm["class"] == "TransformersMultiModalForCausalLM"  # images in, not a text-only fallback
-    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    engine = Engine.for_run(model, tok, cfg)
     assert vllm["prompt"] == engine.encode(prompt).ids
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
     stops = set(json.loads((root / name / "config.json").read_text())["eos_token_id"])

@@ -77,8 +77,9 @@ def _sft_model_exports_to_transformers(out, tmp_path) -> None:
 
     from hf_loader import mm1_prompt, run_transformers
     from mm1.cli import main
+    from mm1.config import InferenceSettings
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import load_model
 
     assert main(["export", "--hf", "--checkpoint", str(out / "sft"), "--out", str(tmp_path / "hf")]) == 0
     image = sorted((out / "world" / "tasks" / "synth_vqa" / "images").glob("*.png"))[0]
@@ -86,7 +87,7 @@ def _sft_model_exports_to_transformers(out, tmp_path) -> None:
     hf = run_transformers([{"name": "sft", "folder": str(tmp_path / "hf"), "images": [str(image)],
                             "text": question, "chat": True}], tmp_path)["sft"]
     model, tok, cfg = load_model(out / "sft")
-    assert inference_sub_image_grid(cfg) == 2
+    assert InferenceSettings.of(cfg).sub_image_grid == 2
     prompt = mm1_prompt(question, [Image.open(image).convert("RGB")], chat=True, tok=tok)
     engine = Engine(model, tok, sub_image_grid=2)
     encoded = engine.encode(prompt)

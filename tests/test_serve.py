@@ -93,3 +93,29 @@ def test_generate_cli_reports_unreadable_image(tmp_path, capsys, monkeypatch, en
     assert code == 2 and err.startswith(f"mm1: error: {bad}: cannot decode image") and "\n" not in err
     code = main(["generate", "--checkpoint", "x", "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
     assert code == 2 and "cannot read image" in capsys.readouterr().err
+
+
+def test_one_decoding_loop_serves_the_engine_and_the_server(engine, tmp_path):
+    """`Engine.complete` is the continuous batcher run to its end: a batch of prompts gives what each
+    prompt gives alone and what the server's batcher gives with rows joining and leaving (two rows for
+    four requests); sampling with a seed repeats itself; no tokens asked for, none generated."""
+    from mm1.serve.batching import ContinuousBatcher
+    from mm1.serve.generation import Request
+
+    pic = Image.new("RGB", (24, 24), (0, 0, 255))
+    prompts = [[pic, "what colour"], ["red circle"], [pic, pic, "blue"], ["what"]]
+    gen = GenerationConfig(max_new_tokens=5)
+    batch = engine.run(prompts, gen)
+    assert [c.ids for c in batch] == [engine.run([p], gen)[0].ids for p in prompts]
+    assert [a.text for a in engine.complete(prompts, gen)] == [c.text for c in batch]
+    assert all(c.finish_reason in ("stop", "length") and len(c.ids) == c.completion_tokens for c in batch)
+    served: dict[int, object] = {}
+    batcher = ContinuousBatcher(engine, max_batch=2, max_len=128)
+    for i, p in enumerate(prompts):
+        batcher.submit(Request(engine.encode(p), gen, on_done=lambda r, i=i: served.__setitem__(i, r)))
+    while batcher.busy:
+        batcher.step()
+    assert [served[i].ids for i in range(4)] == [c.ids for c in batch]
+    sampled = GenerationConfig(max_new_tokens=6, temperature=1.5, seed=7)
+    assert engine.generate_ids(prompts, sampled) == engine.generate_ids(prompts, sampled)
+    assert engine.complete(prompts[:1], GenerationConfig(max_new_tokens=0))[0].text == ""

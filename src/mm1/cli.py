@@ -190,11 +190,11 @@ def _cmd_data_batch(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from mm1.config import save, validate
+    from mm1.config import InferenceSettings, save, validate
     from mm1.eval.harness import evaluate, results_table, write_results
     from mm1.eval.tasks import get_task
     from mm1.files import check_writable
-    from mm1.store.loading import describe_checkpoint, inference_sub_image_grid, load_model, resolve_prompt_format
+    from mm1.store.loading import describe_checkpoint, load_model
 
     check_writable(Path(a.out))  # before the model is loaded and the items decoded
     model, tok, cfg = load_model(a.checkpoint)
@@ -214,7 +214,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     world = Path(a.world or cfg.data.root)
     tasks = [get_task(t.strip(), world=world) for t in cfg.eval.tasks.split(",") if t.strip()]
     evaluation = evaluate(model, tok, tasks, [int(s) for s in cfg.eval.shots.split(",")], cfg.eval,
-                          fmt=resolve_prompt_format(cfg), sub_image_grid=inference_sub_image_grid(cfg))
+                          settings=InferenceSettings.of(cfg))
     # the results name what they scored: the checkpoint (and step) and the config, saved beside them
     evaluation.results = {"checkpoint": describe_checkpoint(a.checkpoint),
                           "config": "config.json (beside this file)", **evaluation.results}
@@ -230,15 +230,14 @@ def _engine(checkpoint: str, a: argparse.Namespace):
     import torch
 
     from mm1.serve.engine import Engine, GenerationConfig
-    from mm1.store.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import load_model
 
     device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, cfg = load_model(checkpoint, device=device)
     _for_inference(model, a)
-    grid = inference_sub_image_grid(cfg)
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed)
-    return Engine(model, tok, sub_image_grid=grid, compile=a.compile), gen
+    return Engine.for_run(model, tok, cfg, compile=a.compile), gen
 
 
 def _cmd_chat(a: argparse.Namespace) -> int:
@@ -269,7 +268,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from mm1.serve.engine import Engine
     from mm1.serve.requests import Limits
     from mm1.serve.server import ServerState, cpu_threads, serve
-    from mm1.store.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import load_model
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     given = {k: getattr(a, k) for k in ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels",
@@ -281,14 +280,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
         model, tok, cfg = load_model(a.checkpoint, device=device)
         _for_inference(model, a)
-        engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+        engine = Engine.for_run(model, tok, cfg)
         batcher = ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk)
     else:  # the model in an engine process; here only what validating and tokenizing need
         from mm1.serve.engine_process import EngineSpec, RemoteBatcher
 
         torch.set_num_threads(1)
         model, tok, cfg = load_model(a.checkpoint, device="cpu")
-        engine = Engine(model.to("meta"), tok, sub_image_grid=inference_sub_image_grid(cfg))  # weights freed
+        engine = Engine.for_run(model.to("meta"), tok, cfg)  # weights freed
         batcher = RemoteBatcher(EngineSpec(a.checkpoint, device=device, threads=a.threads or 0,
                                            max_batch=a.max_batch, prefill_chunk=a.prefill_chunk,
                                            plain_weights=a.plain_weights))

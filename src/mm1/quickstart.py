@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.config import Config, PromptFormat, apply_overrides
+from mm1.config import Config, InferenceSettings, PromptFormat, apply_overrides
 from mm1.data.synth.writer import ensure_world
 from mm1.eval.harness import Evaluation, evaluate, write_results
 from mm1.eval.tasks import get_task
@@ -27,7 +27,7 @@ from mm1.recipes import get_recipe
 from mm1.recipes.pipeline import ResolvedStage
 from mm1.recipes.tiny import tiny_pipeline
 from mm1.report import read_metrics, write_report
-from mm1.store.loading import inference_sub_image_grid, load_model
+from mm1.store.loading import load_model
 
 STEPS = 8
 DETAIL = "synth_stripes"  # the task that needs resolution: its stripes are averaged away at 64 px
@@ -59,10 +59,10 @@ def _evaluate_arms(out: Path, cfg: Config, world: Path) -> dict[str, dict]:
         if not wanted:
             continue
         model, tok, stage_cfg = load_model(out / arm.stage)
-        grid = inference_sub_image_grid(stage_cfg) if arm.high_res else 0
+        grid = InferenceSettings.of(stage_cfg).sub_image_grid if arm.high_res else 0
         arm_shots = [s for s in shots if arm.shots is None or s in arm.shots] or shots[:1]
         evaluation: Evaluation = evaluate(model, tok, [get_task(n, world=world) for n in wanted], arm_shots, cfg.eval,
-                                          fmt=arm.fmt, sub_image_grid=grid)
+                                          settings=InferenceSettings(arm.fmt, grid))
         write_results(evaluation, out / f"eval_{arm.name}")
         results[arm.name] = evaluation.results
     return results

@@ -238,7 +238,7 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
 
     The evaluation is written as `mm1 eval` writes it (eval/results.json, eval/predictions.jsonl with
     every prompt and answer), so an arm's scores can be read back to what the model said."""
-    from mm1.config import PromptFormat
+    from mm1.config import InferenceSettings, PromptFormat
     from mm1.eval.harness import evaluate, write_results
     from mm1.eval.tasks import get_task
     from mm1.store.loading import load_model
@@ -252,7 +252,8 @@ def arm_job(cfg_dict: dict, out: str, threads: int) -> dict:
     model, tok, _ = load_model(folder / "pretrain")
     world = Path(cfg.data.root)
     tasks = [get_task(n, world=world) for n in TASKS]
-    evaluation = evaluate(model, tok, tasks, list(SHOTS), cfg.eval, fmt=PromptFormat.PRETRAIN, progress=False)
+    evaluation = evaluate(model, tok, tasks, list(SHOTS), cfg.eval, settings=InferenceSettings(PromptFormat.PRETRAIN),
+                          progress=False)
     write_results(evaluation, folder / "eval")
     results = evaluation.results
     scores = arm_scores(results) | held_out_losses(model, tok, cfg)

@@ -6,9 +6,11 @@ the command line changes it with dotted overrides (`model.connector.kind=attenti
 writes the resolved config next to its outputs, so a result can always be traced to its settings.
 
 `schema.py` holds the dataclasses, `overrides.py` the dotted keys, `validate.py` the checks and
-`io.py` the JSON form; import everything from `mm1.config`.
+`io.py` the JSON form, `inference.py` what a run's config says about using its model (prompt format,
+sub-image grid); import everything from `mm1.config`.
 """
 
+from mm1.config.inference import InferenceSettings
 from mm1.config.io import (
     MOVED,
     from_dict,
@@ -76,6 +78,7 @@ __all__ = [
     "DecoderConfig",
     "EvalConfig",
     "ImageNorm",
+    "InferenceSettings",
     "LoggingConfig",
     "MoEConfig",
     "ModelConfig",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mm1.config import ConfigError, EvalConfig, PromptFormat
+from mm1.config import ConfigError, EvalConfig, InferenceSettings, PromptFormat
 from mm1.data.packing import tokenize
 from mm1.data.template import Text, template_for
 from mm1.data.tokenizer import Tokenizer
@@ -304,11 +304,11 @@ def longest_prompts(task: Task, shots: list[int], cfg: EvalConfig, tok: Tokenize
 
 
 def evaluate(model: MLLM, tok: Tokenizer, tasks: list[Task], shots: list[int], cfg: EvalConfig, *,
-             fmt: PromptFormat, progress: bool = True, sub_image_grid: int = 0) -> Evaluation:
-    """Every task at every shot count, prompted in `fmt` (resolve AUTO first: `resolve_prompt_format`)."""
-    if fmt == PromptFormat.AUTO:
-        raise ValueError("resolve eval.prompt=auto to chat or pretrain first (mm1.store.loading)")
-    engine = Engine(model, tok, sub_image_grid=sub_image_grid)
+             settings: InferenceSettings, progress: bool = True) -> Evaluation:
+    """Every task at every shot count, prompted and shown images as `settings` say (a run's own:
+    `InferenceSettings.of(cfg)`)."""
+    fmt = settings.prompt_format
+    engine = Engine(model, tok, sub_image_grid=settings.sub_image_grid)
     context, context_from = context_of(model)
     evaluation = Evaluation({"prompt": fmt.value, "context": context, "context_from": context_from, "tasks": {}})
     tasks = [with_run_prompts(t, cfg) for t in tasks]  # every prompt checked before any decoding

@@ -1,13 +1,15 @@
-"""Continuous batching: many generations share one decoding loop, joining and leaving at step boundaries.
+"""Continuous batching: the one decoding loop. Generations share it, joining and leaving at step boundaries.
 
-`Engine.generate` decodes a fixed batch until its longest row is done; a server cannot wait for
-that. Here each of `max_batch` cache rows holds one request at its own length. A step (1) admits
+Every generation in mm1 runs here: the server's requests as they arrive, and `Engine.complete`
+(`mm1 generate`, `mm1 chat`, evaluation) as a batch submitted at once and stepped to its end.
+Each of `max_batch` cache rows holds one request at its own length. A step (1) admits
 waiting requests into free rows with one batched prompt pass (right-padded; each row's prompt
 lands in cache slots 0..L-1), then (2) advances every running row by one token, each writing its
 key/value at its own length. Running rows are kept at the front of the cache, so a step only
 computes the rows in use and attends over the slots in use (rounded up, to limit distinct shapes);
-a finished row's slot is refilled by moving the last running row into it. Greedy rows decode
-exactly as `Engine.generate` decodes them alone, up to floating-point summation order.
+a finished row's slot is refilled by moving the last running row into it. A greedy row decodes as
+it would alone, up to floating-point summation order; greedy picks are made on the model's device
+(B ids come back, not B × V logits).
 
 Chunked prefill: while rows are decoding, a prompt longer than `prefill_chunk` tokens (many images)
 is not prefilled in one pass that would stall them; it waits in `pending`, then fills the cache row
@@ -24,54 +26,19 @@ import collections
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from mm1.model.decoder import KVCache
-from mm1.serve.engine import Encoded, Engine, GenerationConfig, pick
+from mm1.serve.generation import Completion, Request, TokenLogprob, pick
+
+if TYPE_CHECKING:  # the engine owns a batcher for its own generations; the batcher only calls it
+    from mm1.serve.engine import Engine
 
 log = logging.getLogger(__name__)
 SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model, and the most likely tokens at its position."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Completion:
-    """What a finished request produced: its text, token counts and why it stopped."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens reached)
-    logprobs: list[TokenLogprob] | None = None  # when asked for: one per generated token
-
-
-@dataclass
-class Request:
-    """One generation: an encoded prompt, its settings, and where its text goes.
-
-    `on_text` receives each new piece of text as it becomes final (never text that could still
-    turn out to start a stop string); `on_done` receives the completion, or the error that ended
-    the request.
-    """
-
-    encoded: Encoded
-    gen: GenerationConfig
-    on_text: Callable[[str], None] = lambda _: None
-    on_done: Callable[[Completion | BaseException], None] = lambda _: None
-    # when logprobs are asked for: the entries of the tokens whose text the next `on_text` carries
-    on_logprobs: Callable[[list[TokenLogprob]], None] = lambda _: None
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -210,7 +177,7 @@ class ContinuousBatcher:
                         torch.arange(p, S, device=dev))
         hidden = eng.model.decoder(row.embeds_TD[p:S][None], torch.arange(p, S, device=dev)[None],
                                    mask[None, None].to(dev), cache).hidden_BTD
-        return eng.model.decoder.lm_head(hidden[:, -1]).float().cpu()
+        return eng.model.decoder.lm_head(hidden[:, -1]).float()
 
     def run(self, stop: threading.Event) -> None:
         """The worker loop: step while there is work, sleep until a request arrives otherwise."""
@@ -280,11 +247,11 @@ class ContinuousBatcher:
         embeds = eng.model.embed(tokens.to(dev), torch.stack(images).to(dev, eng.dtype) if images else None,
                                  encode_images=eng.encode_images)
         rows = slice(first, first + n)
-        cache = KVCache([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v], torch.arange(T, device=dev))
         positions = torch.arange(T, device=dev)[None].expand(n, T)
-        hidden = eng.model.decoder(embeds, positions, mask[:, None].to(dev), cache).hidden_BTD
-        last = hidden[torch.arange(n), torch.tensor(lengths) - 1]
-        logits = eng.model.decoder.lm_head(last).float().cpu()
+        hidden = eng.prefill_fn(embeds, positions, mask[:, None].to(dev), [k[rows] for k in self.cache.k],
+                                [v[rows] for v in self.cache.v], torch.arange(T, device=dev))
+        last = hidden[torch.arange(n, device=dev), torch.tensor(lengths, device=dev) - 1]
+        logits = eng.model.decoder.lm_head(last).float()
         self.length[rows] = torch.tensor(lengths)
         self.rows += new
         self._emit(logits, range(first, first + n))
@@ -296,23 +263,28 @@ class ContinuousBatcher:
         eng, dev = self.engine, self.engine.device
         length = self.length[:n]
         S = min(self.max_len, -(-(int(length.max()) + 1) // SLOT_ROUND) * SLOT_ROUND)
-        mask = torch.arange(S)[None, :] <= length[:, None]  # the slots written so far, and this one
-        cache = KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v], length[:, None].to(dev))
-        x = eng.model.decoder.embed(self.last[:n, None].to(dev))
-        hidden = eng.model.decoder(x, length[:, None].to(dev), mask[:, None, None].to(dev), cache).hidden_BTD
+        mask_BS = torch.arange(S)[None, :] <= length[:, None]  # the slots written so far, and this one
+        logits_BV = eng.decode_fn([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v],
+                                  self.last[:n, None].to(dev), length[:, None].to(dev), mask_BS[:, None, None].to(dev))
         self.length[:n] += 1
-        self._emit(eng.model.decoder.lm_head(hidden[:, -1]).float().cpu(), range(n))
+        self._emit(logits_BV, range(n))
 
     def _emit(self, logits_BV: torch.Tensor, rows: range) -> None:
-        """Pick each row's next token, pass on its new text, and retire finished rows."""
+        """Pick each row's next token, pass on its new text, and retire finished rows. Greedy picks are
+        made on the logits' device in one call; only rows that sample or report log-probabilities
+        bring their logits to the CPU (where the seeded generators are)."""
+        gens = [self.rows[i].request.gen for i in rows]
+        greedy = logits_BV.argmax(-1).tolist()
+        host = logits_BV.float().cpu() if any(g.temperature > 0 or g.logprobs for g in gens) else None
         finished: list[tuple[int, str | Exception]] = []
         for b, i in enumerate(rows):
             row = self.rows[i]
             try:
-                token = int(pick(logits_BV[b:b + 1], row.request.gen, row.generator)[0])
+                gen = row.request.gen
+                token = greedy[b] if gen.temperature <= 0 else int(pick(host[b:b + 1], gen, row.generator)[0])
                 self.last[i] = token
-                if row.request.gen.logprobs:
-                    row.logprobs.append(_logprob(logits_BV[b], token, row.request.gen.top_logprobs))
+                if gen.logprobs:
+                    row.logprobs.append(_logprob(host[b], token, gen.top_logprobs))
                 reason = self._advance(row, token)
             except Exception as err:  # this row's sampling or its client's callback: this row ends
                 reason = err
@@ -361,7 +333,7 @@ class ContinuousBatcher:
         else:
             logprobs = row.logprobs[:len(row.ids)] if row.request.gen.logprobs else None  # not the end token's
             _end(row.request, Completion(row.text.strip(), len(row.request.encoded.ids), len(row.ids), reason,
-                                         logprobs))
+                                         logprobs, row.ids))
 
     def _remove(self, i: int) -> None:
         """Free row i: the last running row moves into it (its cache slots, length and last token), and a

@@ -1,26 +1,34 @@
-"""The inference engine, apart from the model: KV-cache decoding of batches of multimodal prompts.
+"""The inference engine, apart from the model: multimodal prompts in, answers out.
 
-Prompts of different lengths are left-padded into one batch; padding is masked out of attention
-and positions start at 0 on each row, so every row decodes exactly as it would alone. One prefill
-pass fills the pre-allocated KV cache, then each step feeds one token per row. Greedy decoding
-(what MM1's evaluation uses) or sampling with temperature and top-p; a row stops at the end
-token or at any stop string.
+The engine turns a prompt (text, template markup and images) into token ids and image tensors,
+and its answers come from the one decoding loop, `mm1.serve.batching.ContinuousBatcher`: `complete`
+submits a batch and steps it to its end, the server submits requests as they arrive. Rows are
+right-padded and each keeps its own positions from 0, so every row decodes as it would alone.
+Greedy decoding (what MM1's evaluation uses) or sampling with temperature and top-p; a row stops at
+the end token or at any stop string. Scoring continuations (multiple-choice evaluation) is one
+forward pass, no decoding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from PIL import Image
 
+from mm1.config import Config, InferenceSettings
 from mm1.data.images import sub_images, to_tensor
 from mm1.data.packing import Tokenized, tokenize
 from mm1.data.template import Control, Markup, Text, stop_token_ids
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.decoder import KVCache
 from mm1.model.mllm import MLLM
+from mm1.serve.batching import SLOT_ROUND, ContinuousBatcher
+from mm1.serve.generation import Completion, Encoded, GenerationConfig, Request
 from mm1.serve.image_cache import ImageCache
+
+__all__ = ["Answer", "Encoded", "Engine", "GenerationConfig", "LowRes", "Part"]
 
 
 @dataclass(frozen=True)
@@ -36,31 +44,6 @@ class LowRes:
 Part = str | Control | Markup | Image.Image | LowRes
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding settings for one request: length, temperature, top-p, stop strings, seed."""
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int = 0
-    logprobs: bool = False  # report each chosen token's log-probability (the model's, before temperature)
-    top_logprobs: int = 0  # and this many most likely alternatives at each position
-
-
-def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row [B]: greedy at temperature 0, else sampled with temperature and top-p."""
-    if cfg.temperature <= 0:
-        return logits_BV.argmax(-1)
-    probs = torch.softmax(logits_BV.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-
-
 @dataclass(frozen=True)
 class Answer:
     """One row's answer: its text (cut at the first stop string), whether it ran into `max_new_tokens`
@@ -68,13 +51,6 @@ class Answer:
     text: str
     hit_limit: bool
     prompt_tokens: int
-
-
-@dataclass
-class Encoded:
-    """A prompt as token ids and the preprocessed image tensors it refers to."""
-    ids: list[int]
-    images: list[torch.Tensor]
 
 
 class Engine:
@@ -95,19 +71,23 @@ class Engine:
         # decoder's vocabulary may lack the special tokens our tokenizer adds.
         self.pad_id = tok.pad_id if tok.pad_id < model.cfg.decoder.vocab_size else 0
         # Opt-in torch.compile (C++ wrapper: no Python launch overhead per kernel) of the per-token step,
-        # the image encoder and the prefill pass. The first call compiles for its shapes; a call with
-        # other shapes recompiles once with dynamic shapes (torch's automatic dynamic), so a chat whose
-        # prompt grows does not recompile at every turn. Measured on 2 CPU cores with the tiny model
-        # (batch 1 / 16): a step takes 0.3 / 1.5-1.9 ms compiled vs 1.2 / 2.7 ms eager.
+        # the image encoder and the prompt pass. The first call compiles for its shapes; a call with
+        # other shapes recompiles once with dynamic shapes (torch's automatic dynamic), so rows joining
+        # and leaving, or a chat whose prompt grows, do not recompile at every step.
         if compile:
             # decompose_mm_pass: a 1-row matmul (batch-1 decoding) becomes a fused multiply-reduce,
             # which streams the weights at ~2x the bandwidth of the BLAS call (measured here).
             opts = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-            self._step_fn = torch.compile(self._step, options=opts)
+            self.decode_fn = torch.compile(self.decode_step, options=opts)
             self._encode_fn = torch.compile(model.encode_images, options=opts)
-            self._prefill_fn = torch.compile(self._prefill, options=opts)
+            self.prefill_fn = torch.compile(self.prefill, options=opts)
         else:
-            self._step_fn, self._encode_fn, self._prefill_fn = self._step, model.encode_images, self._prefill
+            self.decode_fn, self._encode_fn, self.prefill_fn = self.decode_step, model.encode_images, self.prefill
+
+    @classmethod
+    def for_run(cls, model: MLLM, tok: Tokenizer, cfg: Config, **kwargs) -> Engine:
+        """The engine a run's model is used with: images seen as the run was tuned to see them."""
+        return cls(model, tok, sub_image_grid=InferenceSettings.of(cfg).sub_image_grid, **kwargs)
 
     def encode_images(self, images_NCHW: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] → [N, tokens, D], images seen before taken from the cache."""
@@ -136,38 +116,31 @@ class Engine:
         images = [to_tensor(v, self.image_size, self.norm) for img in t.images for v in views[id(img)]]
         return Encoded(t.tokens.tolist(), images)
 
-    def _prefill_inputs(self, encoded: list[Encoded], T: int, max_len: int):
+    def _left_padded(self, encoded: list[Encoded], T: int):
+        """Rows right-aligned in T positions: tokens, positions from 0 per row, a causal mask that hides
+        the padding (padding attends only to itself, so no row of the mask is empty), the image tensors."""
         B = len(encoded)
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
-        valid = torch.zeros(B, max_len, dtype=torch.bool)  # per cache slot: holds a real token
+        valid = torch.zeros(B, T, dtype=torch.bool)
         for i, e in enumerate(encoded):
             tokens[i, T - len(e.ids):] = torch.tensor(e.ids)
-            valid[i, T - len(e.ids):T] = True
-        positions = (valid[:, :T].long().cumsum(1) - 1).clamp(min=0)
-        # The prompt pass attends over its own T slots; padding attends only to itself, so no row of
-        # the mask is empty.
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = (causal & valid[:, None, :T]) | torch.eye(T, dtype=torch.bool)
+            valid[i, T - len(e.ids):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        mask = (torch.ones(T, T, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
         images = [im for e in encoded for im in e.images]
-        return tokens, valid, positions, mask[:, None], (torch.stack(images) if images else None)
+        return tokens, positions, mask[:, None], (torch.stack(images) if images else None)
 
-    def _prefill(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: torch.Tensor,
-                 k: list[torch.Tensor], v: list[torch.Tensor], slots_T: torch.Tensor) -> torch.Tensor:
-        """The prompt pass: fill cache slots `slots_T`, return the last position's logits."""
-        hidden = self.model.decoder(embeds_BTD, positions_BT, mask, KVCache(k, v, slots_T)).hidden_BTD
-        return self._last_logits(hidden)
+    def prefill(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: torch.Tensor,
+                k: list[torch.Tensor], v: list[torch.Tensor], slots_T: torch.Tensor) -> torch.Tensor:
+        """The prompt pass of a batch of rows: fill cache slots `slots_T`; the hidden states [B, T, D]."""
+        return self.model.decoder(embeds_BTD, positions_BT, mask, KVCache(k, v, slots_T)).hidden_BTD
 
-    def _step(self, k: list[torch.Tensor], v: list[torch.Tensor], tokens_B1: torch.Tensor, pos_B1: torch.Tensor,
-              slot_1: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
-        """One decoding step with static shapes: write slot `slot_1`, return next-token logits.
-
-        The bookkeeping is done in place here (mark the slot valid, advance the positions) so that
-        the Python loop around it launches nothing else.
-        """
-        valid_BS.index_fill_(1, slot_1, True)
+    def decode_step(self, k: list[torch.Tensor], v: list[torch.Tensor], tokens_B1: torch.Tensor,
+                    pos_B1: torch.Tensor, mask_B11S: torch.Tensor) -> torch.Tensor:
+        """One token per row, each written at its own position `pos_B1` (= its cache slot): the next
+        logits [B, V] (fp32). The caller's mask shows each row the slots written so far and this one."""
         x = self.model.decoder.embed(tokens_B1)
-        hidden = self.model.decoder(x, pos_B1, valid_BS[:, None, None, :], KVCache(k, v, slot_1)).hidden_BTD
-        pos_B1.add_(1)
+        hidden = self.model.decoder(x, pos_B1, mask_B11S, KVCache(k, v, pos_B1)).hidden_BTD
         return self._last_logits(hidden)
 
     def _last_logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
@@ -182,57 +155,34 @@ class Engine:
         return self.model.decoder.lm_head(h_BD).float()
 
     def generate_ids(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[list[int]]:
-        return [ids for ids, _, _ in self._decode(prompts, cfg)]
+        return [c.ids for c in self.run(prompts, cfg)]
 
     @torch.inference_mode()
-    def _decode(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[tuple[list[int], bool, int]]:
-        """Each row's generated ids, whether it ended itself (end token or stop string), and its prompt's
-        length in positions (image tokens included)."""
+    def run(self, prompts: list[list[Part]], cfg: GenerationConfig) -> list[Completion]:
+        """Decode the prompts as one batch in the decoding loop, to the end of every row."""
         encoded = [self.encode(p) for p in prompts]
-        B, T = len(encoded), max(len(e.ids) for e in encoded)
+        if cfg.max_new_tokens <= 0:
+            return [Completion("", len(e.ids), 0, "length") for e in encoded]
         # Round the cache up so that compiled steps see few distinct shapes.
-        max_len = -(-(T + cfg.max_new_tokens) // 64) * 64
-        tokens, valid, positions, mask, images = self._prefill_inputs(encoded, T, max_len)
-        dev = self.device
-        cache = self.model.new_cache(B, max_len)
-        embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype),
-                                  encode_images=self.encode_images)
-        logits = self._prefill_fn(embeds, positions.to(dev), mask.to(dev), cache.k, cache.v,
-                                  torch.arange(T, device=dev))
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        valid = valid.to(dev)
-        pos = positions[:, -1:].to(dev) + 1
-        slots = [torch.tensor([s], device=dev) for s in range(T, T + cfg.max_new_tokens)]
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        for slot in slots:
-            # greedy picks on the device (B ids come back, not B × V logits); sampling uses the seeded CPU generator
-            nxt = pick(logits if cfg.temperature <= 0 else logits.cpu(), cfg, gen)
-            self._record(nxt, out, done, cfg)
-            if all(done) or slot is slots[-1]:
-                break
-            logits = self._step_fn(cache.k, cache.v, nxt.to(dev)[:, None], pos, slot, valid)
-        return list(zip(out, done, [len(e.ids) for e in encoded], strict=True))
-
-    def _record(self, nxt: torch.Tensor, out: list[list[int]], done: list[bool], cfg: GenerationConfig) -> None:
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if t in self.stop_ids:
-                done[i] = True
-                continue
-            out[i].append(t)
-            if cfg.stop and any(s in self.tok.decode(out[i][-8:]) for s in cfg.stop):
-                done[i] = True
+        max_len = -(-(max(len(e.ids) for e in encoded) + cfg.max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
+        batcher = ContinuousBatcher(self, max_batch=len(encoded), max_len=max_len, prefill_chunk=0)
+        done: list[Completion | BaseException | None] = [None] * len(encoded)
+        for i, e in enumerate(encoded):
+            batcher.submit(Request(e, cfg, on_done=partial(done.__setitem__, i)))
+        while batcher.busy:
+            batcher.step()
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return done
 
     def generate(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[str]:
         return [c.text for c in self.complete(prompts, cfg)]
 
     def complete(self, prompts: list[list[Part]], cfg: GenerationConfig | None = None) -> list[Answer]:
         """Like `generate`, also saying which rows were cut by the length limit (evaluation counts them)."""
-        cfg = cfg or GenerationConfig()
-        return [Answer(_cut(self.tok.decode(ids), cfg.stop), not ended, length)
-                for ids, ended, length in self._decode(prompts, cfg)]
+        return [Answer(c.text, c.finish_reason == "length", c.prompt_tokens)
+                for c in self.run(prompts, cfg or GenerationConfig())]
 
     @torch.inference_mode()
     def choose(self, prompts: list[list[Part]], choices: list[tuple[str, ...]], prefix: str = "") -> list[Answer]:
@@ -247,7 +197,7 @@ class Engine:
 
     def _forward(self, rows: list[Encoded], T: int) -> torch.Tensor:
         """Logits [B, T, V] (fp32) of the rows, right-aligned in T positions (left-padded)."""
-        tokens, _, positions, mask, images = self._prefill_inputs(rows, T, T)
+        tokens, positions, mask, images = self._left_padded(rows, T)
         dev = self.device
         embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype),
                                   encode_images=self.encode_images)
@@ -287,10 +237,3 @@ def _continued(prompt: list[Part], text: str) -> list[Part]:
     if prompt and isinstance(prompt[-1], str):
         return [*prompt[:-1], prompt[-1] + text]
     return [*prompt, text]
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    for s in stops:
-        if s in text:
-            text = text[: text.index(s)]
-    return text.strip()

@@ -30,7 +30,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from mm1.serve.batching import Completion, Request, _end
+from mm1.serve.batching import _end
+from mm1.serve.generation import Completion, Request
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 0.1
@@ -58,13 +59,13 @@ def _build(spec: EngineSpec):
     from mm1.serve.batching import ContinuousBatcher
     from mm1.serve.cpu_layout import pack_linears
     from mm1.serve.engine import Engine
-    from mm1.store.loading import inference_sub_image_grid, load_model
+    from mm1.store.loading import load_model
 
     torch.set_num_threads(spec.threads or os.cpu_count() or 1)
     model, tok, cfg = load_model(spec.checkpoint, device=spec.device)
     if not spec.plain_weights:
         pack_linears(model)
-    engine = Engine(model, tok, sub_image_grid=inference_sub_image_grid(cfg))
+    engine = Engine.for_run(model, tok, cfg)
     if spec.ignore_eos:
         engine.stop_ids = set()
     return ContinuousBatcher(engine, max_batch=spec.max_batch, prefill_chunk=spec.prefill_chunk)

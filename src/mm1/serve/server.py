@@ -32,10 +32,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mm1.data.template import ChatTemplate, template_for
-from mm1.serve.batching import Completion, ContinuousBatcher, TokenLogprob
-from mm1.serve.batching import Request as GenRequest
+from mm1.serve.batching import ContinuousBatcher
 from mm1.serve.engine import Engine, GenerationConfig
 from mm1.serve.engine_process import RemoteBatcher
+from mm1.serve.generation import Completion, TokenLogprob
+from mm1.serve.generation import Request as GenRequest
 from mm1.serve.metrics import ServerMetrics
 from mm1.serve.requests import ChatRequest, Limits, RequestError, parse_chat
 

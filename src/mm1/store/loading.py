@@ -12,24 +12,12 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, PromptFormat, Stage, load
+from mm1.config import Config, load
 from mm1.data.tokenizer import Tokenizer
 from mm1.model.mllm import MLLM
 from mm1.model.size import check_fits
 from mm1.store import runs as ckpt
 from mm1.store.pretrained import hf_config
-
-
-def resolve_prompt_format(cfg: Config) -> PromptFormat:
-    """eval.prompt, with AUTO resolved: a fine-tuned (SFT) model is prompted as it was tuned, in chat."""
-    if cfg.eval.prompt != PromptFormat.AUTO:
-        return cfg.eval.prompt
-    return PromptFormat.CHAT if cfg.train.stage == Stage.SFT else PromptFormat.PRETRAIN
-
-
-def inference_sub_image_grid(cfg: Config) -> int:
-    """Sub-image grid an engine must use: the SFT stage's, since the model was tuned on those views."""
-    return cfg.data.sub_image_grid if cfg.train.stage == Stage.SFT else 0
 
 
 def describe_checkpoint(path: str | Path) -> dict:

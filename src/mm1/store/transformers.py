@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mm1.config import Config, to_dict
+from mm1.config import Config, InferenceSettings, to_dict
 from mm1.data.images import NORMS
 from mm1.data.tokenizer import ASSISTANT, END, EOS, IMAGE, PAD, SYSTEM, USER, Tokenizer
-from mm1.store.loading import inference_sub_image_grid
 
 REMOTE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_mm1.py", "modeling_mm1.py", "processing_mm1.py")
@@ -103,7 +102,7 @@ def model_config(cfg: Config, tok: Tokenizer) -> dict:
                              "mlp_depth": con.mlp_depth, "hidden": con.hidden, "heads": con.heads},
         "tie_word_embeddings": dec.tie_embeddings,
         "image_token_id": m.image_token_id, "image_size": vis.image_size,
-        "sub_image_grid": inference_sub_image_grid(cfg),
+        "sub_image_grid": InferenceSettings.of(cfg).sub_image_grid,
         "mm1_trained_context": dec.trained_context or dec.max_seq_len,
         "bos_token_id": None, "eos_token_id": stops, "pad_token_id": tok.pad_id, "torch_dtype": "float32",
     }
@@ -172,7 +171,7 @@ def export_transformers(model: torch.nn.Module, cfg: Config, tok: Tokenizer, fol
             "image_processor_type": "MM1ImageProcessor", "processor_class": "MM1Processor",
             "auto_map": {"AutoImageProcessor": "processing_mm1.MM1ImageProcessor",
                          "AutoProcessor": "processing_mm1.MM1Processor"},
-            "image_size": cfg.model.vision.image_size, "sub_image_grid": inference_sub_image_grid(cfg),
+            "image_size": cfg.model.vision.image_size, "sub_image_grid": InferenceSettings.of(cfg).sub_image_grid,
             "image_mean": list(mean), "image_std": list(std)})
         write_json(tmp / "processor_config.json", {
             "processor_class": "MM1Processor", "auto_map": {"AutoProcessor": "processing_mm1.MM1Processor"},
