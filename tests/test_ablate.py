@@ -17,7 +17,7 @@ TINY = Scale(seeds=2, steps=2, batch_size=2, clip_steps=2, eval_limit=2, lm_step
 SMALL_WORLD = ("data.synth.captions=300", "data.synth.interleaved=60", "data.synth.text=60", "data.synth.sft=20",
                "data.synth.sft_text=10", "data.synth.eval_scenes=10", "data.synth.image_size=64",
                "data.packing.seq_len=320", "data.packing.max_images=4", "data.num_workers=0", "eval.max_new_tokens=3",
-               "data.prepare.workers=1")
+               "data.prepare.workers=1", "data.synth.junk=20")
 
 
 def test_intervals_against_hand_computed_values():
@@ -294,3 +294,31 @@ def test_only_the_resolution_arms_train_longer_and_both_alike():
         assert train.checkpoint.every == train.steps and train.schedule.warmup_steps == max(1, train.steps // 10)
     by_name = {f.name: f for f in FINDINGS}
     assert {ARMS[a].steps_factor for a in by_name["resolution"].arms} == {RESOLUTION_STEPS}
+
+
+def test_the_quality_finding_grades_the_crawl_and_trains_on_what_the_filter_keeps(tmp_path):
+    """Without a grader the quality finding is reported as not run and none of its arms train; with one
+    (here the LM stage of the first call: any model with a chat template grades), the crawl is graded,
+    the filter's drop list leaves its lowest third out of the filtered arm's data only, and both arms run."""
+    from mm1.ablate.findings import CRAWL_KEEP
+    from mm1.ablate.report import write_report
+
+    out, one = tmp_path / "abl", Scale(seeds=1, steps=2, batch_size=2, clip_steps=2, eval_limit=2, lm_steps=2)
+    lines: list[str] = []
+    findings, scores, scale = run_ablation(out, quick=False, only=["quality", "text_only"], overrides=SMALL_WORLD,
+                                           scale=one, log=lines.append)
+    assert any("quality finding is not run" in line for line in lines)
+    assert set(scores) == {"base", "text0"} and not (out / "arms" / "crawl_raw").exists()
+    assert write_report(out, findings, scores, scale, wall_s=1.0)["quality"] == "not run"
+    grader = out / "lm" / ARMS["base"].decoder_key / "seed_0"
+    findings, scores, scale = run_ablation(out, quick=False, only=["quality"], overrides=SMALL_WORLD, scale=one,
+                                           grader=grader, log=lines.append)
+    assert set(scores) == {"crawl_raw", "crawl_filtered"}
+    drops = json.loads((out / "world" / "quality" / "interleaved.json").read_text())
+    pages = 60 + 20  # the small world's good pages and junk ones (SMALL_WORLD)
+    assert drops["records"] == pages and drops["dropped"] == pages - round(CRAWL_KEEP * pages)
+    stats = {arm: json.loads((out / "arms" / arm / "seed_0" / "pretrain" / "data_stats.json").read_text())
+             for arm in ("crawl_raw", "crawl_filtered")}
+    assert "low quality" in json.dumps(stats["crawl_filtered"]) and "low quality" not in json.dumps(stats["crawl_raw"])
+    assert any(line.startswith("ablate: the crawl graded by") for line in lines)
+    assert write_report(out, findings, scores, scale, wall_s=1.0)["quality"] != "not run"

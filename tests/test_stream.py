@@ -231,6 +231,28 @@ def test_world_is_deterministic_in_the_seed(tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_junk_pages_change_no_other_part_of_the_world_and_describe_none_of_their_pictures(tmp_path):
+    """The junk part is written last from its own stream: a world with it is the world without it plus junk/."""
+    from conftest import SMALL_WORLD
+    from mm1.config import SynthConfig
+    from mm1.data.formats.interleaved import ObelicsParquet
+    from mm1.data.synth.writer import write_world
+
+    small = SynthConfig(**{**SMALL_WORLD.__dict__, "captions": 40, "interleaved": 10, "text": 5, "sft": 10,
+                           "sft_text": 5, "eval_scenes": 5})
+    a = write_world(tmp_path / "a", seed=5, sizes=small, workers=1)
+    b = write_world(tmp_path / "b", seed=5, sizes=SynthConfig(**{**small.__dict__, "junk": 30}), workers=1)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "world.json")
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "world.json")
+    assert files_a == [f for f in files_b if f.parts[0] != "junk"]
+    assert all((a / rel).read_bytes() == (b / rel).read_bytes() for rel in files_a)
+    docs = ObelicsParquet(b / "junk" / "docs.parquet")
+    assert len(docs) == 30
+    pages = [docs.read(i).parts for i in range(len(docs))]
+    assert all(isinstance(p[0], str) and " | " in p[0] for p in pages)  # every page opens with a menu
+    assert 0 < sum(any(not isinstance(x, str) for x in p) for p in pages) < len(pages)  # some have pictures
+
+
 def test_world_caption_styles_follow_the_vecap_share(world):
     """MM1's captions are 2B alt-text and 300M VeCap pairs: the world writes 13% dense captions."""
     from mm1.data.formats.webdataset import WebDatasetShard

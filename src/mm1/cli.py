@@ -450,7 +450,8 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
     only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
     try:
         findings, scores, scale = run_ablation(out, quick=a.quick, only=only, jobs=a.jobs, seeds=a.seeds,
-                                               overrides=tuple(a.overrides))
+                                               overrides=tuple(a.overrides),
+                                               grader=Path(a.grader) if a.grader else None)
     except ValueError as err:  # an unknown finding, or an output folder of other settings
         raise ConfigError(str(err)) from None
     verdicts = write_report(out, findings, scores, scale, time.perf_counter() - t0)
@@ -494,14 +495,17 @@ def _add_recipe_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ablate", help="MM1's findings reproduced on the synthetic world, with seeds and intervals",
                        description="Runs the arms of each finding (resolution vs encoder size, image tokens, "
-                                   "connector, caption and interleaved data, text-only data, MoE) as ordinary run "
+                                   "connector, caption and interleaved data, text-only data, MoE, quality "
+                                   "filtering) as ordinary run "
                                    "folders under OUT/arms, reusing finished ones, and writes OUT/report.md.")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="2 seeds, short arms: under an hour on 2 CPU cores")
     p.add_argument("--only", help="comma-separated findings: resolution, image_tokens, connector, caption_zero_shot, "
-                                  "interleaved_few_shot, text_only, moe")
+                                  "interleaved_few_shot, text_only, moe, quality")
     p.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
     p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 3 full)")
+    p.add_argument("--grader", help="an instruct LLM's folder (HF or mm1) that grades the crawl for the quality "
+                                    "finding (full mode); without one that finding is not run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every arm's tiny recipe")
     p.set_defaults(func=_cmd_ablate, out_folder=True)
 

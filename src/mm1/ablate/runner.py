@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from mm1.ablate.findings import Arm, Finding, select
+from mm1.ablate.findings import ARMS, CRAWL_KEEP, QUALITY, Arm, Finding, select
 from mm1.config import Config, apply_overrides, from_saved, to_dict
 from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage, ResolvedStage
 
@@ -361,16 +361,49 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def grade_crawl(cfg: Config, grader: Path, log) -> None:
+    """The quality finding's filter: an instruct LLM grades a sample of the crawl (reused while the grader
+    and the crawl's files are the same), a classifier learns the grades and the lowest third of the crawl
+    goes on the drop list that `data.prepare.quality=true` honours (`mm1 data grade`, `mm1 data filter`)."""
+    from mm1.data.quality import (
+        GradeSettings,
+        filter_source,
+        grade_source,
+        grades_file,
+        quality_file,
+        read_grades,
+        source_files,
+        write_grades,
+    )
+    from mm1.files import write_json
+
+    path = grades_file(cfg, "interleaved")
+    head = read_grades(path)[0] if path.exists() else {}
+    if head.get("grader") != str(grader) or head.get("files") != source_files(cfg, "interleaved"):
+        graded = grade_source(cfg, "interleaved", grader, GradeSettings(), progress=False)
+        write_grades(graded, path)
+        head = read_grades(path)[0]
+    result = filter_source(cfg, "interleaved", keep=CRAWL_KEEP, progress=False)
+    write_json(quality_file(cfg, "interleaved"), result.to_dict())
+    log(f"ablate: the crawl graded by {grader} (rubric agreement {head.get('agreement')}); the classifier's "
+        f"held-out Spearman {result.heldout_spearman:.2f}; {result.dropped} of {result.records} pages dropped")
+
+
 def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
-                 overrides: tuple[str, ...] = (), scale: Scale | None = None,
+                 overrides: tuple[str, ...] = (), scale: Scale | None = None, grader: Path | None = None,
                  log=print) -> tuple[list[Finding], dict[str, list[dict]], Scale]:
     """Run (or reuse) every arm the chosen findings need; returns the findings, each arm's per-seed
-    scores, and the scale they ran at. `overrides` apply to every arm (e.g. the world's sizes)."""
+    scores, and the scale they ran at. `overrides` apply to every arm (e.g. the world's sizes). The
+    quality finding's arms run only with a `grader` (reported as not run otherwise)."""
     from mm1.data.prepare import prepare
     from mm1.data.stream import load_tokenizer
     from mm1.data.synth.writer import ensure_world
 
     findings, arms = select(only, quick=quick)
+    quality = any(f.name == QUALITY.name for f in findings)
+    if quality and grader is None:
+        log("ablate: the quality finding is not run: its crawl needs a grader (--grader, an instruct LLM's folder)")
+        arms = [a for a in arms if a.name not in QUALITY.all_arms]
     scale = scale or Scale.of(quick, seeds)
     threads = max(1, available_cores() // max(1, jobs))
     world = out / "world"
@@ -378,6 +411,8 @@ def run_ablation(out: Path, *, quick: bool, only: list[str] | None = None, jobs:
     base = base_config(world, scale, workers=1, overrides=overrides)
     ensure_world(base, world, seed=0, progress=True)
     tok = load_tokenizer(base)
+    if quality and grader is not None:  # before any preparation: the filtered arm's data leave out its drops
+        grade_crawl(arm_config(base, ARMS["crawl_raw"], 0), grader, log)
     runs = []
     for arm in arms:
         for seed in range(scale.seeds):

@@ -240,6 +240,7 @@ class SourceConfig:
     paths: str = ""
     weight: float = 1.0
     images: str = ""  # image folder for mmc4 / LLaVA files; empty: `images/` beside each file
+    quality: bool = False  # leave out what `mm1 data filter` dropped from this source (all: data.prepare.quality)
 
 
 def _pretrain_sources() -> dict[str, SourceConfig]:
@@ -277,7 +278,9 @@ class PrepareConfig:
     check_images: bool = True  # decode every image once and leave out the ones that fail
     unit_records: int = 5000  # records per work unit (a file is split into units where its format allows)
     dedup: bool = False  # leave out what `mm1 data dedup` found (DATA_ROOT/dedup/<source>.json)
-    quality: bool = False  # leave out what `mm1 data filter` dropped (DATA_ROOT/quality/<source>.json)
+    # leave out what `mm1 data filter` dropped (DATA_ROOT/quality/<source>.json) from every source (one
+    # source only: data.sources.NAME.quality)
+    quality: bool = False
 
 
 @dataclass(kw_only=True)
@@ -295,6 +298,9 @@ class SynthConfig:
     word_size: float = 0.085
     dense_captions: float = 0.13  # VeCap-style share of captions: MM1's 300M VeCap beside 2B alt-text pairs
     real_text: str = ""  # optional text file (e.g. ../shared/data WikiText-2) mixed into the text-only documents
+    # low-quality web pages (menus, spam, link lists, scrambled text; `synth/junk.py`) in junk/: no recipe's
+    # mixture reads them unless told to; the quality-filtering finding adds them to the crawl
+    junk: int = 0
 
 
 @dataclass(kw_only=True)

@@ -103,7 +103,7 @@ def source_specs(cfg: Config, stage: Stage, tok: Tokenizer) -> dict[str, SourceS
     out = {}
     for name, src in stage_sources(cfg, stage).items():
         dedup = str(dedup_file(cfg, name)) if cfg.data.prepare.dedup else ""
-        quality = str(quality_file(cfg, name)) if cfg.data.prepare.quality else ""
+        quality = str(quality_file(cfg, name)) if cfg.data.prepare.quality or src.quality else ""
         out[name] = SourceSpec(
             name=name, kind=src.kind.value, files=resolve_files(src, cfg.data.root, name),
             images=expand(src.images, cfg.data.root), seq_len=cfg.data.packing.seq_len,

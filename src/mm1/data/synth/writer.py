@@ -5,6 +5,8 @@ Layout of a world directory (every part documented in docs/data-formats.md):
     captions/00000.tar ...           image-caption pairs, WebDataset (img2dataset layout)
     interleaved/docs.parquet         OBELICS-style documents; images in interleaved/images/
     text/docs.jsonl                  text-only documents
+    junk/docs.parquet                low-quality web pages, OBELICS-style (`data.synth.junk` of them; no
+                                     mixture reads them by default); images in junk/images/
     sft/conversations.json           LLaVA-format conversations; images in sft/images/
     sft/text_conversations.json      LLaVA-format text-only conversations (no image)
     tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
@@ -31,11 +33,11 @@ from mm1.data.formats.interleaved import write_obelics
 from mm1.data.formats.llava import write_llava
 from mm1.data.formats.text import open_text, write_jsonl
 from mm1.data.formats.webdataset import write_shards
+from mm1.data.synth import junk, pages
 from mm1.data.synth import language as lang
-from mm1.data.synth import pages
 from mm1.data.synth.scene import COLOURS, WORD_SIZE, Scene, png_bytes, render, sample_scene
 
-VERSION = 10
+VERSION = 11
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -139,6 +141,20 @@ def write_interleaved(root: Path, n: int, painter: Painter, scenes: SceneSource,
     write_obelics(docs, root / "interleaved" / "docs.parquet")
 
 
+def write_junk(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
+    """Junk pages (`synth/junk.py`) in the interleaved layout. Written after every other part, so that the
+    other parts (and the evaluation scenes) are the same with or without them."""
+    docs = []
+    for i in range(n):
+        doc_scenes = [scenes.train(rng) for _ in range(junk.images_on_junk_page(rng))]
+        names = [painter.save(s, root / "junk" / "images" / f"{i:07d}_{k}.png") for k, s in enumerate(doc_scenes)]
+        parts = junk.junk_page(len(doc_scenes), rng)
+        docs.append(([p + "\n" if isinstance(p, str) else None for p in parts],
+                     [f"images/{names[p]}" if isinstance(p, int) else None for p in parts]))
+        bar.update()
+    write_obelics(docs, root / "junk" / "docs.parquet")
+
+
 def write_sft(root: Path, n: int, painter: Painter, scenes: SceneSource, rng: random.Random, bar) -> None:
     records = []
     for i in range(n):
@@ -235,7 +251,7 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
     painter = Painter(sizes.image_size, workers or os.cpu_count() or 1, sizes.word_size)
-    total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 12 * sizes.eval_scenes
+    total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 12 * sizes.eval_scenes + sizes.junk
     try:
         with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
             write_captions(root, sizes.captions, painter, scenes, _rng(seed, "captions"), bar,
@@ -251,6 +267,8 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
             write_sft_text(root, sizes.sft_text, _rng(seed, "sft-text"), bar)
             write_tasks(root, sizes.eval_scenes, painter, scenes, seed, bar)
             write_text_task(root, sizes.eval_scenes, _rng(seed, "text-test"))
+            if sizes.junk:
+                write_junk(root, sizes.junk, painter, scenes, _rng(seed, "junk"), bar)
     finally:
         painter.close()
     meta = {"version": VERSION, "seed": seed, "sizes": sizes.__dict__}
