@@ -55,7 +55,8 @@ def test_a_claim_of_no_difference_needs_intervals_inside_the_margin():
 def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     names = [f.name for f in FINDINGS]
     assert names == ["resolution", "image_tokens", "connector", "caption_zero_shot", "interleaved_few_shot",
-                     "text_only", "moe"]
+                     "text_only", "moe", "quality"]
+    assert "quality" not in {f.name for f in select(None, quick=True)[0]}  # full mode only
     _, arms = select(None, quick=True)
     assert {a.name for a in arms} == {"base", "res128", "vit_big", "tok4", "c_abstractor", "attn_pool",
                                      "cap100", "cap0", "text0", "moe"}

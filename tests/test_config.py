@@ -47,7 +47,7 @@ BAD = [
     ("train.steps=0", "train.steps: must be positive, got 0"),
     ("train.checkpoint.every=-3", "train.checkpoint.every: must be positive, got -3"),
     ("train.schedule.final_lr_fraction=2", "train.schedule.final_lr_fraction: must lie in [0, 1]"),
-    ("train.micro_batch_size=5", "train.micro_batch_size: 5 does not divide batch_size 16"),
+    ("train.micro_batch_size=5", "train.micro_batch_size: 5 does not divide batch_size 8"),
     ("model.moe.num_experts=4", None),  # valid: top_k=2 of 4
     ("model.image_token_id=-1", None),  # valid: a text-only model (an imported HF decoder)
     ("model.image_token_id=-2", "model.image_token_id: -2 is outside the vocabulary of 2048 (-1 for a text-only"),
