@@ -364,7 +364,8 @@ def available_cores() -> int:
 def grade_crawl(cfg: Config, grader: Path, log) -> None:
     """The quality finding's filter: an instruct LLM grades a sample of the crawl (reused while the grader
     and the crawl's files are the same), a classifier learns the grades and the lowest third of the crawl
-    goes on the drop list that `data.prepare.quality=true` honours (`mm1 data grade`, `mm1 data filter`)."""
+    goes on the drop list that the filtered arm's `data.sources.interleaved.quality=true` honours
+    (`mm1 data grade`, `mm1 data filter`)."""
     from mm1.data.quality import (
         GradeSettings,
         filter_source,
