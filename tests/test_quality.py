@@ -94,3 +94,13 @@ def test_grading_reads_the_graders_probabilities_of_each_digit(tmp_path, world):
     assert graded.rows == again.rows and set(graded.agreement()) == {"spearman", "same_top_grade"}
     write_grades(graded, grades_file(cfg, "text"))
     assert json.loads(grades_file(cfg, "text").read_text().splitlines()[0])["grader"] == str(tmp_path / "grader")
+    # one document per pass grades as the batch of six does (left padding changes nothing)
+    alone = grade_source(cfg, "text", tmp_path / "grader", GradeSettings(sample=6, batch=1), progress=False)
+    for a, b in zip(alone.rows, graded.rows, strict=True):
+        assert a["top"] == b["top"] and a["grades"] == pytest.approx(b["grades"], abs=1e-4)
+    # a rubric of one's own is what the grader reads: another instruction, other grades
+    own = grade_source(cfg, "text", tmp_path / "grader", GradeSettings(sample=6, rubrics=("Say 0.",)), progress=False)
+    assert len(own.rows[0]["grades"]) == 1 and own.agreement() == {}
+    assert [r["grades"][0] for r in own.rows] != [r["grades"][0] for r in graded.rows]
+    with pytest.raises(ValueError, match="non-empty"):
+        GradeSettings(rubrics=(" ",))

@@ -146,11 +146,26 @@ def _cmd_data_dedup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rubric(value: str) -> str:
+    """A --rubric: its text, or `@FILE` for the text of a file."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    if not path.is_file():
+        raise FileNotFoundError(f"--rubric {value}: no such file {path}")
+    return path.read_text(encoding="utf-8").strip()
+
+
 def _cmd_data_grade(a: argparse.Namespace) -> int:
-    from mm1.data.quality import GradeSettings, grade_source, grades_file, write_grades
+    from mm1.data.quality import RUBRICS, GradeSettings, grade_source, grades_file, write_grades
 
     cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
-    graded = grade_source(cfg, a.source, Path(a.grader), GradeSettings(sample=a.sample, seed=a.seed))
+    rubrics = tuple(_rubric(r) for r in a.rubric) if a.rubric else RUBRICS
+    try:
+        settings = GradeSettings(sample=a.sample, seed=a.seed, rubrics=rubrics, batch=a.batch, max_chars=a.max_chars)
+    except ValueError as err:
+        raise ConfigError(f"mm1 data grade: {err}") from None
+    graded = grade_source(cfg, a.source, Path(a.grader), settings)
     write_grades(graded, grades_file(cfg, a.source))
     n = len(graded.rows)
     mean = sum(r["grades"][0] for r in graded.rows) / max(1, n)
@@ -638,6 +653,12 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--grader", required=True, help="an HF instruct model folder (e.g. SmolLM2-135M-Instruct)")
     q.add_argument("--sample", type=int, default=200, help="documents graded (a seeded sample)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--rubric", action="append", metavar="TEXT|@FILE",
+                   help="the grading instruction, asking for one digit 0-5 (repeat it: the first phrasing is the "
+                        "grade, the others measure how much the grades depend on the wording); default: two "
+                        "built-in phrasings (mm1.data.quality.RUBRICS)")
+    q.add_argument("--batch", type=int, default=8, help="documents per forward pass of the grader")
+    q.add_argument("--max-chars", type=int, default=1500, help="the part of each document the grader reads")
     q.set_defaults(func=_cmd_data_grade)
     q = dsub.add_parser("filter", help="fit a fast classifier to the grades, score every record, keep the top share; "
                                        "`prepare` with data.prepare.quality=true leaves the rest out")

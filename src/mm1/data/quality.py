@@ -55,6 +55,14 @@ class GradeSettings:
     seed: int = 0
     max_chars: int = 1500
     rubrics: tuple[str, ...] = RUBRICS
+    batch: int = 8  # prompts per forward pass
+
+    def __post_init__(self):
+        if not self.rubrics or any(not r.strip() for r in self.rubrics):
+            raise ValueError("a rubric is a non-empty instruction (the first one is the grade)")
+        if self.sample < 1 or self.batch < 1 or self.max_chars < 1:
+            raise ValueError(f"sample ({self.sample}), batch ({self.batch}) and max_chars ({self.max_chars}) "
+                             f"must be positive")
 
 
 @dataclass
@@ -118,13 +126,15 @@ def grade_source(cfg: Config, source: str, grader: Path, settings: GradeSettings
     engine = Engine(model.eval(), tok)
     t0 = time.perf_counter()
     out = Graded(source, files, str(grader), settings)
-    for f, i, text in tqdm(sample, desc=f"grade {source}", unit="doc", disable=not progress):
-        expected, top = [], []
+    texts = [text[: settings.max_chars] for _, _, text in sample]
+    per_rubric = []
+    with tqdm(total=len(texts) * len(settings.rubrics), desc=f"grade {source}", unit="doc",
+              disable=not progress) as bar:
         for rubric in settings.rubrics:
-            e, t = grade_text(engine, rubric, text[: settings.max_chars])
-            expected.append(e)
-            top.append(t)
-        out.rows.append({"file": f, "index": i, "grades": expected, "top": top})
+            per_rubric.append(grade_texts(engine, rubric, texts, batch=settings.batch, on_batch=bar.update))
+    for k, (f, i, _) in enumerate(sample):
+        out.rows.append({"file": f, "index": i, "grades": [g[k][0] for g in per_rubric],
+                         "top": [g[k][1] for g in per_rubric]})
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -141,17 +151,29 @@ def _reservoir(records, k: int, rng: random.Random) -> list[tuple[int, int, str]
     return sorted(sample, key=lambda r: (r[0], r[1]))
 
 
-def grade_text(engine, rubric: str, text: str) -> tuple[float, int]:
-    """The grader's expected grade of `text` and its most likely grade, from its probabilities of "0".."5"."""
+def grade_texts(engine, rubric: str, texts: list[str], *, batch: int = 8,
+                on_batch=None) -> list[tuple[float, int]]:
+    """The grader's expected grade of each text and its most likely grade, from its probabilities of
+    "0".."5" after the rubric, in batches of prompts of similar length (little padding)."""
     import torch
 
     from mm1.data.template import template_for, user_turn
 
-    prompt = template_for(engine.tok).render([user_turn(f"{rubric}\n\n---\n{text}\n---", [])],
-                                             generation_prompt=True)
-    logp = torch.tensor(engine.continuation_logprobs(prompt, list(GRADES)))
-    p = torch.softmax(logp, 0)
-    return float((p * torch.arange(len(GRADES))).sum()), int(p.argmax())
+    template = template_for(engine.tok)
+    prompts = [template.render([user_turn(f"{rubric}\n\n---\n{text}\n---", [])], generation_prompt=True)
+               for text in texts]
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths batch together
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
+    for start in range(0, len(order), batch):
+        part = order[start:start + batch]
+        logp = torch.tensor(engine.next_token_logprobs([prompts[k] for k in part], list(GRADES)))
+        p = torch.softmax(logp, -1)
+        expected = (p * torch.arange(len(GRADES))).sum(-1)
+        for row, k in enumerate(part):
+            out[k] = (float(expected[row]), int(p[row].argmax()))
+        if on_batch:
+            on_batch(len(part))
+    return out
 
 
 def grades_file(cfg: Config, source: str) -> Path:

@@ -195,14 +195,37 @@ class Engine:
             out.append(Answer(options[best], False, length))
         return out
 
-    def _forward(self, rows: list[Encoded], T: int) -> torch.Tensor:
-        """Logits [B, T, V] (fp32) of the rows, right-aligned in T positions (left-padded)."""
+    def _forward(self, rows: list[Encoded], T: int, *, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) of the rows, right-aligned in T positions (left-padded); with
+        `last_only`, [B, V] of the last position only (the vocabulary projection of the others is skipped)."""
         tokens, positions, mask, images = self._left_padded(rows, T)
         dev = self.device
         embeds = self.model.embed(tokens.to(dev), None if images is None else images.to(dev, self.dtype),
                                   encode_images=self.encode_images)
         hidden = self.model.decoder(embeds, positions.to(dev), mask.to(dev)).hidden_BTD
+        if last_only:
+            return self.model.decoder.lm_head(hidden[:, -1]).float()
         return self.model.decoder.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[list[Part]], texts: list[str]) -> list[list[float]]:
+        """For each prompt, log p(text | prompt) of each text that is one token after it (a grade, a
+        label), every prompt in one left-padded pass: [len(prompts)][len(texts)]."""
+        rows, picks = [], []
+        for prompt in prompts:
+            base = self.encode(prompt)
+            n = len(base.ids)
+            ids = []
+            for text in texts:
+                full = self._tokenize(_continued(prompt, text))[0].tokens.tolist()
+                if len(full) != n + 1 or full[:n] != base.ids:
+                    raise ValueError(f"the continuation {text!r} is not one token after the prompt: score it "
+                                     f"with continuation_logprobs")
+                ids.append(full[n])
+            rows.append(base)
+            picks.append(ids)
+        logp_BV = torch.log_softmax(self._forward(rows, max(len(r.ids) for r in rows), last_only=True), dim=-1)
+        return [[float(logp_BV[i, j]) for j in ids] for i, ids in enumerate(picks)]
 
     @torch.inference_mode()
     def continuation_logprobs(self, prompt: list[Part], texts: list[str]) -> list[float]:
@@ -219,7 +242,7 @@ class Engine:
                 raise ValueError(f"the continuation {text!r} changes how the prompt's end is tokenized: "
                                  f"it cannot be scored after it")
         if all(len(r.ids) == n + 1 for r in rows):  # one token each: one pass of the prompt scores them all
-            logp_V = torch.log_softmax(self._forward([base], n)[0, -1], dim=-1)
+            logp_V = torch.log_softmax(self._forward([base], n, last_only=True)[0], dim=-1)
             return [float(logp_V[r.ids[n]]) for r in rows], n
         T = max(len(r.ids) for r in rows)
         logp_BTV = torch.log_softmax(self._forward(rows, T), dim=-1)
