@@ -37,6 +37,7 @@ from pathlib import Path
 from mm1.ablate.findings import ARMS, CRAWL_KEEP, QUALITY, Arm, Finding, select
 from mm1.config import Config, apply_overrides, from_saved, to_dict
 from mm1.recipes.pipeline import Handoff, Pipeline, PipelineStage, ResolvedStage
+from mm1.system import available_cores
 
 TASKS = ("synth_caption", "synth_vqa", "synth_stripes")
 SHOTS = (0, 8)
@@ -354,11 +355,6 @@ def run_jobs(jobs: list[tuple], workers: int, what: str, log) -> list:
         for done in as_completed(futures):
             collect(futures[done], done.result)
     return results
-
-
-def available_cores() -> int:
-    """The cores this process may run on (`taskset` and cgroup CPU sets included), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def grade_crawl(cfg: Config, grader: Path, log) -> None:

@@ -158,11 +158,12 @@ def _stage_job(stage: ResolvedStage, threads: int) -> float:
 
 def _run_side_by_side(stages: list[ResolvedStage], jobs: int) -> dict[str, float]:
     import multiprocessing as mp
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
+    from mm1.system import available_cores
+
     workers = min(jobs, len(stages))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cores() // workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {s.name: pool.submit(_stage_job, s, threads) for s in stages}
         return {name: f.result() for name, f in futures.items()}

@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import queue
 import signal
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 
 from mm1.serve.batching import _end
 from mm1.serve.generation import Completion, Request
+from mm1.system import available_cores
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 0.1
@@ -61,7 +61,7 @@ def _build(spec: EngineSpec):
     from mm1.serve.engine import Engine
     from mm1.store.loading import load_model
 
-    torch.set_num_threads(spec.threads or os.cpu_count() or 1)
+    torch.set_num_threads(spec.threads or available_cores())
     model, tok, cfg = load_model(spec.checkpoint, device=spec.device)
     if not spec.plain_weights:
         pack_linears(model)

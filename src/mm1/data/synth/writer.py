@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import random
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from mm1.data.formats.webdataset import write_shards
 from mm1.data.synth import junk, pages
 from mm1.data.synth import language as lang
 from mm1.data.synth.scene import COLOURS, WORD_SIZE, Scene, png_bytes, render, sample_scene
+from mm1.system import available_cores
 
 VERSION = 11
 
@@ -250,7 +250,7 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
     `workers`; 0: one per CPU core); returns `root`."""
     root.mkdir(parents=True, exist_ok=True)
     scenes = SceneSource()
-    painter = Painter(sizes.image_size, workers or os.cpu_count() or 1, sizes.word_size)
+    painter = Painter(sizes.image_size, workers or available_cores(), sizes.word_size)
     total = sizes.captions + sizes.interleaved + sizes.sft + sizes.sft_text + 12 * sizes.eval_scenes + sizes.junk
     try:
         with tqdm(total=total, desc="synth world", unit="rec", disable=not progress) as bar:
