@@ -331,6 +331,32 @@ def test_compiled_decoding_matches_eager():
         assert compiled.generate_ids(prompts, cfg) == eager.generate_ids(prompts, cfg)
 
 
+@pytest.mark.slow
+def test_a_warmed_up_batcher_compiles_nothing_for_its_clients():
+    """`mm1 serve --compile` warms its batcher up before taking requests: afterwards rows of new prompt
+    lengths, at new batch sizes, past a cache-size boundary, decode without a graph compiled."""
+    from torch._dynamo.utils import counters
+
+    from mm1.serve.batching import ContinuousBatcher
+    from mm1.serve.generation import Encoded, Request
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    batcher = ContinuousBatcher(Engine(model, _Tok(), compile=True), max_batch=8, max_len=256)
+    batcher.warm_up()
+    assert not batcher.busy and batcher.engine.stop_ids == Engine(model, _Tok()).stop_ids
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    done = []
+    for n in (4, 11, 6, 17, 1):
+        batcher.submit(Request(Encoded(list(range(7, 7 + n)), []), GenerationConfig(max_new_tokens=80),
+                               on_done=done.append))
+    while batcher.busy:
+        batcher.step()
+    assert len(done) == 5 and all(not isinstance(d, BaseException) for d in done)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 def test_the_grouped_gemm_experts_run_under_autocast_with_fp32_weights_and_equal_the_loop(monkeypatch):
     """Training under bf16 autocast keeps fp32 parameters and an fp32 residual stream: the grouped GEMM must
     still be taken (cast to bf16 and back), and equal the per-expert loop. torch runs `_grouped_mm` on a CPU

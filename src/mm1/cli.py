@@ -295,8 +295,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads or (cpu_threads() if device == "cpu" else torch.get_num_threads()))
         model, tok, cfg = load_model(a.checkpoint, device=device)
         _for_inference(model, a)
-        engine = Engine.for_run(model, tok, cfg)
+        engine = Engine.for_run(model, tok, cfg, compile=a.compile)
         batcher = ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk)
+        if a.compile:
+            batcher.warm_up()
     else:  # the model in an engine process; here only what validating and tokenizing need
         from mm1.serve.engine_process import EngineSpec, RemoteBatcher
 
@@ -305,7 +307,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         engine = Engine.for_run(model.to("meta"), tok, cfg)  # weights freed
         batcher = RemoteBatcher(EngineSpec(a.checkpoint, device=device, threads=a.threads or 0,
                                            max_batch=a.max_batch, prefill_chunk=a.prefill_chunk,
-                                           plain_weights=a.plain_weights))
+                                           plain_weights=a.plain_weights, compile=a.compile))
     state = ServerState(engine, batcher, limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
                         images_first=a.images_first)
@@ -380,6 +382,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                "process; with --in-process on a CPU all cores but one)")
     p.add_argument("--in-process", action="store_true", help="run the model in the server's own process instead of "
                    "an engine process of its own (mm1.serve.engine_process)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engine's prompt pass, decoding step and image encoder, compiled on "
+                        "throw-away requests before the server takes any (start-up takes that much longer)")
     _layout_arg(p)
     # limits: unset ones keep mm1.serve.requests.Limits' defaults
     p.add_argument("--max-body-bytes", type=int, default=None)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mm1.model.decoder import KVCache
-from mm1.serve.generation import Completion, Request, TokenLogprob, pick
+from mm1.serve.generation import Completion, Encoded, GenerationConfig, Request, TokenLogprob, pick
 
 if TYPE_CHECKING:  # the engine owns a batcher for its own generations; the batcher only calls it
     from mm1.serve.engine import Engine
@@ -91,6 +91,21 @@ class ContinuousBatcher:
                 _end(self.waiting.get_nowait(), err)
             except queue.Empty:
                 return
+
+    def warm_up(self) -> None:
+        """Run throw-away requests through the steps this batcher takes (a prompt pass; decoding at one
+        row, then at three of different lengths, across a cache-size boundary), so that a compiled engine
+        compiles, static shapes first and then the dynamic ones, before the first client waits on it."""
+        gen = GenerationConfig(max_new_tokens=max(1, min(SLOT_ROUND + 2, self.max_len - 9)))
+        stop_ids, self.engine.stop_ids = self.engine.stop_ids, set()  # every row runs its full length
+        try:
+            for lengths in ((3,), (2, 5, 9)):
+                for n in lengths:
+                    self.submit(Request(Encoded([self.engine.pad_id] * n, []), gen))
+                while self.busy:
+                    self.step()
+        finally:
+            self.engine.stop_ids = stop_ids
 
     @property
     def busy(self) -> bool:

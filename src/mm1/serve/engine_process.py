@@ -47,6 +47,7 @@ class EngineSpec:
     max_batch: int = 16
     prefill_chunk: int = 256
     plain_weights: bool = False  # keep the decoder's weights row-major (mm1.serve.cpu_layout)
+    compile: bool = False  # torch.compile the engine's passes, compiled before the first request is taken
     ignore_eos: bool = False  # every request runs to its max_tokens (benchmarks, as vLLM's ignore_eos)
 
 
@@ -63,12 +64,15 @@ def _build(spec: EngineSpec):
 
     torch.set_num_threads(spec.threads or available_cores())
     model, tok, cfg = load_model(spec.checkpoint, device=spec.device)
-    if not spec.plain_weights:
+    if not spec.plain_weights and not spec.compile:  # compiling lays the weights out itself
         pack_linears(model)
-    engine = Engine.for_run(model, tok, cfg)
+    engine = Engine.for_run(model, tok, cfg, compile=spec.compile)
+    batcher = ContinuousBatcher(engine, max_batch=spec.max_batch, prefill_chunk=spec.prefill_chunk)
+    if spec.compile:
+        batcher.warm_up()
     if spec.ignore_eos:
         engine.stop_ids = set()
-    return ContinuousBatcher(engine, max_batch=spec.max_batch, prefill_chunk=spec.prefill_chunk)
+    return batcher
 
 
 def _submit(batcher, local: dict, events, rid: int, ids: list[int], images: list, gen) -> None:
