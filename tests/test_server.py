@@ -558,7 +558,8 @@ def test_a_request_that_fails_while_decoding_ends_alone_over_http(server, client
 @pytest.fixture()
 def slow_server():
     """A server whose decoding steps take 50 ms and never stop on a token: one row, one waiting place,
-    requests ended after 1.5 s."""
+    requests ended after 5 s (long enough that, on a loaded machine, the first request still holds
+    its row when the third arrives)."""
     from mm1.serve.server import ServerState
 
     torch.manual_seed(0)
@@ -576,7 +577,7 @@ def slow_server():
         step()
 
     batcher.step = slow_step
-    limits = Limits(max_tokens=300, max_waiting=1, request_timeout_s=1.5)
+    limits = Limits(max_tokens=300, max_waiting=1, request_timeout_s=5.0)
     state = ServerState(engine, batcher, limits, model_name="slow")
     with running(state) as url:
         yield url, state
@@ -610,7 +611,7 @@ def test_a_full_queue_is_429_with_retry_after_and_a_long_request_times_out(slow_
     assert busy.json()["error"]["code"] == "queue_full"
     for t in long:
         t.join(timeout=30)
-    assert [r.status_code for r in results] == [504, 504]  # 300 tokens at 50 ms a step outlast 1.5 s
+    assert [r.status_code for r in results] == [504, 504]  # 300 tokens at 50 ms a step outlast 5 s
     assert results[0].json()["error"]["code"] == "timeout"
     assert _wait_for(lambda: _running(base) == 0)  # the timed-out rows were freed
 
