@@ -83,7 +83,7 @@ def test_generate_once_raw_and_templated(engine, tmp_path):
 
 
 def test_generate_cli_reports_unreadable_image(tmp_path, capsys, monkeypatch, engine):
-    import mm1.cli as cli
+    import mm1.cli.models as cli
 
     monkeypatch.setattr(cli, "_engine", lambda checkpoint, a: (engine, GenerationConfig(max_new_tokens=2)))
     bad = tmp_path / "bad.jpg"
