@@ -1,17 +1,20 @@
-"""Serving throughput: `mm1 serve` (continuous batching) under 1, 4 and 16 concurrent clients.
+"""Serving throughput: `mm1 serve` (continuous batching) under 1, 4, 16 and 32 concurrent clients.
 
-    python benchmarks/bench_serve.py [--requests 32] [--new 32]
+    python benchmarks/bench_serve.py [--requests 32] [--new 32] [--clients 1,4,16,32]
 
 The server runs in its own process on 127.0.0.1 (loopback only), its model in an engine process of its own
 with every core (`mm1 serve`'s default) or, with --in-process, in the server's process with all cores but
 one (`mm1 serve --in-process`), over the bench_decode.py model: random weights, fp32, its
 output restricted to tokens that decode to text (so that streamed text flows as from a trained
 model), exported with `mm1 export`. Each request is one image and a question, 32 new tokens forced
-(no early stop), greedy. For each concurrency C, C client threads send `--requests` requests in
-all, streamed and read by hand (the official `openai` client is checked once against the same
-server); printed: p50/p95 time to first token, p50/p95 latency and aggregate tokens/s. Beside them,
-the same requests served one at a time: by our engine (`Engine.generate`, batch 1, no server, 2
-threads) and by HF `generate` on the equivalent LLaVA. Then one JSON line.
+(no early stop), greedy. Two image mixes: every request the same image (`repeated`: the engine's image
+cache encodes it once) and every request its own (`distinct`: every image encoded). For each mix and
+concurrency C, C client threads send `--requests` requests in all, streamed and read by hand (the
+official `openai` client is checked once against the same server); printed: p50/p95 time to first
+token, p50/p95 inter-token latency (the gaps between a stream's chunks), p50/p95 latency and aggregate
+tokens/s. Beside them, the same requests served one at a time: by our engine (`Engine.generate`, batch 1,
+no server, 2 threads) and by HF `generate` on the equivalent LLaVA. Then one JSON line.
+(`bench_serve_aiperf.py` measures the servers with a third-party load generator.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import os
 import shutil
@@ -99,22 +103,25 @@ def text_only_outputs(model, tok) -> None:
                 w[i] = 0
 
 
-def one_request(client: httpx.Client, base_url: str, image_url: str, new: int) -> tuple[float, float, int]:
+def one_request(client: httpx.Client, base_url: str, image_url: str, new: int) -> dict:
     """One streamed request; the server-sent events are parsed by hand (the openai client's per-chunk
-    models would cost the 2-core machine more than the server's work)."""
+    models would cost the 2-core machine more than the server's work). Its TTFT, the gaps between its
+    text chunks (inter-token latency), its latency and its tokens."""
     body = {"model": "bench", "max_tokens": new, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                       {"type": "text", "text": QUESTION}]}]}
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    chunks, tokens = [], 0
     with client.stream("POST", base_url + "/chat/completions", json=body) as resp:
         for line in resp.iter_lines():
-            if first is None and '"content": "' in line and '"content": ""' not in line:
-                first = time.perf_counter() - t0
+            if '"content": "' in line and '"content": ""' not in line:
+                chunks.append(time.perf_counter() - t0)
             if '"usage"' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0, tokens
+    end = time.perf_counter() - t0
+    return {"ttft": chunks[0] if chunks else end, "gaps": [b - a for a, b in itertools.pairwise(chunks)],
+            "latency": end, "tokens": tokens}
 
 
 def check_with_openai(base_url: str, image_url: str) -> None:
@@ -126,19 +133,34 @@ def check_with_openai(base_url: str, image_url: str) -> None:
     assert out.usage.completion_tokens == 4, out
 
 
-def served(base_url: str, image_url: str, clients: int, requests: int, new: int) -> dict[str, float]:
+def served(base_url: str, image_urls: list[str], clients: int, requests: int, new: int) -> dict[str, float]:
+    """`requests` requests from `clients` threads, request i with image i (modulo the list)."""
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: one_request(client, base_url, image_url, new), range(requests)))
+        results = list(pool.map(lambda i: one_request(client, base_url, image_urls[i % len(image_urls)], new),
+                                range(requests)))
     wall = time.perf_counter() - t0
-    ttft, latency = sorted(r[0] for r in results), sorted(r[1] for r in results)
-    return {"ttft_p50": _pct(ttft, 50), "ttft_p95": _pct(ttft, 95), "lat_p50": _pct(latency, 50),
-            "lat_p95": _pct(latency, 95), "tok_s": sum(r[2] for r in results) / wall}
+    ttft, latency = sorted(r["ttft"] for r in results), sorted(r["latency"] for r in results)
+    gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
+    return {"ttft_p50": _pct(ttft, 50), "ttft_p95": _pct(ttft, 95), "itl_p50": _pct(gaps, 50),
+            "itl_p95": _pct(gaps, 95), "lat_p50": _pct(latency, 50), "lat_p95": _pct(latency, 95),
+            "tok_s": sum(r["tokens"] for r in results) / wall}
 
 
 def _pct(xs: list[float], p: int) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def images(size: int, n: int) -> list[Image.Image]:
+    """n different solid-colour pictures (distinct content, so distinct cache keys)."""
+    return [Image.new("RGB", (size, size), (200 - i % 150, 30 + (7 * i) % 200, (13 * i) % 256)) for i in range(n)]
+
+
+def data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def one_at_a_time(fn, requests: int, new: int) -> float:
@@ -150,8 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the server process
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level and image mix")
     ap.add_argument("--new", type=int, default=32, help="new tokens per request (forced)")
+    ap.add_argument("--clients", default="1,4,16,32", help="concurrency levels")
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests timed one at a time")
     ap.add_argument("--in-process", action="store_true", help="the model in the server's process (as `mm1 serve "
                                                               "--in-process`), not an engine process")
@@ -166,42 +189,50 @@ def main() -> None:
     text_only_outputs(ours, tok)
     engine = Engine(ours, tok)
     engine.stop_ids = set()  # force --new tokens, like min_new_tokens on the HF side
-    size = cfg.model.vision.image_size
-    image = Image.new("RGB", (size, size), (200, 30, 30))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    image_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    levels = [int(c) for c in a.clients.split(",")]
+    # every request of the run its own picture in the distinct mix: the baselines' and every level's
+    pictures = images(cfg.model.vision.image_size, a.baseline_requests * 2 + 2 + sum(max(a.requests, c)
+                                                                                       for c in levels))
+    mixes = {"repeated": [data_url(pictures[0])], "distinct": None}
     gen = GenerationConfig(max_new_tokens=a.new)
+    fresh = iter(pictures[1:])
 
-    def ours_alone() -> float:
+    def ours_alone(repeated: bool) -> float:
         t = time.perf_counter()
-        engine.generate([[image, QUESTION]], gen)
+        engine.generate([[pictures[0] if repeated else next(fresh), QUESTION]], gen)
         return time.perf_counter() - t
 
-    def hf_alone() -> float:
-        return run_theirs(theirs, engine, 1, image, a.new)
+    def hf_alone() -> float:  # HF's LLaVA has no image cache: every image is encoded either way
+        return run_theirs(theirs, engine, 1, pictures[0], a.new)
 
-    ours_alone(), hf_alone()  # warm-up
-    alone = {"engine": one_at_a_time(ours_alone, a.baseline_requests, a.new),
+    ours_alone(True), hf_alone()  # warm-up
+    alone = {"engine_repeated": one_at_a_time(lambda: ours_alone(True), a.baseline_requests, a.new),
+             "engine_distinct": one_at_a_time(lambda: ours_alone(False), a.baseline_requests, a.new),
              "hf": one_at_a_time(hf_alone, a.baseline_requests, a.new)}
     folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     export(ours, cfg, folder)
     tok.save(folder / "tokenizer.json")
     base_url, server = start_server(folder)
-    check_with_openai(base_url, image_url)
-    served(base_url, image_url, 1, 2, a.new)  # warm-up
+    check_with_openai(base_url, mixes["repeated"][0])
+    served(base_url, mixes["repeated"], 1, 2, a.new)  # warm-up
     report: dict[str, float | str] = {"bench": "serve", "new_tokens": a.new,
                                       "model_in": "the server's process" if a.in_process else "an engine process",
-                                      "engine_alone_tok_s": alone["engine"], "hf_alone_tok_s": alone["hf"]}
-    print(f"one at a time: our engine {alone['engine']:.1f} tok/s, HF generate {alone['hf']:.1f} tok/s")
-    for clients in (1, 4, 16):
-        m = served(base_url, image_url, clients, max(a.requests, clients), a.new)
-        print(f"{clients:2d} clients: TTFT p50 {m['ttft_p50'] * 1e3:7.1f} ms p95 {m['ttft_p95'] * 1e3:7.1f} ms | "
-              f"latency p50 {m['lat_p50']:6.2f} s p95 {m['lat_p95']:6.2f} s | {m['tok_s']:7.1f} tok/s "
-              f"({m['tok_s'] / alone['engine']:.2f}x our engine one at a time, "
-              f"{m['tok_s'] / alone['hf']:.2f}x HF one at a time)")
-        report |= {f"c{clients}_{k}": v for k, v in m.items()}
-        report[f"c{clients}_vs_engine_alone"] = m["tok_s"] / alone["engine"]
+                                      **{f"{k}_alone_tok_s": v for k, v in alone.items()}}
+    print(f"one at a time: our engine {alone['engine_repeated']:.1f} tok/s (repeated image), "
+          f"{alone['engine_distinct']:.1f} (distinct images); HF generate {alone['hf']:.1f} tok/s")
+    for mix in mixes:
+        for clients in levels:
+            n = max(a.requests, clients)
+            urls = mixes[mix] or [data_url(next(fresh)) for _ in range(n)]
+            m = served(base_url, urls, clients, n, a.new)
+            ref = alone[f"engine_{mix}"]
+            print(f"{mix:8s} {clients:2d} clients: TTFT p50 {m['ttft_p50'] * 1e3:6.1f} ms p95 "
+                  f"{m['ttft_p95'] * 1e3:6.1f} ms | ITL p50 {m['itl_p50'] * 1e3:5.1f} ms p95 "
+                  f"{m['itl_p95'] * 1e3:5.1f} ms | latency p50 {m['lat_p50']:5.2f} s p95 {m['lat_p95']:5.2f} s | "
+                  f"{m['tok_s']:7.1f} tok/s ({m['tok_s'] / ref:.2f}x our engine one at a time, "
+                  f"{m['tok_s'] / alone['hf']:.2f}x HF one at a time)")
+            report |= {f"{mix}_c{clients}_{k}": v for k, v in m.items()}
+            report[f"{mix}_c{clients}_vs_engine_alone"] = m["tok_s"] / ref
     server.terminate()
     server.wait(timeout=30)
     shutil.rmtree(folder, ignore_errors=True)
