@@ -66,6 +66,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         engine = Engine.for_run(model, tok, cfg, compile=a.compile)
         batcher = ContinuousBatcher(engine, max_batch=a.max_batch, prefill_chunk=a.prefill_chunk)
         if a.compile:
+            print("mm1 serve: compiling the engine's steps before taking requests (minutes on a CPU)", flush=True)
             batcher.warm_up()
     else:  # the model in an engine process; here only what validating and tokenizing need
         from mm1.serve.engine_process import EngineSpec, RemoteBatcher
@@ -73,9 +74,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         torch.set_num_threads(1)
         model, tok, cfg = load_model(a.checkpoint, device="cpu")
         engine = Engine.for_run(model.to("meta"), tok, cfg)  # weights freed
+        if a.compile:
+            print("mm1 serve: the engine process compiles its steps before taking requests (minutes on a CPU)",
+                  flush=True)
+        # compiling a 30-layer decoder's steps took over 10 minutes on 2 busy cores (2026-12-07)
         batcher = RemoteBatcher(EngineSpec(a.checkpoint, device=device, threads=a.threads or 0,
                                            max_batch=a.max_batch, prefill_chunk=a.prefill_chunk,
-                                           plain_weights=a.plain_weights, compile=a.compile))
+                                           plain_weights=a.plain_weights, compile=a.compile),
+                                start_timeout_s=3600.0 if a.compile else 600.0)
     state = ServerState(engine, batcher, limits,
                         model_name=a.model_name or Path(a.checkpoint).resolve().name, api_key=a.api_key,
                         images_first=a.images_first)
