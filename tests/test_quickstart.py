@@ -98,3 +98,15 @@ def _sft_model_exports_to_transformers(out, tmp_path) -> None:
     assert (logits - hf["logits"]).abs().max() <= 1e-4
     ids = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=12))[0]
     assert hf["ids"].tolist()[: len(ids)] == ids
+
+
+def test_the_fine_tuned_model_is_not_evaluated_past_its_context():
+    """Its 8-shot chat prompts are all longer than the 384 positions it was trained on: it is evaluated at
+    0 and 4 shots, the pre-trained model at every count, the one-view arm at 0."""
+    from mm1.quickstart import ARMS
+
+    arms = {arm.name: arm for arm in ARMS}
+    assert arms["pretrain"].shots_of([0, 4, 8]) == [0, 4, 8]
+    assert arms["sft"].shots_of([0, 4, 8]) == [0, 4]
+    assert arms["sft_one_view"].shots_of([0, 4, 8]) == [0]
+    assert arms["sft"].shots_of([8]) == [8]  # nothing allowed: the first count asked, not nothing
