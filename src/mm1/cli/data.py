@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 
 from mm1.cli.common import config_args, resolve_config
-from mm1.config import ConfigError, to_dict
+from mm1.config import Config, ConfigError, to_dict
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    """The config arguments and `--stage`, for the data commands that work on one stage's sources."""
+    config_args(p)
+    p.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+
+
+def _stage_config(a: argparse.Namespace) -> Config:
+    return resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
 
 
 def _cmd_config_show(a: argparse.Namespace) -> int:
@@ -52,7 +62,7 @@ def _cmd_data_prepare(a: argparse.Namespace) -> int:
 
     if (a.shard is None) != (a.of is None) or (a.merge and a.shard is not None):
         raise ConfigError("--shard I and --of N go together, and --merge runs alone, after every shard")
-    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    cfg = _stage_config(a)
     if a.shard is not None:
         part = Part(a.shard, a.of)
         done = prepare_part(cfg, Stage(cfg.train.stage), load_tokenizer(cfg), part)
@@ -70,7 +80,7 @@ def _cmd_data_dedup(a: argparse.Namespace) -> int:
     from mm1.config import Stage
     from mm1.data.dedup import DedupSettings, dedup_folder, run_dedup, summary_lines
 
-    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    cfg = _stage_config(a)
     settings = DedupSettings(threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram, caption_text=a.caption_text)
     results = run_dedup(cfg, Stage(cfg.train.stage), settings)
     print("\n".join(summary_lines(results)))
@@ -91,7 +101,7 @@ def _rubric(value: str) -> str:
 def _cmd_data_grade(a: argparse.Namespace) -> int:
     from mm1.data.quality import RUBRICS, GradeSettings, grade_source, grades_file, write_grades
 
-    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    cfg = _stage_config(a)
     rubrics = tuple(_rubric(r) for r in a.rubric) if a.rubric else RUBRICS
     try:
         settings = GradeSettings(sample=a.sample, seed=a.seed, rubrics=rubrics, batch=a.batch, max_chars=a.max_chars)
@@ -115,7 +125,7 @@ def _cmd_data_filter(a: argparse.Namespace) -> int:
     from mm1.data.quality import filter_source, quality_file
     from mm1.files import write_json
 
-    cfg = resolve_config(a.recipe, a.config, [*a.overrides, *([f"train.stage={a.stage}"] if a.stage else [])])
+    cfg = _stage_config(a)
     result = filter_source(cfg, a.source, keep=a.keep)
     write_json(quality_file(cfg, a.source), result.to_dict())
     print(f"{a.source}: classifier on held-out grades: Spearman {result.heldout_spearman:.2f}, pairs of different "
@@ -161,8 +171,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
                                     "--stage sft), checks its images, and writes packed sequences under "
                                     "data.prepared (default DATA_ROOT/prepared), where train and `data batch` "
                                     "with the same settings find them.")
-    config_args(q)
-    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    _stage_args(q)
     q.add_argument("--force", action="store_true", help="prepare again even if this spec is already prepared")
     q.add_argument("--shard", type=int, metavar="I", help="across machines: prepare only the I-th of --of N disjoint "
                    "shares of the work units (one call per machine, e.g. a Slurm array), then run --merge once")
@@ -172,8 +181,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_data_prepare)
     q = dsub.add_parser("dedup", help="find near-duplicate texts (MinHash-LSH) and duplicate images in a stage's "
                                       "sources; `prepare` with data.prepare.dedup=true leaves them out")
-    config_args(q)
-    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    _stage_args(q)
     q.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard similarity of word 5-grams "
                                                                   "at which a record is a near-duplicate")
     q.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
@@ -184,8 +192,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_data_dedup)
     q = dsub.add_parser("grade", help="grade a sample of a source's documents with a prompted instruct LLM "
                                       "(the first step of quality filtering)")
-    config_args(q)
-    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    _stage_args(q)
     q.add_argument("--source", required=True, help="the source to grade (a name under data.sources)")
     q.add_argument("--grader", required=True, help="an HF instruct model folder (e.g. SmolLM2-135M-Instruct)")
     q.add_argument("--sample", type=int, default=200, help="documents graded (a seeded sample)")
@@ -199,8 +206,7 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_data_grade)
     q = dsub.add_parser("filter", help="fit a fast classifier to the grades, score every record, keep the top share; "
                                        "`prepare` with data.prepare.quality=true leaves the rest out")
-    config_args(q)
-    q.add_argument("--stage", choices=["clip", "lm", "pretrain", "sft"], help="shorthand for train.stage=...")
+    _stage_args(q)
     q.add_argument("--source", required=True)
     q.add_argument("--keep", type=float, required=True, help="the share of records kept, in (0, 1]")
     q.set_defaults(func=_cmd_data_filter)
