@@ -69,3 +69,16 @@ def test_a_task_file_whose_answer_is_not_a_choice_is_refused(tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RecordError, match=r"t.jsonl:line1.*the answer 'red' is not among its choices"):
         get_task(f"custom:{tmp_path / 't.jsonl'}")
+
+
+def test_next_token_scores_match_continuation_scores_and_refuse_longer_texts(world, model_and_tok):
+    model, tok = model_and_tok
+    engine = Engine(model, tok)
+    task = get_task("synth_stripes", world=world)
+    prompts = [build_prompt(task, i, 0, seed=0) for i in range(3)]
+    with torch.inference_mode():
+        batched = engine.next_token_logprobs(prompts, [" red", " green"])
+        for prompt, row in zip(prompts, batched, strict=True):  # one left-padded pass = each prompt alone
+            assert row == pytest.approx(engine.continuation_logprobs(prompt, [" red", " green"]), abs=1e-4)
+        with pytest.raises(ValueError, match="is not one token after the prompt"):
+            engine.next_token_logprobs(prompts, [" red star and a blue circle"])

@@ -289,6 +289,11 @@ def test_cached_decoding_matches_full_recomputation():
         assert ids == want
     # and each row decodes as it would alone
     assert engine.generate_ids([prompts[1]], GenerationConfig(max_new_tokens=12))[0] == got[1]
+    # a token that ends a reply ends it, unless the request says to ignore it (warm-ups, benchmarks)
+    engine.stop_ids = {got[1][-1]}
+    cut = got[1].index(got[1][-1])
+    assert engine.generate_ids([prompts[1]], GenerationConfig(max_new_tokens=12))[0] == got[1][:cut]
+    assert engine.generate_ids([prompts[1]], GenerationConfig(max_new_tokens=12, ignore_eos=True))[0] == got[1]
 
 
 def test_text_only_model_decodes_batches_when_the_pad_token_is_outside_its_vocabulary():

@@ -96,16 +96,12 @@ class ContinuousBatcher:
         """Run throw-away requests through the steps this batcher takes (a prompt pass; decoding at one
         row, then at three of different lengths, across a cache-size boundary), so that a compiled engine
         compiles, static shapes first and then the dynamic ones, before the first client waits on it."""
-        gen = GenerationConfig(max_new_tokens=max(1, min(SLOT_ROUND + 2, self.max_len - 9)))
-        stop_ids, self.engine.stop_ids = self.engine.stop_ids, set()  # every row runs its full length
-        try:
-            for lengths in ((3,), (2, 5, 9)):
-                for n in lengths:
-                    self.submit(Request(Encoded([self.engine.pad_id] * n, []), gen))
-                while self.busy:
-                    self.step()
-        finally:
-            self.engine.stop_ids = stop_ids
+        gen = GenerationConfig(max_new_tokens=max(1, min(SLOT_ROUND + 2, self.max_len - 9)), ignore_eos=True)
+        for lengths in ((3,), (2, 5, 9)):
+            for n in lengths:
+                self.submit(Request(Encoded([self.engine.pad_id] * n, []), gen))
+            while self.busy:
+                self.step()
 
     @property
     def busy(self) -> bool:
@@ -311,7 +307,7 @@ class ContinuousBatcher:
     def _advance(self, row: _Running, token: int) -> str | None:
         """Record a token; the finish reason if the row is done."""
         gen = row.request.gen
-        if token in self.engine.stop_ids:
+        if token in self.engine.stop_ids and not gen.ignore_eos:
             self._flush(row, row.text)
             return "stop"
         row.ids.append(token)

@@ -213,17 +213,13 @@ class Engine:
         label), every prompt in one left-padded pass: [len(prompts)][len(texts)]."""
         rows, picks = [], []
         for prompt in prompts:
-            base = self.encode(prompt)
-            n = len(base.ids)
-            ids = []
-            for text in texts:
-                full = self._tokenize(_continued(prompt, text))[0].tokens.tolist()
-                if len(full) != n + 1 or full[:n] != base.ids:
+            base, continuations = self._continuations(prompt, texts)
+            for ids, text in zip(continuations, texts, strict=True):
+                if len(ids) != 1:
                     raise ValueError(f"the continuation {text!r} is not one token after the prompt: score it "
                                      f"with continuation_logprobs")
-                ids.append(full[n])
             rows.append(base)
-            picks.append(ids)
+            picks.append([ids[0] for ids in continuations])
         logp_BV = torch.log_softmax(self._forward(rows, max(len(r.ids) for r in rows), last_only=True), dim=-1)
         return [[float(logp_BV[i, j]) for j in ids] for i, ids in enumerate(picks)]
 
@@ -232,15 +228,26 @@ class Engine:
         """log p(text | prompt) for each text, summed over its tokens, in one batch."""
         return self._scored(prompt, texts)[0]
 
-    def _scored(self, prompt: list[Part], texts: list[str]) -> tuple[list[float], int]:
-        """`continuation_logprobs`, and the prompt's length in positions."""
-        base = self.encode(prompt)  # its ids, and its images as tensors: once, every continuation shares them
+    def _continuations(self, prompt: list[Part], texts: list[str]) -> tuple[Encoded, list[list[int]]]:
+        """The prompt encoded (its images as tensors once: every continuation shares them) and each text's
+        own token ids after it, checked to leave the prompt's tokens as they are: a text that changes how
+        the prompt's end is tokenized cannot be scored after it."""
+        base = self.encode(prompt)
         n = len(base.ids)
-        rows = [Encoded(self._tokenize(_continued(prompt, t))[0].tokens.tolist(), base.images) for t in texts]
-        for row, text in zip(rows, texts, strict=True):
-            if len(row.ids) <= n or row.ids[:n] != base.ids:
+        out = []
+        for text in texts:
+            full = self._tokenize(_continued(prompt, text))[0].tokens.tolist()
+            if len(full) <= n or full[:n] != base.ids:
                 raise ValueError(f"the continuation {text!r} changes how the prompt's end is tokenized: "
                                  f"it cannot be scored after it")
+            out.append(full[n:])
+        return base, out
+
+    def _scored(self, prompt: list[Part], texts: list[str]) -> tuple[list[float], int]:
+        """`continuation_logprobs`, and the prompt's length in positions."""
+        base, continuations = self._continuations(prompt, texts)
+        n = len(base.ids)
+        rows = [Encoded(base.ids + ids, base.images) for ids in continuations]
         if all(len(r.ids) == n + 1 for r in rows):  # one token each: one pass of the prompt scores them all
             logp_V = torch.log_softmax(self._forward([base], n, last_only=True)[0], dim=-1)
             return [float(logp_V[r.ids[n]]) for r in rows], n

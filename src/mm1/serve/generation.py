@@ -20,6 +20,7 @@ class GenerationConfig:
     seed: int = 0
     logprobs: bool = False  # report each chosen token's log-probability (the model's, before temperature)
     top_logprobs: int = 0  # and this many most likely alternatives at each position
+    ignore_eos: bool = False  # run to max_new_tokens whatever the model says (warm-ups, benchmarks)
 
 
 def pick(logits_BV: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
