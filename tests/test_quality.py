@@ -104,3 +104,18 @@ def test_grading_reads_the_graders_probabilities_of_each_digit(tmp_path, world):
     assert [r["grades"][0] for r in own.rows] != [r["grades"][0] for r in graded.rows]
     with pytest.raises(ValueError, match="non-empty"):
         GradeSettings(rubrics=(" ",))
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--rubric", "@/no/such/rubric.txt"], "no such file /no/such/rubric.txt"),
+    (["--batch", "0"], "batch (0)"),
+    (["--max-chars", "-5"], "max_chars (-5)"),
+])
+def test_grade_refuses_bad_settings_in_one_line_before_loading_a_grader(tmp_path, capsys, flags, says):
+    from mm1.cli import main
+
+    argv = ["data", "grade", "--stage", "pretrain", "--source", "interleaved", "--grader", str(tmp_path / "none"),
+            *flags, f"data.root={tmp_path}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mm1: error:") and says in err and "\n" not in err
