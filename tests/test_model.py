@@ -353,12 +353,13 @@ def test_a_warmed_up_batcher_compiles_nothing_for_its_clients():
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
     done = []
-    for n in (4, 11, 6, 17, 1):
-        batcher.submit(Request(Encoded(list(range(7, 7 + n)), []), GenerationConfig(max_new_tokens=80),
-                               on_done=done.append))
-    while batcher.busy:
-        batcher.step()
-    assert len(done) == 5 and all(not isinstance(d, BaseException) for d in done)
+    for lengths in ((13,), (4, 11, 6, 17, 1), (21,)):  # one client alone, a crowd, one alone again
+        for n in lengths:
+            batcher.submit(Request(Encoded(list(range(7, 7 + n)), []), GenerationConfig(max_new_tokens=80),
+                                   on_done=done.append))
+        while batcher.busy:
+            batcher.step()
+    assert len(done) == 7 and all(not isinstance(d, BaseException) for d in done)
     assert counters["stats"]["unique_graphs"] == compiled
 
 

@@ -93,11 +93,13 @@ class ContinuousBatcher:
                 return
 
     def warm_up(self) -> None:
-        """Run throw-away requests through the steps this batcher takes (a prompt pass; decoding at one
-        row, then at three of different lengths, across a cache-size boundary), so that a compiled engine
+        """Run throw-away requests through the steps this batcher takes (prompt passes of one row, twice,
+        and of three; decoding at one row and at three, across a cache-size boundary), so that a compiled engine
         compiles, static shapes first and then the dynamic ones, before the first client waits on it."""
         gen = GenerationConfig(max_new_tokens=max(1, min(SLOT_ROUND + 2, self.max_len - 9)), ignore_eos=True)
-        for lengths in ((3,), (2, 5, 9)):
+        # a single prompt twice (a dim of size 1 is never dynamic, so a lone prompt needs its own dynamic
+        # graph), then a batch
+        for lengths in ((3,), (6,), (2, 5, 9)):
             for n in lengths:
                 self.submit(Request(Encoded([self.engine.pad_id] * n, []), gen))
             while self.busy:
@@ -258,7 +260,9 @@ class ContinuousBatcher:
         embeds = eng.model.embed(tokens.to(dev), torch.stack(images).to(dev, eng.dtype) if images else None,
                                  encode_images=eng.encode_images)
         rows = slice(first, first + n)
-        positions = torch.arange(T, device=dev)[None].expand(n, T)
+        # contiguous, not an expanded view: a view's strides differ between 1 row and many, and a compiled
+        # prompt pass would then compile again for the first single prompt after a batch
+        positions = torch.arange(T, device=dev).repeat(n, 1)
         hidden = eng.prefill_fn(embeds, positions, mask[:, None].to(dev), [k[rows] for k in self.cache.k],
                                 [v[rows] for v in self.cache.v], torch.arange(T, device=dev))
         last = hidden[torch.arange(n, device=dev), torch.tensor(lengths, device=dev) - 1]
