@@ -168,7 +168,7 @@ def memory_roof(folder: Path, threads: int) -> tuple[float, float, float]:
 def ensure_model(out: Path) -> Path:
     folder = out / "smollm2_135m_hf"
     if not (folder / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "mm1.cli", "weights", "from-gguf", "--out", str(folder)], check=True)
+        subprocess.run([sys.executable, "-m", "mm1", "weights", "from-gguf", "--out", str(folder)], check=True)
     return folder
 
 

@@ -324,9 +324,19 @@ def test_sampling_is_seeded_and_top_p_restricts():
 
 
 @pytest.mark.slow
-def test_compiled_decoding_matches_eager():
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "onednn"])
+def test_compiled_decoding_matches_eager(packed):
+    """Compiled decoding gives the eager engine's tokens, with plain weights and with oneDNN's packed ones
+    (`mm1 serve --compile` on a CPU: packed for the graphs of many rows, plain for one)."""
+    import copy
+
+    from mm1.serve.cpu_layout import can_pack, pack_linears
+
     model = tiny_model()
-    eager, compiled = Engine(model, _Tok()), Engine(model, _Tok(), compile=True)
+    served = copy.deepcopy(model)
+    if packed and not (can_pack(served) and pack_linears(served, keep_plain=True)):
+        pytest.skip("this torch has no oneDNN")
+    eager, compiled = Engine(model, _Tok()), Engine(served, _Tok(), compile=True)
     for e in (eager, compiled):
         e.stop_ids = set()
     cfg = GenerationConfig(max_new_tokens=10)

@@ -47,6 +47,7 @@ class EngineSpec:
     max_batch: int = 16
     prefill_chunk: int = 256
     plain_weights: bool = False  # keep the decoder's weights row-major (mm1.serve.cpu_layout)
+    int8: bool = False  # the decoder's linear layers in int8 (mm1.serve.cpu_layout.quantize_linears)
     compile: bool = False  # torch.compile the engine's passes, compiled before the first request is taken
     ignore_eos: bool = False  # every request runs to its max_tokens (benchmarks, as vLLM's ignore_eos)
 
@@ -58,14 +59,16 @@ def _build(spec: EngineSpec):
     import torch
 
     from mm1.serve.batching import ContinuousBatcher
-    from mm1.serve.cpu_layout import pack_linears
+    from mm1.serve.cpu_layout import pack_linears, quantize_linears
     from mm1.serve.engine import Engine
     from mm1.store.loading import load_model
 
     torch.set_num_threads(spec.threads or available_cores())
     model, tok, cfg = load_model(spec.checkpoint, device=spec.device)
-    if not spec.plain_weights and not spec.compile:  # compiling lays the weights out itself
-        pack_linears(model)
+    if spec.int8:
+        quantize_linears(model)
+    elif not spec.plain_weights:  # compiled: the plain weights too, for the one-row graph
+        pack_linears(model, keep_plain=spec.compile)
     engine = Engine.for_run(model, tok, cfg, compile=spec.compile)
     batcher = ContinuousBatcher(engine, max_batch=spec.max_batch, prefill_chunk=spec.prefill_chunk)
     if spec.compile:
