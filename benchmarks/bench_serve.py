@@ -13,7 +13,9 @@ concurrency C, C client threads send `--requests` requests in all, streamed and 
 official `openai` client is checked once against the same server); printed: p50/p95 time to first
 token, p50/p95 inter-token latency (the gaps between a stream's chunks), p50/p95 latency and aggregate
 tokens/s. Beside them, the same requests served one at a time: by our engine (`Engine.generate`, batch 1,
-no server, 2 threads) and by HF `generate` on the equivalent LLaVA. Then one JSON line.
+no server, 2 threads) and by HF `generate` on the equivalent LLaVA. Then chunked prefill's case (--mixed-clients):
+short requests with every fourth one carrying 6 distinct images, against a server that prefills long prompts in
+chunks and one that prefills them whole: the short streams' TTFT and inter-token latency p95. Then one JSON line.
 (`bench_serve_aiperf.py` measures the servers with a third-party load generator.)
 """
 
@@ -51,18 +53,21 @@ from mm1.store.hf import export
 from mm1.store.loading import load_model
 
 QUESTION = "what colour is the circle?"
+LONG_IMAGES = 6  # images in each long request of the mixed load (64 positions each: 400 of the 512-position context)
 IN_PROCESS = False  # --in-process
 
 
-def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
+def start_server(folder: Path, prefill_chunk: int = 256) -> tuple[str, subprocess.Popen]:
     """`mm1 serve` in a subprocess (the clients' threads must not share its interpreter lock)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ)
     mode = ["--in-process"] if IN_PROCESS else []
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port), *mode], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log to a file: a pipe nobody reads fills up and blocks the server mid-run
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port), *mode,
+                             "--prefill-chunk", str(prefill_chunk)], env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -71,24 +76,24 @@ def start_server(folder: Path) -> tuple[str, subprocess.Popen]:
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
+    raise RuntimeError(f"the server did not start: {(folder / 'server.log').read_text()[-2000:]}")
 
 
-def serve_forced(folder: Path, port: int, engine_process: bool) -> None:
+def serve_forced(folder: Path, port: int, engine_process: bool, prefill_chunk: int = 256) -> None:
     """The server side: `mm1 serve`'s state, with no end token (every request gets --new tokens): the model
     in an engine process (`mm1 serve`'s default) or in this one (`--in-process`)."""
     model, tok, _ = load_model(folder)
     if engine_process:
         torch.set_num_threads(1)
         engine = Engine(model.to("meta"), tok)
-        batcher = RemoteBatcher(EngineSpec(str(folder), max_batch=16, ignore_eos=True))
+        batcher = RemoteBatcher(EngineSpec(str(folder), max_batch=16, ignore_eos=True, prefill_chunk=prefill_chunk))
     else:
         torch.set_num_threads(cpu_threads())  # as `mm1 serve --in-process` does on a CPU
         pack_linears(model)
         engine = Engine(model, tok)
         engine.stop_ids = set()
-        batcher = ContinuousBatcher(engine, max_batch=16)
-    state = ServerState(engine, batcher, Limits(max_tokens=256), "bench")
+        batcher = ContinuousBatcher(engine, max_batch=16, prefill_chunk=prefill_chunk)
+    state = ServerState(engine, batcher, Limits(max_tokens=256, max_images=LONG_IMAGES), "bench")
     uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -103,14 +108,16 @@ def text_only_outputs(model, tok) -> None:
                 w[i] = 0
 
 
-def one_request(client: httpx.Client, base_url: str, image_url: str, new: int) -> dict:
+def one_request(client: httpx.Client, base_url: str, image_url: str | list[str], new: int) -> dict:
     """One streamed request; the server-sent events are parsed by hand (the openai client's per-chunk
     models would cost the 2-core machine more than the server's work). Its TTFT, the gaps between its
     text chunks (inter-token latency), its latency and its tokens."""
     body = {"model": "bench", "max_tokens": new, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": QUESTION}]}]}
+            "messages": [{"role": "user", "content": [
+                *({"type": "image_url", "image_url": {"url": u}} for u in ([image_url] if isinstance(image_url, str)
+                                                                           else image_url)),
+                {"type": "text", "text": QUESTION}]}]}
     t0 = time.perf_counter()
     chunks, tokens = [], 0
     with client.stream("POST", base_url + "/chat/completions", json=body) as resp:
@@ -148,6 +155,26 @@ def served(base_url: str, image_urls: list[str], clients: int, requests: int, ne
             "tok_s": sum(r["tokens"] for r in results) / wall}
 
 
+def mixed(base_url: str, short_url: str, long_urls: list[list[str]], clients: int, requests: int,
+          new: int) -> dict[str, float]:
+    """Chunked prefill's case: `clients` threads send short requests (one cached image), and every fourth
+    request is a long one (LONG_IMAGES distinct images, all encoded and prefilled). TTFT and inter-token
+    latency p95 of the short streams (whose pace a long prompt pass would stall) and TTFT of the long ones."""
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
+    long_at = set(range(3, requests, 4))
+    todo = {i: long_urls.pop() if i in long_at else short_url for i in range(requests)}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = dict(zip(todo, pool.map(lambda i: one_request(client, base_url, todo[i], new), todo), strict=True))
+    wall = time.perf_counter() - t0
+    short = [r for i, r in results.items() if i not in long_at]
+    gaps = sorted(g for r in short for g in r["gaps"]) or [0.0]
+    return {"short_ttft_p95": _pct(sorted(r["ttft"] for r in short), 95), "short_itl_p50": _pct(gaps, 50),
+            "short_itl_p95": _pct(gaps, 95), "short_itl_max": gaps[-1],
+            "long_ttft_p50": _pct(sorted(results[i]["ttft"] for i in long_at), 50),
+            "tok_s": sum(r["tokens"] for r in results.values()) / wall}
+
+
 def _pct(xs: list[float], p: int) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
@@ -178,11 +205,13 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=8, help="requests timed one at a time")
     ap.add_argument("--in-process", action="store_true", help="the model in the server's process (as `mm1 serve "
                                                               "--in-process`), not an engine process")
+    ap.add_argument("--prefill-chunk", type=int, default=256, help=argparse.SUPPRESS)  # internal: the server's
+    ap.add_argument("--mixed-clients", type=int, default=8, help="clients of the mixed short/long load (0: skip it)")
     a = ap.parse_args()
     global IN_PROCESS
     IN_PROCESS = a.in_process
     if a.serve:
-        return serve_forced(Path(a.serve), a.port, engine_process=not a.in_process)
+        return serve_forced(Path(a.serve), a.port, engine_process=not a.in_process, prefill_chunk=a.prefill_chunk)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg, tok, ours, theirs = setup("tiny")
@@ -191,8 +220,10 @@ def main() -> None:
     engine.stop_ids = set()  # force --new tokens, like min_new_tokens on the HF side
     levels = [int(c) for c in a.clients.split(",")]
     # every request of the run its own picture in the distinct mix: the baselines' and every level's
+    long_requests = (a.requests + 3) // 4 * 2  # the mixed load's long requests, with and without chunking
     pictures = images(cfg.model.vision.image_size, a.baseline_requests * 2 + 2 + sum(max(a.requests, c)
-                                                                                       for c in levels))
+                                                                                       for c in levels)
+                      + long_requests * LONG_IMAGES)
     mixes = {"repeated": [data_url(pictures[0])], "distinct": None}
     gen = GenerationConfig(max_new_tokens=a.new)
     fresh = iter(pictures[1:])
@@ -235,8 +266,34 @@ def main() -> None:
             report[f"{mix}_c{clients}_vs_engine_alone"] = m["tok_s"] / ref
     server.terminate()
     server.wait(timeout=30)
+    if a.mixed_clients:
+        report |= mixed_loads(folder, mixes["repeated"][0], fresh, a)
     shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(report))
+
+
+def mixed_loads(folder: Path, short_url: str, fresh, a) -> dict[str, float]:
+    """The mixed short/long load against a server that prefills long prompts in chunks of 64 positions
+    (`mm1 serve --prefill-chunk 64`; a long request here is ~400 positions, 64 per image on this model) and
+    one that prefills each prompt whole (`--prefill-chunk 0`)."""
+    out: dict[str, float] = {}
+    n_long = len(range(3, a.requests, 4))
+    for chunk in (64, 0):
+        long_urls = [[data_url(next(fresh)) for _ in range(LONG_IMAGES)] for _ in range(n_long)]
+        base_url, server = start_server(folder, prefill_chunk=chunk)
+        try:
+            served(base_url, [short_url], 1, 2, a.new)  # warm-up
+            m = mixed(base_url, short_url, long_urls, a.mixed_clients, a.requests, a.new)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        name = f"chunk {chunk}" if chunk else "whole prompts"
+        print(f"mixed, {a.mixed_clients} clients, every 4th request {LONG_IMAGES} images, {name:13s}: short streams "
+              f"TTFT p95 {m['short_ttft_p95'] * 1e3:6.1f} ms, ITL p50 {m['short_itl_p50'] * 1e3:5.1f} ms p95 "
+              f"{m['short_itl_p95'] * 1e3:5.1f} ms max {m['short_itl_max'] * 1e3:6.1f} ms | long TTFT p50 "
+              f"{m['long_ttft_p50'] * 1e3:6.1f} ms | {m['tok_s']:6.1f} tok/s")
+        out |= {f"mixed_chunk{chunk}_{k}": v for k, v in m.items()}
+    return out
 
 
 if __name__ == "__main__":

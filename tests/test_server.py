@@ -732,3 +732,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_their_pace
     while batcher.busy:
         batcher.step()
     assert done[2].text == alone[2]  # the chunked prompt decodes as it does alone
+
+
+def test_long_and_short_prompts_admitted_in_one_step_all_finish(engine):
+    """Rows decoding, then two long prompts (with images) and a short one arrive together: the long ones
+    are chunked, the short one prefilled whole, in the same step (sorting them once compared rows by their
+    fields, image tensors included, and failed the step: found by bench_serve.py's mixed load)."""
+    img = Image.open(io.BytesIO(png(colour=(0, 0, 255))))
+    long_prompt = ChatTemplate().render([user_turn("what is in these?", [img, img, img])], generation_prompt=True)
+    short = ChatTemplate().render([user_turn("red")], generation_prompt=True)
+    gen = GenerationConfig(max_new_tokens=6)
+    batcher = ContinuousBatcher(engine, max_batch=6, prefill_chunk=16)
+    done: list = []
+    batcher.submit(Request(engine.encode(short), gen, on_done=done.append))
+    batcher.step()  # one row decoding
+    for p in (long_prompt, long_prompt, short):
+        batcher.submit(Request(engine.encode(p), gen, on_done=done.append))
+    while batcher.busy:
+        batcher.step()
+    assert len(done) == 4 and not [d for d in done if isinstance(d, BaseException)]

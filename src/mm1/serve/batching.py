@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SLOT_ROUND = 64  # attend over the slots in use rounded up to this (fewer distinct shapes)
 
 
-@dataclass
+@dataclass(eq=False)  # a row is itself: equality by fields would compare its requests' image tensors
 class _Running:
     request: Request
     generator: torch.Generator

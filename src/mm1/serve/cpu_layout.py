@@ -97,8 +97,9 @@ def quantize_linears(model: nn.Module, *, within: str = "decoder") -> int:
     took 20 ms at 1 row and 30 ms at 16 rows against oneDNN fp32's 34 and 66 ms; the LM head's logits
     moved by about 1.5% of their largest value, so greedy text agrees with fp32 for a while, not always to
     the end (the benchmark prints how often). torch.ao's eager quantization is deprecated in favour of
-    torchao; it still runs in torch 2.13 and is the only one of the two with fast eager int8 kernels on
-    an x86 CPU here. A model that `can_pack` refuses (not fp32 on the CPU) is left as it is (0)."""
+    torchao (not tried here); it still runs in torch 2.13. Core torch's weight-only int8 matmul
+    (`aten._weight_int8pack_mm`) was 2-18× slower than fp32 at 1-16 rows on the same VM. A model that
+    `can_pack` refuses (not fp32 on the CPU) is left as it is (0)."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
