@@ -751,3 +751,24 @@ def test_long_and_short_prompts_admitted_in_one_step_all_finish(engine):
     while batcher.busy:
         batcher.step()
     assert len(done) == 4 and not [d for d in done if isinstance(d, BaseException)]
+
+
+def test_requests_whose_admission_fails_end_with_the_error_and_running_rows_go_on(engine, monkeypatch):
+    """A request taken off the queue must end whatever fails while it is placed (it once stayed open
+    forever and its client hung); the rows already decoding are not touched."""
+    short = ChatTemplate().render([user_turn("red")], generation_prompt=True)
+    batcher = ContinuousBatcher(engine, max_batch=4, prefill_chunk=16)
+    done: list = []
+    batcher.submit(Request(engine.encode(short), GenerationConfig(max_new_tokens=6), on_done=done.append))
+    batcher.step()
+
+    def broken(row, running):
+        raise RuntimeError("placing failed")
+
+    monkeypatch.setattr(batcher, "_chunks", broken)
+    batcher.submit(Request(engine.encode(short), GenerationConfig(max_new_tokens=6), on_done=done.append))
+    batcher.step()
+    assert [str(d) for d in done if isinstance(d, BaseException)] == ["placing failed"]
+    while batcher.busy:
+        batcher.step()
+    assert len(done) == 2 and not isinstance(done[-1], BaseException)  # the running row finished

@@ -128,11 +128,18 @@ class ContinuousBatcher:
         running = len(self.rows)
         admitted = self._admit()
         if admitted:
-            chunked = [r for r in admitted if self._chunks(r, running)]
-            whole = [r for r in admitted if r not in chunked]
-            if whole:
-                self._prefill_each_on_failure(whole)
-            self.pending.extend(chunked)
+            try:
+                chunked = [r for r in admitted if self._chunks(r, running)]
+                whole = [r for r in admitted if r not in chunked]
+                if whole:
+                    self._prefill_each_on_failure(whole)
+                self.pending.extend(chunked)
+            except Exception as err:  # they were taken off the queue: each must end, the running rows go on
+                log.exception("admitting %d requests failed; ending them", len(admitted))
+                placed = {id(r) for r in (*self.rows, *self.pending)}
+                for r in admitted:
+                    if id(r) not in placed:
+                        _end(r.request, err)
         if self.filling is not None or self.pending:
             self._fill(self.prefill_chunk if self.rows else 1 << 30)  # no one decoding: no reason to chunk
         if running:
