@@ -55,15 +55,23 @@ def test_a_packed_linear_compiles_for_one_row_and_for_many():
             assert (compiled(x) - linear(x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("overrides", [(), ("model.moe.num_experts=4", "model.moe.every=2")], ids=["dense", "moe"])
-def test_packed_decoder_generates_the_same_tokens(world, overrides):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("overrides", [(), ("model.moe.num_experts=4", "model.moe.every=2"),
+                                       ("model.decoder.qkv_bias=true",)], ids=["dense", "moe", "qkv_bias"])
+def test_packed_decoder_generates_the_same_tokens(world, overrides, fuse):
+    from mm1.model.decoder import Attention, SwiGLU
     from mm1.serve.engine import Engine, GenerationConfig
 
     model, tok = _model(world, *overrides)
     packed = copy.deepcopy(model)
     linears = sum(isinstance(m, nn.Linear) for m in model.decoder.modules())
-    assert pack_linears(packed) == linears > 0  # every one, the LM head and the MoE routers included
+    attn = sum(isinstance(m, Attention) for m in model.decoder.modules())
+    dense = sum(isinstance(m, SwiGLU) for m in model.decoder.modules())
+    # every one, the LM head and the MoE routers included; fused, q/k/v are one layer and gate/up one
+    assert pack_linears(packed, fuse=fuse) == (linears - 2 * attn - dense if fuse else linears) > 0
     assert not any(isinstance(m, nn.Linear) for m in packed.decoder.modules())
+    layer = packed.decoder.layers[0]
+    assert (layer.attn.qkv is not None and layer.attn.q is None) == fuse
     assert isinstance(packed.vision.blocks[0].attn.q, nn.Linear)  # only the decoder's
     ids = torch.randint(5, len(tok), (2, 24))
     with torch.no_grad():

@@ -108,6 +108,16 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
         self.v = nn.Linear(cfg.width, cfg.kv_heads * self.head_dim, bias=qkv_bias)
         self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
+        # q, k and v as one matmul, [q; k; v] by output rows: set (in place of q, k, v) by the serving
+        # layout, `mm1.serve.cpu_layout`, where one wide matmul runs faster than three narrow ones.
+        self.qkv: nn.Module | None = None
+
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, T, out] from the input."""
+        if self.qkv is None:
+            return self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
+        kv = self.kv_heads * self.head_dim
+        return self.qkv(x_BTD).split([self.heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
         self,
@@ -118,9 +128,10 @@ class Attention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q(x_BTD).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x_BTD)
+        q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             if mask is None or cache.pos is None:
@@ -185,9 +196,15 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(width, hidden, bias=False)
         self.up = nn.Linear(width, hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
+        # gate and up as one matmul, [gate; up] by output rows: set (in place of both) by the serving
+        # layout, `mm1.serve.cpu_layout`, as Attention.qkv is.
+        self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.gate_up is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
