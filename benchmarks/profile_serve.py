@@ -3,8 +3,8 @@
     python benchmarks/profile_serve.py [--model runs/bench_serve_vs_vllm/smollm2_135m_hf] [--rows 16] [--compile]
 
 The model is the one `bench_serve_vs_vllm.py` serves (SmolLM2-135M-Instruct as an HF folder, fp32),
-loaded as `mm1 serve` loads it (weights in oneDNN's layout unless --plain-weights), with `mm1 serve`'s
-torch threads. The continuous batcher (no HTTP) takes
+loaded as `mm1 serve` loads it (weights in oneDNN's layout unless --plain-weights), with the torch threads
+of `mm1 serve`'s engine process (every core). The continuous batcher (no HTTP) takes
 `--rows` chat requests of the benchmark's prompts; their prompt pass is profiled, then `--steps` decoding
 steps once every row is running (with `--context` tokens already in each row, as mid-way through a
 request). Printed: wall time per step, and torch.profiler's operators by self CPU time. With `--compile`
@@ -25,8 +25,8 @@ from mm1.data.template import template_for, user_turn
 from mm1.serve.batching import ContinuousBatcher, Request
 from mm1.serve.cpu_layout import pack_linears
 from mm1.serve.engine import Engine, GenerationConfig
-from mm1.serve.server import cpu_threads
 from mm1.store.loading import load_model
+from mm1.system import available_cores
 
 
 def table(prof, rows: int = 18) -> str:
@@ -39,12 +39,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--context", type=int, default=32, help="tokens decoded before the profiled steps")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: mm1 serve's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: mm1 serve's engine process's, every core)")
     ap.add_argument("--plain-weights", action="store_true", help="as mm1 serve --plain-weights")
     ap.add_argument("--compile", action="store_true", help="as mm1 serve --compile")
     ap.add_argument("--unfused", action="store_true", help="q/k/v and gate/up as separate packed layers")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads or cpu_threads())
+    torch.set_num_threads(a.threads or available_cores())
     model, tok, _ = load_model(a.model)
     packed = 0 if a.plain_weights else pack_linears(model, keep_plain=a.compile, fuse=not a.unfused)
     engine = Engine(model, tok, compile=a.compile)
