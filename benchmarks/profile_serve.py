@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--context", type=int, default=32, help="tokens decoded before the profiled steps")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: mm1 serve's engine process's, every core)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: every core, as mm1 serve's engine)")
     ap.add_argument("--plain-weights", action="store_true", help="as mm1 serve --plain-weights")
     ap.add_argument("--compile", action="store_true", help="as mm1 serve --compile")
     ap.add_argument("--unfused", action="store_true", help="q/k/v and gate/up as separate packed layers")
