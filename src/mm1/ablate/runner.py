@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -377,7 +378,11 @@ def grade_crawl(cfg: Config, grader: Path, log) -> None:
     path = grades_file(cfg, "interleaved")
     head = read_grades(path)[0] if path.exists() else {}
     if head.get("grader") != str(grader) or head.get("files") != source_files(cfg, "interleaved"):
-        graded = grade_source(cfg, "interleaved", grader, GradeSettings(), progress=False)
+        settings = GradeSettings()
+        log(f"ablate: {grader} grades {settings.sample} pages of the crawl, once per rubric "
+            f"({len(settings.rubrics)}; on 2 CPU cores about a quarter of an hour for a 135M grader)")
+        # a bar where someone watches; a log file gets the line above and the one after
+        graded = grade_source(cfg, "interleaved", grader, settings, progress=sys.stderr.isatty())
         write_grades(graded, path)
         head = read_grades(path)[0]
     result = filter_source(cfg, "interleaved", keep=CRAWL_KEEP, progress=False)
