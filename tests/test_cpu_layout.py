@@ -96,9 +96,13 @@ def test_an_int8_decoder_stays_close_to_fp32_and_generates(world):
 
     model, tok = _model(world)
     q = copy.deepcopy(model)
+    from mm1.model.decoder import SwiGLU
+
     linears = sum(isinstance(m, nn.Linear) for m in model.decoder.modules())
-    assert quantize_linears(q) == linears > 0
+    dense = sum(isinstance(m, SwiGLU) for m in model.decoder.modules())
+    assert quantize_linears(q) == linears - dense > 0  # every one but the FFNs' down projections
     assert not any(type(m) is nn.Linear for m in q.decoder.modules())  # every one replaced, the LM head too
+    assert all(isinstance(m.down, PackedLinear) for m in q.decoder.modules() if isinstance(m, SwiGLU))
     assert type(q.vision.blocks[0].attn.q) is nn.Linear  # only the decoder's
     ids = torch.randint(5, len(tok), (2, 24))
     with torch.no_grad():

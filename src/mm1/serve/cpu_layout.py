@@ -128,16 +128,22 @@ def pack_linears(model: nn.Module, *, within: str = "decoder", keep_plain: bool 
 
 
 def quantize_linears(model: nn.Module, *, within: str = "decoder") -> int:
-    """Replace every `nn.Linear` under `model.<within>` (the LM head included) by an int8 one, in place;
-    returns how many. Weights are int8 per output channel, activations quantized per call (dynamic
-    quantization, fbgemm's x86 kernels): a quarter of fp32's bytes, which is what batch-1 decoding reads.
-    Measured on SmolLM2-135M's shapes (2-core AVX2 VM, 2 threads, docs/benchmarks.md): its linear layers
-    took 20 ms at 1 row and 30 ms at 16 rows against oneDNN fp32's 34 and 66 ms; the LM head's logits
-    moved by about 1.5% of their largest value, so greedy text agrees with fp32 for a while, not always to
-    the end (the benchmark prints how often). torch.ao's eager quantization is deprecated in favour of
-    torchao (not tried here); it still runs in torch 2.13. Core torch's weight-only int8 matmul
-    (`aten._weight_int8pack_mm`) was 2-18× slower than fp32 at 1-16 rows on the same VM. A model that
-    `can_pack` refuses (not fp32 on the CPU) is left as it is (0)."""
+    """Replace the `nn.Linear` layers under `model.<within>` (the LM head included) by int8 ones, in place,
+    except each dense FFN's `down` projection, which is packed in fp32 (`PackedLinear`); returns how many
+    are int8. Weights are int8 per output channel, activations quantized per call (dynamic quantization,
+    fbgemm's x86 kernels): a quarter of fp32's bytes, which is what batch-1 decoding reads.
+
+    Why not `down`: its input (the SwiGLU product) has the outliers that one scale per call cannot hold.
+    Measured on SmolLM2-135M, WikiText-2 test, windows of 512 tokens (`benchmarks/bench_int8_quality.py`,
+    docs/benchmarks.md): every layer in int8 took the perplexity from 25.5 to 66.3 and agreed with fp32's
+    most likely next token at 48% of positions; all but `down`, 30.2 and 73%; all but `down` and the LM
+    head, 28.4 and 77%. So a small model's text still differs from fp32's (docs/serving.md).
+    Speed (2-core AVX2 VM, 2 threads, every layer in int8): the linear layers took 20 ms at 1 row and
+    30 ms at 16 rows against oneDNN fp32's 34 and 66 ms. torch.ao's eager quantization is deprecated in
+    favour of torchao (not tried here); it still runs in torch 2.13. Core torch's weight-only int8 matmul
+    (`aten._weight_int8pack_mm`) was 2-18× slower than fp32 at 1-16 rows on the same VM, and `torch._int_mm`
+    (for per-token activation scales) slower still. A model that `can_pack` refuses (not fp32 on the CPU)
+    is left as it is (0)."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -145,10 +151,13 @@ def quantize_linears(model: nn.Module, *, within: str = "decoder") -> int:
     if not can_pack(model) or next(model.parameters()).dtype != torch.float32:
         return 0
     root = model.get_submodule(within)
-    n = sum(isinstance(m, nn.Linear) for m in root.modules())
+    kept = {id(m.down) for m in root.modules() if isinstance(m, SwiGLU)}
+    spec = {name: per_channel_dynamic_qconfig for name, m in root.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in kept}
     with warnings.catch_warnings():  # its deprecation notices, once per layer (the docstring says it)
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
-        quantize_dynamic(root, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    return n
+        quantize_dynamic(root, spec, dtype=torch.qint8, inplace=True)
+    pack_linears(model, within=within, fuse=False)  # the `down` layers left in fp32
+    return len(spec)
