@@ -134,10 +134,11 @@ def quantize_linears(model: nn.Module, *, within: str = "decoder") -> int:
     fbgemm's x86 kernels): a quarter of fp32's bytes, which is what batch-1 decoding reads.
 
     Why not `down`: its input (the SwiGLU product) has the outliers that one scale per call cannot hold.
-    Measured on SmolLM2-135M, WikiText-2 test, windows of 512 tokens (`benchmarks/bench_int8_quality.py`,
-    docs/benchmarks.md): every layer in int8 took the perplexity from 25.5 to 66.3 and agreed with fp32's
-    most likely next token at 48% of positions; all but `down`, 30.2 and 73%; all but `down` and the LM
-    head, 28.4 and 77%. So a small model's text still differs from fp32's (docs/serving.md).
+    Measured on SmolLM2-135M and WikiText-2's test split in windows of 512 tokens
+    (`benchmarks/bench_int8_quality.py`, first 4,096 tokens; docs/benchmarks.md): perplexity 27.5 in fp32,
+    73.3 with every layer in int8 (the same most likely next token at 46% of positions), 34.4 with all but
+    `down` (70%). A probe on the first 2,048 tokens: fp32 25.5, all 66.3, all but `down` 30.2, all but
+    `down` and the LM head 28.4 (77%). So a small model's text still differs from fp32's (docs/serving.md).
     Speed (2-core AVX2 VM, 2 threads, every layer in int8): the linear layers took 20 ms at 1 row and
     30 ms at 16 rows against oneDNN fp32's 34 and 66 ms. torch.ao's eager quantization is deprecated in
     favour of torchao (not tried here); it still runs in torch 2.13. Core torch's weight-only int8 matmul
