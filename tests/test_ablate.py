@@ -64,14 +64,14 @@ def test_every_finding_of_the_issue_is_there_with_a_metric_fixed_in_advance():
     assert quick_tokens.arms == ("base", "tok4")  # 16 > 4 at the base context, where both fit
     assert "dense_eqtime" in {a.name for a in select(None, quick=False)[1]}  # beside MoE, in the full mode
     full, full_arms = select(["image_tokens"], quick=False)
-    assert full[0].arms == ("tok64_long", "tok16_long", "tok4_long")
+    assert full[0].arms == ("tok64_long", "tok16_long")
     assert {a.name for a in full_arms} == set(full[0].arms)
     by_name = {f.name: f for f in FINDINGS}
     assert by_name["resolution"].metric.key == "synth_stripes@mean"  # a task that needs resolution
     assert by_name["text_only"].metric.key == "text_ppl_vs_lm"  # relative to the LM stage
     assert by_name["connector"].claim == Claim.EQUIVALENT and by_name["connector"].margin == 0.15
     assert by_name["moe"].beside == (("moe", "dense_eqtime"),)
-    assert Scale.of(True) == Scale(2, 150, 8, 100, 100) and Scale.of(False) == Scale(3, 200, 8, 100, 200)
+    assert Scale.of(True) == Scale(2, 150, 8, 100, 100, 100) and Scale.of(False) == Scale(2, 400, 8, 100, 200, 200)
     with pytest.raises(ValueError, match="unknown finding"):
         select(["nope"], quick=True)
 
@@ -208,12 +208,12 @@ def test_an_arm_whose_prompts_outgrow_its_context_is_flagged_beside_its_finding(
 
     finding = next(f for f in FINDINGS if f.name == "image_tokens")
     ok = {"context": 512, "over_context": {}}
-    scores = {"tok16_long": [ok, ok], "tok4_long": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
-                                                   {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
+    scores = {"tok16_long": [ok, ok], "tok64_long": [{"context": 512, "over_context": {"synth_vqa@8": 100}},
+                                                    {"context": 512, "over_context": {"synth_vqa@8": 97}}]}
     lines = _context_caveats(finding, scores, 100)
-    assert lines == ["- caveat: tok4_long's prompts are longer than its context of 512 positions in VQA 8-shot 100 "
+    assert lines == ["- caveat: tok64_long's prompts are longer than its context of 512 positions in VQA 8-shot 100 "
                      "of 100 (positions it never trained on; those scores measure that too)"]
-    assert _context_caveats(finding, {"tok16_long": [ok], "tok4_long": [ok]}, 100) == []
+    assert _context_caveats(finding, {"tok16_long": [ok], "tok64_long": [ok]}, 100) == []
     assert _context_caveats(finding, {"tok16_long": [{"synth_vqa@0": 0.1}]}, 100) == []  # scores of earlier versions
 
 
@@ -280,21 +280,21 @@ def test_a_setting_added_after_a_run_was_made_at_its_default_does_not_refuse_the
         claim_run(tmp_path, cfg)
 
 
-def test_only_the_resolution_arms_train_longer_and_both_alike():
-    """The resolution finding's arms get RESOLUTION_STEPS × the steps (warm-up and checkpoint with them);
-    every other arm trains the scale's steps, so the equal-step comparisons stay equal."""
-    from mm1.ablate.findings import RESOLUTION_STEPS
+def test_every_arm_trains_the_same_steps_and_the_larger_encoder_has_twice_the_parameters():
+    """MM1 compares at equal steps: every arm (the resolution finding's included) trains the scale's steps,
+    warm-up and checkpoint with them; `vit_big` is the base ViT with twice its parameters, as ViT-L to ViT-H."""
     from mm1.ablate.runner import arm_config, base_config
+    from mm1.model.vision import VisionEncoder
 
     base = base_config(Path("world"), TINY, workers=0)
-    steps = {name: arm_config(base, arm, 0).train for name, arm in ARMS.items()}
-    assert RESOLUTION_STEPS > 1
-    for name, train in steps.items():
-        factor = RESOLUTION_STEPS if name in ("res128", "vit_big") else 1
-        assert train.steps == TINY.steps * factor, name
+    for name, arm in ARMS.items():
+        train = arm_config(base, arm, 0).train
+        assert train.steps == TINY.steps, name
         assert train.checkpoint.every == train.steps and train.schedule.warmup_steps == max(1, train.steps // 10)
-    by_name = {f.name: f for f in FINDINGS}
-    assert {ARMS[a].steps_factor for a in by_name["resolution"].arms} == {RESOLUTION_STEPS}
+    size = {name: sum(p.numel() for p in VisionEncoder(arm_config(base, ARMS[name], 0).model.vision).parameters())
+            for name in ("base", "vit_big", "res128")}
+    assert 1.9 < size["vit_big"] / size["base"] < 2.1
+    assert size["res128"] / size["base"] < 1.2  # a larger patch embedding only
 
 
 def test_the_quality_finding_grades_the_crawl_and_trains_on_what_the_filter_keeps(tmp_path):

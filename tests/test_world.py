@@ -1,4 +1,4 @@
-"""The synthetic world's resolution-only detail: stripes that 128 px shows and 64 px averages away."""
+"""The synthetic world: the resolution-only detail (stripes that 128 px shows and 64 px averages away) and its text."""
 
 import json
 
@@ -55,3 +55,23 @@ def test_the_world_writes_a_stripes_task_with_one_striped_shape_per_item(world):
 @pytest.mark.parametrize("size", [128, 64])
 def test_rendering_is_deterministic(size):
     assert render(_scene(True), size).tobytes() == render(_scene(True), size).tobytes()
+
+
+def test_one_text_document_in_four_is_a_labelled_list_never_in_the_evaluation_s_words():
+    """MM1's 0-shot prompt is labelled text lines before the image; an LLM that has read the web knows
+    that pattern, so the world's text has such lists (pictures described, questions answered), in each
+    list's own words and never the evaluation's."""
+    import random
+
+    from mm1.data.synth.pages import EVAL_TEMPLATES, text_page
+
+    rng = random.Random(0)
+    docs = [text_page(rng) for _ in range(800)]
+    lists = [d.split("\n") for d in docs if "\n" in d]
+    assert 0.2 < len(lists) / len(docs) < 0.3
+    assert all(len(lines) >= 2 for lines in lists)
+    assert not [d for d in docs if any(t in d for t in EVAL_TEMPLATES)]
+    described = [lines for lines in lists if any(c in lines[0] for c in ("circle", "square", "star", "triangle",
+                                                                         "diamond", "shapes"))]
+    asked = [lines for lines in lists if "?" in lines[0]]
+    assert len(described) > 40 and len(asked) > 40

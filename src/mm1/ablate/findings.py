@@ -8,17 +8,17 @@ prompt format. A finding names the arms it compares, its judged metric and its c
 before anything runs, so that a verdict cannot be chosen after the scores are seen:
 
 1. resolution > encoder size: `res128` (128 px, patch 16: the same 8×8 grid) against `vit_big` (a ViT
-   twice as deep and 1.5× as wide at 64 px), on `synth_stripes` (mean of 0- and 8-shot: "What color is
-   the striped shape?"), detail that only resolution shows, as TextVQA's small text is: the stripes are
-   plain at 128 px and averaged away at 64 px. Both arms train twice the other arms' steps (at those
-   steps no arm has learned to look for stripes yet: `RESOLUTION_STEPS`). (VQA on colours and shapes,
-   used first, is answered as well at 64 px; `synth_words`, used next, was read by no arm at either
-   resolution in 200 steps.)
-2. more image tokens help: 64 > 16 > 4 tokens, on captioning 0-shot, in arms whose packed sequences
-   and context are 1024 long (3 sequences a step: the tokens of 8 of 384), so that every 8-shot prompt
-   fits the context (at 384, nine 64-token images do not). The quick mode runs no 64-token arm, so it
-   needs no longer context: 16 (`base`) > 4 (`tok4`) at the base arm's 384, where every 8-shot prompt
-   of either fits (the 1024-position arms cost 3-4× more per token on a CPU: the quick mode's hour).
+   twice as deep at 64 px: twice the parameters, as MM1's ViT-L to ViT-H), on `synth_stripes` (mean of
+   0- and 8-shot: "What color is the striped shape?"), detail that only resolution shows, as TextVQA's
+   small text is: the stripes are plain at 128 px and averaged away at 64 px. (VQA on colours and
+   shapes, used first, is answered as well at 64 px; `synth_words`, used next, was read by no arm at
+   either resolution in 200 steps.)
+2. more image tokens help: 64 > 16 tokens (MM1 compares 64 with 144), on captioning 0-shot, in arms
+   whose packed sequences and context are 1024 long (3 sequences a step: the tokens of 8 of 384), so
+   that every 8-shot prompt fits the context (at 384, nine 64-token images do not). The quick mode
+   runs no 64-token arm, so it needs no longer context: 16 (`base`) > 4 (`tok4`) at the base arm's
+   384, where every 8-shot prompt of either fits (the 1024-position arms cost about 1.5× more per token
+   on a CPU).
 3. the connector barely matters: average pooling (`base`), `c_abstractor`, `attn_pool` at 16 tokens,
    on captioning 0-shot: reproduced when every difference's interval lies within ±15% of `base`'s
    mean, a margin fixed before running (MM1's connectors differ by about a point on scores near 50).
@@ -58,7 +58,6 @@ class Arm:
 
     name: str
     overrides: tuple[str, ...] = ()
-    steps_factor: int = 1  # its pre-training runs this many times the scale's steps (both arms of a finding alike)
 
     def _of(self, prefix: str) -> tuple[str, ...]:
         return tuple(o for o in self.overrides if o.startswith(prefix))
@@ -127,20 +126,12 @@ EQUAL_TIME_FFN = 704
 # The quality finding's crawl: the good pages and the junk ones as one interleaved source.
 CRAWL = "data.sources.interleaved.paths={root}/interleaved/*.parquet,{root}/junk/*.parquet"
 CRAWL_KEEP = 2 / 3  # the filter keeps this share of the crawl (the world's good pages are two thirds of it)
-# The resolution finding's two arms train twice the scale's steps: probes of 2026-12-07 (one seed, res128,
-# synth_stripes 0/8-shot against chance 0.39): 150 steps 0.38/0.38, 300 steps 0.48/0.455, 600 steps
-# 0.695/0.785. At the other arms' steps no model has learned to look for stripes at all, so the finding
-# could not show; both arms get the same budget, and no other arm is compared with them.
-RESOLUTION_STEPS = 2
 
 ARMS = {
     "base": Arm("base"),
-    "res128": Arm("res128", ("model.vision.image_size=128", "model.vision.patch_size=16"),
-                  steps_factor=RESOLUTION_STEPS),
-    "vit_big": Arm("vit_big", ("model.vision.width=192", "model.vision.depth=6", "model.vision.heads=6"),
-                   steps_factor=RESOLUTION_STEPS),
+    "res128": Arm("res128", ("model.vision.image_size=128", "model.vision.patch_size=16")),
+    "vit_big": Arm("vit_big", ("model.vision.depth=6",)),  # the tiny ViT's 3 layers doubled: 2× its parameters
     "tok4": Arm("tok4", ("model.connector.num_tokens=4",)),
-    "tok4_long": Arm("tok4_long", (*LONG, "model.connector.num_tokens=4")),
     "tok16_long": Arm("tok16_long", LONG),
     "tok64_long": Arm("tok64_long", (*LONG, "model.connector.num_tokens=64")),
     "c_abstractor": Arm("c_abstractor", ("model.connector.kind=c_abstractor",)),
@@ -169,10 +160,9 @@ FINDINGS = (
     Finding("resolution", "image resolution matters more than encoder size", ("res128", "vit_big"),
             Metric("synth_stripes@mean"), columns=("synth_stripes@0", "synth_stripes@8"),
             why="synth_stripes needs resolution, as TextVQA does: its stripes are plain at 128 px and averaged "
-                "away at 64 px; judged on the mean of 0- and 8-shot. Both arms train twice the other arms' "
-                "steps: at those steps no model has learned to look for stripes yet (probes in "
-                "docs/results/ablate/README.md)."),
-    Finding("image_tokens", "more image tokens help", ("tok64_long", "tok16_long", "tok4_long"), CAPTION_0,
+                "away at 64 px; judged on the mean of 0- and 8-shot. The larger encoder is the tiny ViT twice "
+                "as deep (2× its parameters, as MM1's ViT-L to ViT-H)."),
+    Finding("image_tokens", "more image tokens help", ("tok64_long", "tok16_long"), CAPTION_0,
             why="sequences and context of 1024 in every arm of this finding, so that no 8-shot prompt runs "
                 "past the positions the arm trained on (quick mode: 16 and 4 tokens at the base arm's 384, "
                 "where every 8-shot prompt of both fits)."),

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mm1.ablate.findings import RESOLUTION_STEPS, Claim, Finding
+from mm1.ablate.findings import Claim, Finding
 from mm1.ablate.runner import ARM_METRICS, SHOTS, Scale
 from mm1.ablate.stats import Interval, Verdict, diff_interval, judged, mean_interval, pooled_sd, spearman, t975, verdict
 
@@ -194,7 +194,7 @@ def write_report(out: Path, findings: list[Finding], scores: dict[str, list[dict
     arm_minutes = sum(s["train_s"] + s["eval_s"] for runs in scores.values() for s in runs) / 60
     lines = ["# mm1 ablate: MM1's findings on the synthetic world", "",
              f"{scale.seeds} seeds per arm, {scale.steps} steps of {scale.batch_size} sequences per arm (equal "
-             f"tokens; the resolution finding's two arms {scale.steps * RESOLUTION_STEPS}), each from a text-only "
+             f"steps and tokens), each from a text-only "
              f"LM stage ({scale.lm_steps} steps) and a CLIP stage "
              f"({scale.clip_steps} steps) of its shapes and seed; {scale.eval_limit} held-out items per task. "
              f"This call took {wall_s / 60:.1f} minutes (finished arms and stages are reused); the arms' own "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from mm1.data.synth import language as lang
-from mm1.data.synth.scene import Scene
+from mm1.data.synth.scene import COLOURS, SHAPES, WORDS, Scene, sample_scene
 
 EVAL_TEMPLATES = ("Output:", "Question:", "Short answer:")  # never written into a page
 
@@ -119,3 +119,49 @@ def web_page(scenes: list[Scene], rng: random.Random) -> list[Part]:
     kind = rng.random()
     layout = _gallery if kind < 0.45 else _quiz if kind < 0.8 else _story if kind < 0.95 else _loose
     return layout(scenes, rng)
+
+
+# World knowledge in questions and answers, for the text-only lists below: what the world's prose says.
+SIDES = {"triangle": "three", "square": "four", "diamond": "four", "circle": "no"}
+MIXES = {("red", "yellow"): "orange", ("blue", "red"): "purple", ("yellow", "blue"): "green"}
+
+
+def _fact_qa(rng: random.Random) -> tuple[str, str]:
+    kind = rng.random()
+    if kind < 0.35:
+        shape = rng.choice(list(SIDES))
+        return f"How many sides does a {shape} have?", SIDES[shape]
+    if kind < 0.6:
+        (a, b), c = rng.choice(list(MIXES.items()))
+        return f"What do {a} and {b} paint make?", c
+    if kind < 0.85:
+        w = rng.choice(WORDS)
+        return f"How many letters are in the word {w}?", str(len(w))
+    word, answer = (rng.choice(list(COLOURS)), "color") if rng.random() < 0.5 else (rng.choice(SHAPES), "shape")
+    return f"Is {word} a color or a shape?", answer
+
+
+def labelled_list(rng: random.Random) -> str:
+    """A text-only list, one labelled line per item in the list's own words, as web text has them:
+    descriptions of pictures ("Print 3: two red stars") or questions and answers ("Q: … A: four").
+
+    MM1 starts from an LLM that has read the web, so a prompt of labelled lines (its 0-shot prompt is
+    two text-only "Output: <caption>" lines before the image) is a pattern its decoder knows before
+    any image. The world's prose never lays text out so, and a decoder pre-trained on it alone met
+    the pattern first in the interleaved pages: an arm without them (caption data only) could not
+    show what captions teach (docs/results/ablate/README.md). The evaluation's own words are never
+    used (`EVAL_TEMPLATES`)."""
+    n = rng.randint(2, 6)
+    if rng.random() < 0.5:
+        style = caption_style(rng)
+        lines = [style.format(n=k + 1, c=(c := lang.short_caption(sample_scene(rng), rng)), C=c[0].upper() + c[1:])
+                 for k in range(n)]
+    else:
+        style = qa_style(rng)
+        lines = [style.format(n=k + 1, q=q, a=a) for k, (q, a) in enumerate(_fact_qa(rng) for _ in range(n))]
+    return "\n".join(lines)
+
+
+def text_page(rng: random.Random) -> str:
+    """A text-only document of the world: prose (`language.text_document`) or, one in four, a labelled list."""
+    return labelled_list(rng) if rng.random() < 0.25 else lang.text_document(rng)

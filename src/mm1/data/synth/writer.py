@@ -37,7 +37,7 @@ from mm1.data.synth import language as lang
 from mm1.data.synth.scene import COLOURS, WORD_SIZE, Scene, png_bytes, render, sample_scene
 from mm1.system import available_cores
 
-VERSION = 11
+VERSION = 12
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -241,7 +241,7 @@ def write_text_task(root: Path, n: int, rng: random.Random) -> None:
     text ability that MM1 finds text-only pre-training data preserves."""
     path = root / "tasks" / "synth_text" / "test.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(lang.text_document(rng) for _ in range(n)) + "\n")
+    path.write_text("\n\n".join(pages.text_page(rng) for _ in range(n)) + "\n")
 
 
 def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = False,
@@ -258,7 +258,7 @@ def write_world(root: Path, *, seed: int, sizes: SynthConfig, progress: bool = F
                            dense_share=sizes.dense_captions)
             write_interleaved(root, sizes.interleaved, painter, scenes, _rng(seed, "interleaved"), bar)
             text_rng = _rng(seed, "text")
-            docs = [lang.text_document(text_rng) for _ in range(sizes.text)]
+            docs = [pages.text_page(text_rng) for _ in range(sizes.text)]
             if sizes.real_text:  # real prose beside the world's own: as many documents again, at most
                 reader = open_text(Path(sizes.real_text))
                 docs += [reader.read(i).text for i in range(min(len(reader), sizes.text))]
