@@ -289,10 +289,7 @@ class SynthConfig:
 
     captions: int = 20000
     interleaved: int = 4000
-    # text-only documents: enough that an LM stage of a few hundred steps reads each about once (with 4,000
-    # it read each 3.5 times in 100 steps and memorised them: held-out perplexity 9.5, worse than after
-    # multimodal training; MM1 starts from an LLM that generalises)
-    text: int = 30000
+    text: int = 4000
     sft: int = 8000
     sft_text: int = 1000
     eval_scenes: int = 300
