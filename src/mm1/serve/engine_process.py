@@ -9,11 +9,6 @@ to itself. They talk over two queues:
     API → engine   ("submit", id, token ids, images as arrays, GenerationConfig) | ("cancel", id) | ("stop",)
     engine → API   ("ready", context) | ("failed", why) | ("text", id, piece) | ("logprobs", id, entries)
                    | ("done", id, Completion) | ("error", id, why) | ("stats", queued, running, cache counts)
-                   | ("many", [those messages]): what one step produced, sent as one message
-
-One message a step, not one a request: every `Queue.put` wakes the queue's feeder thread to pickle and
-write, and every message wakes the API process; at 16 rows those wake-ups competed with the step itself
-for 2 cores.
 
 `RemoteBatcher` has the batcher's interface (`submit`, `run`, `end_all`, `queued`, `running`,
 `image_cache`, `max_len`), so the server does not know which it has. A request's callbacks run in the
@@ -83,22 +78,7 @@ def _build(spec: EngineSpec):
     return batcher
 
 
-class Outbox:
-    """The engine's messages of one step, collected and sent together (`flush`)."""
-
-    def __init__(self, events) -> None:
-        self.events, self.pending = events, []
-
-    def put(self, msg: tuple) -> None:
-        self.pending.append(msg)
-
-    def flush(self) -> None:
-        if self.pending:
-            msgs, self.pending = self.pending, []
-            self.events.put(msgs[0] if len(msgs) == 1 else ("many", msgs))
-
-
-def _submit(batcher, local: dict, events: Outbox, rid: int, ids: list[int], images: list, gen) -> None:
+def _submit(batcher, local: dict, events, rid: int, ids: list[int], images: list, gen) -> None:
     import torch
 
     from mm1.serve.engine import Encoded
@@ -130,7 +110,6 @@ def engine_main(spec: EngineSpec, commands, events) -> None:
         events.put(("failed", f"{type(err).__name__}: {err}"))
         return
     events.put(("ready", batcher.max_len))
-    outbox = Outbox(events)
     local: dict[int, Request] = {}
     last_stats = 0.0
     while True:
@@ -138,12 +117,11 @@ def engine_main(spec: EngineSpec, commands, events) -> None:
             msg = commands.get(timeout=0.2) if not batcher.busy else commands.get_nowait()
             while True:
                 if msg[0] == "submit":
-                    _submit(batcher, local, outbox, *msg[1:])
+                    _submit(batcher, local, events, *msg[1:])
                 elif msg[0] == "cancel" and msg[1] in local:  # the batcher drops it at its next step
                     local.pop(msg[1]).cancelled.set()
                 elif msg[0] == "stop":
                     batcher.end_all(RuntimeError("the server is shutting down"))
-                    outbox.flush()
                     return
                 msg = commands.get_nowait()
         except queue.Empty:
@@ -153,9 +131,8 @@ def engine_main(spec: EngineSpec, commands, events) -> None:
         now = time.monotonic()
         if now - last_stats >= STATS_EVERY_S:
             cache = batcher.image_cache
-            outbox.put(("stats", batcher.queued(), batcher.running(), cache.hits, cache.misses, cache.bytes))
+            events.put(("stats", batcher.queued(), batcher.running(), cache.hits, cache.misses, cache.bytes))
             last_stats = now
-        outbox.flush()
 
 
 # ----------------------------------------------------------------------------- the API process's side
@@ -274,10 +251,6 @@ class RemoteBatcher:
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "many":
-            for one in msg[1]:
-                self._handle(one)
-            return
         if kind == "stats":
             with self.lock:
                 self.stats = (msg[1], msg[2])
