@@ -181,7 +181,7 @@ def add_recipe_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", help="comma-separated findings: resolution, image_tokens, connector, caption_zero_shot, "
                                   "interleaved_few_shot, text_only, moe, quality")
     p.add_argument("--jobs", type=int, default=1, help="arms run in this many processes at once")
-    p.add_argument("--seeds", type=int, help="seeds per arm (default: 2 quick, 3 full)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: 2)")
     p.add_argument("--grader", help="an instruct LLM's folder (HF or mm1) that grades the crawl for the quality "
                                     "finding (full mode); without one that finding is not run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of every arm's tiny recipe")
