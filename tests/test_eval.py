@@ -376,6 +376,34 @@ def test_perplexity_batched_with_stride_equals_a_plain_loop(world):
         assert got == pytest.approx(expected, rel=1e-4)
 
 
+def test_document_perplexity_scores_each_document_alone_with_its_end_of_text(world):
+    """Separate documents are scored as pre-training packs them: each its own tokens then end of text,
+    nothing of another document in context; batching and padding change nothing."""
+    import math
+
+    import torch
+
+    from mm1.eval.perplexity import document_perplexity, perplexity
+
+    eng = _engine(world, grid=0)
+    model, tok = eng.model, eng.tok
+    docs = ["a red circle.", "two blue squares and a small green star on a white background.", "the word sun"]
+    nll, n = 0.0, 0
+    for d in docs:
+        ids = torch.tensor([*tok.encode(d), tok.eos_id])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens_BT=ids[None, :-1]).logits_BTV[0].float(), -1)
+        nll -= float(logp[torch.arange(len(ids) - 1), ids[1:]].sum())
+        n += len(ids) - 1
+    for batch_size in (1, 2, 16):
+        assert document_perplexity(model, tok, docs, batch_size=batch_size) == pytest.approx(math.exp(nll / n),
+                                                                                            rel=1e-4)
+    assert document_perplexity(model, tok, docs) != pytest.approx(perplexity(model, tok, "\n\n".join(docs),
+                                                                             progress=False), rel=1e-3)
+    with pytest.raises(ValueError, match="at least one document"):
+        document_perplexity(model, tok, [])
+
+
 def test_eval_cli_flags_and_keys_are_never_overridden_behind_the_users_back(world, tmp_path):
     """`eval.tasks=…` is not replaced by a --tasks default; a flag wins over the checkpoint's settings;
     a flag and a key that disagree are refused."""

@@ -185,14 +185,18 @@ def clip_job(cfg_dict: dict, out: str, threads: int) -> str:
     return out
 
 
-def held_out_text(cfg: Config) -> str:
-    return (Path(cfg.data.root) / "tasks" / "synth_text" / "test.txt").read_text()
+def held_out_text_ppl(model, tok, cfg: Config) -> float:
+    """Perplexity of the world's held-out text documents, each scored on its own as pre-training packs
+    it (not as one stream: `mm1.eval.perplexity`)."""
+    from mm1.eval.perplexity import document_perplexity
+
+    text = (Path(cfg.data.root) / "tasks" / "synth_text" / "test.txt").read_text()
+    return document_perplexity(model, tok, [d for d in text.split("\n\n") if d.strip()])
 
 
 def lm_job(cfg_dict: dict, out: str, threads: int) -> str:
     """Train one LM stage (or resume it) and write the perplexity of held-out text to its scores.json:
     the text ability its arms start from."""
-    from mm1.eval.perplexity import perplexity
     from mm1.store.loading import load_model
     from mm1.train.trainer import train_or_resume
 
@@ -201,7 +205,7 @@ def lm_job(cfg_dict: dict, out: str, threads: int) -> str:
     train_or_resume(cfg, folder)
     if not (folder / "scores.json").exists():
         model, tok, _ = load_model(folder)
-        ppl = perplexity(model, tok, held_out_text(cfg), window=cfg.data.packing.seq_len, progress=False)
+        ppl = held_out_text_ppl(model, tok, cfg)
         (folder / "scores.json").write_text(json.dumps({"text_ppl": ppl}, indent=2) + "\n")
     return out
 
@@ -209,11 +213,11 @@ def lm_job(cfg_dict: dict, out: str, threads: int) -> str:
 def held_out_losses(model, tok, cfg: Config) -> dict[str, float]:
     """The validation loss of held-out captions (given their image) and the perplexity of held-out text,
     also over that of the LM stage the arm started from."""
-    from mm1.eval.perplexity import caption_loss, perplexity
+    from mm1.eval.perplexity import caption_loss
     from mm1.eval.tasks import get_task
 
     captions = get_task("synth_caption", world=Path(cfg.data.root)).test[: cfg.eval.limit]
-    ppl = perplexity(model, tok, held_out_text(cfg), window=cfg.data.packing.seq_len, progress=False)
+    ppl = held_out_text_ppl(model, tok, cfg)
     losses = {"val_loss": caption_loss(model, tok, captions), "text_ppl": ppl}
     lm_scores = Path(cfg.model.decoder.init) / "scores.json" if cfg.model.decoder.init else None
     if lm_scores and lm_scores.exists():
