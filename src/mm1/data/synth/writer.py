@@ -11,7 +11,7 @@ Layout of a world directory (every part documented in docs/data-formats.md):
     sft/text_conversations.json      LLaVA-format text-only conversations (no image)
     tasks/NAME/{train,test}.jsonl    evaluation tasks (captioning / VQA), images in tasks/NAME/images/
                                      (synth_caption, synth_vqa, synth_words, synth_stripes)
-    tasks/synth_text/test.txt        held-out text documents (perplexity: `ppl:...`)
+    tasks/synth_text/test.txt        held-out text documents, blank-line separated (`mm1 ablate` scores each alone)
     world.json                       seed, sizes and counts
 
 Each part draws from its own random stream (seeded by the world seed and the part's name), so the
