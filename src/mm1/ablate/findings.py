@@ -17,7 +17,7 @@ before anything runs, so that a verdict cannot be chosen after the scores are se
    whose packed sequences and context are 1024 long (3 sequences a step: the tokens of 8 of 384), so
    that every 8-shot prompt fits the context (at 384, nine 64-token images do not). The quick mode
    runs no 64-token arm, so it needs no longer context: 16 (`base`) > 4 (`tok4`) at the base arm's
-   384, where every 8-shot prompt of either fits (the 1024-position arms cost about 1.5× more per token
+   384, where every 8-shot prompt of either fits (the 1024-position arms cost about 1.4× more per token
    on a CPU).
 3. the connector barely matters: average pooling (`base`), `c_abstractor`, `attn_pool` at 16 tokens,
    on captioning 0-shot: reproduced when every difference's interval lies within ±15% of `base`'s
