@@ -23,7 +23,7 @@ before anything runs, so that a verdict cannot be chosen after the scores are se
    on captioning 0-shot: reproduced when every difference's interval lies within ±15% of `base`'s
    mean, a margin fixed before running (MM1's connectors differ by about a point on scores near 50).
    The tiny recipe pools by average, not with MM1's C-Abstractor, which at this scale learned to
-   answer questions without looking at the image (docs/results/ablate/README.md).
+   answer questions without looking at the image (a probe: docs/results/ablate/README.md at commit 2826ab7).
 4. caption data drives zero-shot: `cap100` (100% captions) over `cap0` (0%), captioning 0-shot.
 5. interleaved data drives few-shot: `cap0` (90% interleaved) over `cap100` (0%), VQA 8-shot; the
    gain of 8 shots over 0 is reported beside it (MM1's Figure 5 shows both).

@@ -49,11 +49,11 @@ ARM_METRICS = ("synth_caption@0", "synth_caption@8", "synth_vqa@0", "synth_vqa@8
 class Scale:
     """How big each arm is. Full: 2 seeds, 400 steps of 8 sequences, all 200 held-out items per task (the
     world's evaluation scenes), LM stages of 200 steps: in the 3-seed run of 200 steps
-    (docs/results/ablate) the seed spread of captioning came from seeds whose captions collapsed to one
-    sentence, and no arm trained 400 steps collapsed; 400 steps for every arm are paid for with a third
-    seed. Quick: 2 seeds, 150 steps, 100 items, LM stages of 100 steps, no arm reported beside a finding
-    without judging it, and no 64-token arm, hence no 1024-position arm (image tokens: 16 against 4 at
-    the base context): an hour on 2 cores with --jobs 2."""
+    (docs/results/ablate/earlier/full_3seeds_2026-12-07) the seed spread of captioning came from seeds whose
+    captions collapsed to one sentence, and no arm trained 400 steps collapsed; 400 steps for every arm are
+    paid for with a third seed. Quick: 2 seeds, 150 steps, 100 items, LM stages of 100 steps, no arm reported
+    beside a finding without judging it, and no 64-token arm, hence no 1024-position arm (image tokens: 16
+    against 4 at the base context): an hour on 2 cores with --jobs 2."""
 
     seeds: int
     steps: int

@@ -38,7 +38,7 @@ def tiny() -> Config:
                             activation=Activation.GELU, cls_token=False, pre_norm=True, post_norm=True,
                             patch_bias=True),
         # Average pooling, not MM1's C-Abstractor: at this scale the C-Abstractor model's VQA was its
-        # question-only baseline (colours 0.08 against 0.62 with average pooling; docs/results/ablate).
+        # question-only baseline (colours 0.08 against 0.62 with average pooling; a probe, commit 2826ab7).
         connector=ConnectorConfig(kind=ConnectorKind.AVG_POOL, num_tokens=16, depth=1, hidden=128),
         decoder=DecoderConfig(vocab_size=2048, width=192, depth=4, heads=6, kv_heads=2, ffn_hidden=512,
                               tie_embeddings=True, max_seq_len=512),

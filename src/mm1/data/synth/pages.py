@@ -149,8 +149,8 @@ def labelled_list(rng: random.Random) -> str:
     two text-only "Output: <caption>" lines before the image) is a pattern its decoder knows before
     any image. The world's prose never lays text out so, and a decoder pre-trained on it alone met
     the pattern first in the interleaved pages: an arm without them (caption data only) could not
-    show what captions teach (docs/results/ablate/README.md). The evaluation's own words are never
-    used (`EVAL_TEMPLATES`)."""
+    show what captions teach (docs/results/ablate/earlier/full_3seeds_2026-12-07/README.md). The
+    evaluation's own words are never used (`EVAL_TEMPLATES`)."""
     n = rng.randint(2, 6)
     if rng.random() < 0.5:
         style = caption_style(rng)
